@@ -1,0 +1,210 @@
+"""`orch.toml`: typed, validated, with an embedded default (target `local`, profile `tiny`).
+
+Lookup: `--config PATH`, else `$ORCH_CONFIG`, else `./orch.toml` (the project root), else the
+embedded default. Every section forbids unknown keys, so a typo is an error that names the file
+and the key. Secrets never live here: they come from the environment (`VAST_API_KEY`, ...);
+alert URLs may reference environment variables as `${NAME}`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from state.errors import ConfigError
+from state.names import check_name
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_FILE = "orch.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MonitorSettings(_Section):
+    """Cadence and thresholds of `orch watch` (per target, overridable per stage)."""
+
+    interval_s: float = Field(5.0, gt=0, description="seconds between polls of a target")
+    jitter_s: float = Field(1.0, ge=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    command_timeout_s: float = Field(15.0, gt=0)
+    misfire_grace_s: float = Field(3600.0, gt=0, description="a laptop that slept still polls")
+    unreachable_alert_after_s: float = Field(120.0, ge=0)
+    stale_after_s: float | None = Field(None, gt=0, description="override the stage's heartbeat limit")
+    stop_on_timeout: bool = False
+    pull_on_success: bool = True
+    pull_on_failure: bool = False
+    launch_next_stage: bool = False
+    provider_check_s: float = Field(60.0, gt=0, description="at most one provider call per instance per this")
+
+
+class _TargetBase(_Section):
+    workdir: str | None = None
+    python: str | None = Field(None, description="a ready interpreter on the target: skip bootstrap")
+    monitor: MonitorSettings | None = None
+    env: dict[str, str] = Field(default_factory=dict, description="non-secret env for runs")
+
+
+class LocalTarget(_TargetBase):
+    kind: Literal["local"] = "local"
+
+
+class SshTarget(_TargetBase):
+    kind: Literal["ssh"] = "ssh"
+    host: str
+    port: int = Field(22, ge=1, le=65535)
+    user: str = "root"
+    identity_file: str | None = None
+    known_hosts: str | None = None
+
+    @field_validator("identity_file", "known_hosts")
+    @classmethod
+    def _expand(cls, v: str | None) -> str | None:
+        return os.path.expanduser(v) if v else v
+
+
+class VastOffer(_Section):
+    """Offer filters for `orch up` (see docs/vast.md)."""
+
+    gpu_names: list[str] = Field(default_factory=lambda: ["RTX 4090"])
+    num_gpus: int = Field(1, ge=1)
+    min_gpu_ram_gb: float = 24.0
+    max_dph: float = Field(1.0, gt=0, description="max $/hour, all-in")
+    min_reliability: float = Field(0.98, ge=0, le=1)
+    min_disk_gb: float = 80.0
+    min_cuda: float | None = 12.1
+    verified: bool = True
+    direct_ssh: bool = False
+    order: str = "score"
+    limit: int = 20
+
+
+class VastTarget(_TargetBase):
+    kind: Literal["vast"] = "vast"
+    api_url: str = "https://console.vast.ai"
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    user: str = "root"
+    offer: VastOffer = Field(default_factory=VastOffer)
+    image: str = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel"
+    disk_gb: float = 80.0
+    interruptible: bool = False
+    bid_dph: float | None = None
+    label_prefix: str = "orch"
+    onstart: str = ""
+    ready_timeout_s: float = 900.0
+    idle_minutes: float = 30.0
+    idle_action: Literal["alert", "stop", "destroy"] = "alert"
+    auto_relaunch: bool = False
+
+    @field_validator("identity_file", "known_hosts")
+    @classmethod
+    def _expand(cls, v: str | None) -> str | None:
+        return os.path.expanduser(v) if v else v
+
+
+TargetConfig = Annotated[LocalTarget | SshTarget | VastTarget, Field(discriminator="kind")]
+
+
+class ExperimentSettings(_Section):
+    profile: str = "tiny"
+    overrides: dict[str, Any] = Field(default_factory=dict, description="per-key overrides for every stage")
+
+
+class AlertSettings(_Section):
+    urls: list[str] = Field(default_factory=list, description="Apprise URLs; ${ENV} expanded at send time")
+    command: list[str] | None = Field(None, description="a local command hook; the alert JSON on stdin")
+    on: list[str] = Field(
+        default_factory=lambda: ["succeeded", "failed", "crashed", "hung", "timed_out", "lost", "unreachable", "idle"],
+    )
+    retry_max: int = Field(8, ge=0)
+
+
+class OrchConfig(_Section):
+    default_target: str = "local"
+    targets: dict[str, TargetConfig] = Field(default_factory=lambda: {"local": LocalTarget()})
+    experiment: ExperimentSettings = Field(default_factory=ExperimentSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+    #: Where the config came from (None = embedded default); the project root is its folder.
+    source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> OrchConfig:
+        for name in self.targets:
+            check_name(name, "target name")
+        if "local" not in self.targets:
+            self.targets["local"] = LocalTarget()
+        if self.default_target not in self.targets:
+            raise ValueError(
+                f"default_target {self.default_target!r} is not one of the targets: {sorted(self.targets)}"
+            )
+        return self
+
+    def target(self, name: str | None) -> tuple[str, LocalTarget | SshTarget | VastTarget]:
+        name = name or self.default_target
+        if name not in self.targets:
+            raise ConfigError(
+                f"unknown target {name!r}",
+                hint=f"known targets: {', '.join(sorted(self.targets))}; add [targets.{name}] to orch.toml",
+            )
+        return name, self.targets[name]
+
+    def monitor_for(self, target: str) -> MonitorSettings:
+        t = self.targets.get(target)
+        if t is not None and t.monitor is not None:
+            merged = {**self.monitor.model_dump(), **t.monitor.model_dump(exclude_unset=True)}
+            return MonitorSettings.model_validate(merged)
+        return self.monitor
+
+
+def _format_validation(exc: ValidationError, where: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see docs/configuration.md for the allowed keys)"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{where}: {loc or '(top level)'}: {msg}{more}"
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("ORCH_CONFIG")
+    if env:
+        return Path(env)
+    candidate = (cwd or Path.cwd()) / CONFIG_FILE
+    return candidate if candidate.exists() else None
+
+
+def parse_config(data: dict[str, Any], where: str = "embedded default") -> OrchConfig:
+    try:
+        return OrchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, where)) from exc
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> OrchConfig:
+    """Load and validate orch.toml (or the embedded default when there is none)."""
+    path = find_config_path(explicit, cwd)
+    if path is None:
+        return OrchConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist", hint="fix --config / ORCH_CONFIG") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    cfg = parse_config(data, str(path))
+    cfg.source = path.resolve()
+    return cfg

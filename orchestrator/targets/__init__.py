@@ -1,0 +1,1 @@
+"""Targets: where runs execute. One seam (`Target`) that `local`, `ssh` and `vast` implement."""

@@ -1,0 +1,115 @@
+"""The one seam around remote execution.
+
+Everything orch does on a box goes through a `Target`: run a command (built from a list, with a
+deadline), put/get files, sync a tree, and talk to the long-lived poll agent. `local` runs
+subprocesses under `.orch/local/`; `ssh` uses one persistent paramiko connection plus rsync
+over ssh with the same key, port and pinned host key; `vast` provisions and then is an `ssh`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+@dataclass
+class SyncStats:
+    """What a tree sync moved (from rsync's --stats)."""
+
+    files_transferred: int = 0
+    bytes_sent: int = 0  # bytes on the wire
+    literal_bytes: int = 0  # file data actually sent (0 for a no-op sync)
+    total_size: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Agent(abc.ABC):
+    """A long-lived `python -m state.agent` on the target: one JSON line per request."""
+
+    @abc.abstractmethod
+    def request(self, payload: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        """Send one request and return the parsed answer; UnreachableError past the deadline."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Target(abc.ABC):
+    """A place runs execute. Paths on the target are POSIX strings relative to `workdir`
+    unless absolute."""
+
+    name: str
+    kind: str
+
+    @property
+    @abc.abstractmethod
+    def workdir(self) -> str:
+        """Absolute workdir on the target (code in `code/`, runs in `runs/`)."""
+
+    @abc.abstractmethod
+    def run(
+        self,
+        argv: list[str],
+        *,
+        timeout: float,
+        stdin: bytes | None = None,
+        cwd: str | None = None,
+        check: bool = False,
+    ) -> CommandResult:
+        """Run `argv` (quoted with shlex on remote targets) within `timeout` seconds.
+
+        Raises UnreachableError if the deadline passes or the connection fails;
+        RemoteCommandError if `check` and the exit code is non-zero.
+        """
+
+    @abc.abstractmethod
+    def put_bytes(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
+        """Write `data` to `remote_path` atomically with `mode` (0600 for secrets)."""
+
+    @abc.abstractmethod
+    def get_file(self, remote_path: str, local_path: Path) -> None: ...
+
+    @abc.abstractmethod
+    def sync_up(self, local_dir: Path, remote_dir: str, *, excludes: list[str], delete: bool = True,
+                filter_files: list[Path] | None = None) -> SyncStats:
+        """Mirror a local tree onto the target (rsync; only changed data moves)."""
+
+    @abc.abstractmethod
+    def sync_down(self, remote_dir: str, local_dir: Path, *, excludes: list[str] | None = None,
+                  timeout: float | None = None) -> SyncStats:
+        """Copy a remote tree down with partial-resume (`--partial-dir`), never deleting locally."""
+
+    @abc.abstractmethod
+    def agent(self) -> Agent:
+        """The persistent poll agent (started on first use, restarted after a failure)."""
+
+    def ping(self, timeout: float = 5.0) -> bool:
+        """True only if the box answered a real request within `timeout` (keepalives prove nothing)."""
+        try:
+            return bool(self.agent().request({"op": "ping"}, timeout=timeout).get("ok"))
+        except Exception:
+            return False
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections (idempotent)."""
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,179 @@
+"""Gather one `TargetObservation` on the box: what the monitor needs, in one local pass.
+
+Runs on the target (through `python -m state.agent`, or directly for the local target). It only
+reads: status files, markers, exit codes, the tmux session list, pid liveness, free disk and,
+where `nvidia-smi` exists, GPU stats (cached for a few seconds: it costs tens of ms).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from state import names
+from state.models import (
+    GpuStat,
+    RunFailed,
+    RunObservation,
+    RunStatus,
+    TargetObservation,
+)
+from state.protocol import parse_events, read_exit_code, read_model
+
+
+class RunQuery(BaseModel):
+    """One run to observe: its dir relative to the workdir and its tmux session."""
+
+    model_config = ConfigDict(extra="ignore")
+    run_dir: str
+    session: str | None = None
+    events_tail: int = 0
+
+
+class ObserveRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    runs: list[RunQuery] = Field(default_factory=list)
+    gpus: bool = True
+
+
+def tmux_sessions() -> set[str] | None:
+    """Names of live tmux sessions; None if tmux is not installed; empty if no server."""
+    if shutil.which("tmux") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["tmux", "list-sessions", "-F", "#{session_name}"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return set()  # "no server running": no sessions at all
+    return {line.strip() for line in out.stdout.splitlines() if line.strip()}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            return False
+    return True
+
+
+_gpu_cache: tuple[float, list[GpuStat]] = (0.0, [])
+
+
+def gpu_stats(max_age_s: float = 5.0) -> list[GpuStat]:
+    """GPU name/utilisation/memory from nvidia-smi, cached for `max_age_s`."""
+    global _gpu_cache
+    now = time.monotonic()
+    if now - _gpu_cache[0] < max_age_s:
+        return _gpu_cache[1]
+    stats: list[GpuStat] = []
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=index,name,utilization.gpu,memory.used,memory.total",
+                    "--format=csv,noheader,nounits",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            )
+            for line in out.stdout.splitlines():
+                parts = [p.strip() for p in line.split(",")]
+                if len(parts) == 5:
+                    stats.append(
+                        GpuStat(
+                            index=int(parts[0]),
+                            name=parts[1],
+                            util_pct=_num(parts[2]),
+                            mem_used_mb=_num(parts[3]),
+                            mem_total_mb=_num(parts[4]),
+                        )
+                    )
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            stats = []
+    _gpu_cache = (now, stats)
+    return stats
+
+
+def _num(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _tail_lines(path: Path, n: int, max_bytes: int = 65536) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    return list(deque(data.splitlines(), maxlen=n))
+
+
+def observe_run(workdir: Path, q: RunQuery, sessions: set[str] | None) -> RunObservation:
+    rd = workdir / q.run_dir
+    st = read_model(rd / names.STATUS, RunStatus)
+    failed = read_model(rd / names.RUN_FAILED, RunFailed)
+    obs = RunObservation(
+        run_dir=q.run_dir,
+        status=st.value,
+        status_state=st.state,
+        complete=(rd / names.RUN_COMPLETE).exists(),
+        failed=failed.value,
+        failed_marker=(rd / names.RUN_FAILED).exists(),
+        manifest_present=(rd / names.MANIFEST).exists(),
+        exit_code=read_exit_code(rd),
+    )
+    if q.session and sessions is not None:
+        obs.session_alive = q.session in sessions
+    pid = None
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((rd / names.PID).read_text().strip())
+    if pid is None and st.value is not None:
+        pid = st.value.pid
+    if pid is not None:
+        obs.pid_alive = pid_alive(pid)
+    if q.events_tail:
+        obs.last_events = list(parse_events(_tail_lines(rd / names.EVENTS, q.events_tail)))
+    return obs
+
+
+def observe(workdir: str | os.PathLike[str], request: ObserveRequest) -> TargetObservation:
+    """Observe every requested run under `workdir` plus the box (disk, GPUs)."""
+    wd = Path(workdir)
+    sessions = tmux_sessions() if any(q.session for q in request.runs) else None
+    disk = None
+    with contextlib.suppress(OSError):
+        disk = shutil.disk_usage(wd if wd.exists() else wd.parent).free
+    return TargetObservation(
+        disk_free_bytes=disk,
+        gpus=gpu_stats() if request.gpus else [],
+        runs=[observe_run(wd, q, sessions) for q in request.runs],
+    )

@@ -1,0 +1,62 @@
+"""Shared fixtures. Every test runs with HOME and the orch state dir in a temp dir, so no test
+touches the user's files. Integration fixtures start real OpenSSH sshd on loopback; in CI
+(`CI=true`) a missing sshd/tmux/rsync is a failure, never a skip."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.sshd import SshServer, find_sshd, make_server
+
+REPO = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def require_tools(*tools: str) -> None:
+    """Skip locally, fail in CI, when a system tool the test needs is missing."""
+    missing = [t for t in tools if (find_sshd() if t == "sshd" else shutil.which(t)) is None]
+    if missing:
+        msg = f"missing system tools: {', '.join(missing)} (run scripts/test.sh, which installs them)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("ORCH_STATE_DIR", str(home / ".orch-state"))
+    monkeypatch.delenv("ORCH_CONFIG", raising=False)
+    monkeypatch.delenv("VAST_API_KEY", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """One real sshd for the session (tests that break it use `fresh_sshd`)."""
+    require_tools("sshd", "ssh", "ssh-keygen", "rsync", "tmux")
+    server = make_server(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_sshd(tmp_path: Path) -> Iterator[SshServer]:
+    """A private sshd for tests that freeze, kill or re-key it."""
+    require_tools("sshd", "ssh", "ssh-keygen", "rsync", "tmux")
+    server = make_server(tmp_path / "sshd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
