@@ -28,18 +28,16 @@ class TaskSource(_Args):
 
     `source`: `tiny:<name>` (built offline, deterministic), `hf:<dataset id>` (Hugging Face
     datasets, `subset`/`split` apply), or a local path to `.jsonl`/`.json`/`.parquet` or a
-    directory saved with `save_to_disk`. `schema` names the adapter for the rows.
+    directory saved with `save_to_disk`. `format` names the schema adapter for the rows (arc, hellaswag, piqa, boolq, mc, sft).
     """
 
     name: str
     source: str
-    schema_: Schema = Field("mc", alias="schema")
+    format: Schema = "mc"
     subset: str | None = None
     split: str = "test"
     limit: int | None = Field(None, ge=1)
     seed: int = 0
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class _ModelArgs(_Args):
