@@ -1,0 +1,42 @@
+"""Typed stage specs: what a stage runs, what it needs, what it makes, and its limits."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from state.models import Resources, WorkerTask
+
+
+class InputRef(BaseModel):
+    """An input produced by another stage: `artifact` under that stage's latest succeeded run.
+
+    At launch it resolves to `runs/<stage_dir>/<run_id>/<artifact>` on the same target, and is
+    written into the worker args at `arg` (e.g. `model`), so the checkpoint never travels
+    through the laptop.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    stage: str
+    artifact: str = "checkpoints/final"
+    arg: str = "model"
+
+
+class StageSpec(BaseModel):
+    """One stage of the study, fully resolved for a profile (overrides applied)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    stage_dir: str
+    description: str = ""
+    task: WorkerTask
+    inputs: list[InputRef] = Field(default_factory=list)
+    outputs: list[str] = Field(default_factory=list)  # files the run must produce
+    timeout_s: float = 9 * 3600  # the seed's TIMEOUT_SECS
+    stale_after_s: float = 300
+    resources: Resources = Field(default_factory=Resources)
+    nproc_per_node: int = 1
+    local_only: bool = False  # e.g. `report`: runs on the laptop, not on a target
+
+    @property
+    def depends_on(self) -> list[str]:
+        return [i.stage for i in self.inputs]
