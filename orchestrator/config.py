@@ -141,7 +141,10 @@ class OrchConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> OrchConfig:
         for name in self.targets:
-            check_name(name, "target name")
+            try:
+                check_name(name, "target name")
+            except ConfigError as exc:  # pydantic wraps ValueError with the key's location
+                raise ValueError(exc.message) from None
         if "local" not in self.targets:
             self.targets["local"] = LocalTarget()
         if self.default_target not in self.targets:
@@ -169,7 +172,7 @@ class OrchConfig(_Section):
 
 def _format_validation(exc: ValidationError, where: str) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+    loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; see docs/configuration.md for the allowed keys)"
