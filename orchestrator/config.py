@@ -52,6 +52,10 @@ class _TargetBase(_Section):
     python: str | None = Field(None, description="a ready interpreter on the target: skip bootstrap")
     monitor: MonitorSettings | None = None
     env: dict[str, str] = Field(default_factory=dict, description="non-secret env for runs")
+    forward_env: list[str] = Field(
+        default_factory=list,
+        description="names of secret env vars (HF_TOKEN, WANDB_API_KEY) sent to runs via a 0600 file",
+    )
 
 
 class LocalTarget(_TargetBase):
@@ -102,6 +106,7 @@ class VastTarget(_TargetBase):
     label_prefix: str = "orch"
     onstart: str = ""
     ready_timeout_s: float = 900.0
+    poll_s: float = Field(5.0, gt=0, description="seconds between Vast status polls while waiting")
     idle_minutes: float = 30.0
     idle_action: Literal["alert", "stop", "destroy"] = "alert"
     auto_relaunch: bool = False
@@ -127,6 +132,25 @@ class AlertSettings(_Section):
         default_factory=lambda: ["succeeded", "failed", "crashed", "hung", "timed_out", "lost", "unreachable", "idle"],
     )
     retry_max: int = Field(8, ge=0)
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, v: list[str]) -> list[str]:
+        # A malformed URL fails at load, naming the key; the URL itself is redacted.
+        from orchestrator.monitor.alerts import check_urls
+
+        try:
+            check_urls(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return v
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or not v[0].strip()):
+            raise ValueError("alerts.command must be a non-empty list: [program, arg, ...]")
+        return v
 
 
 class OrchConfig(_Section):

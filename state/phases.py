@@ -53,6 +53,7 @@ class WorkerPhase(str, Enum):
     TRAINING = "training"
     EVALUATING = "evaluating"
     SAVING = "saving"
+    RUNNING = "running"  # an `exec` stage's child process is running
     DONE = "done"
     FAILED = "failed"
 

@@ -102,6 +102,25 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (provider, instance_id)
     );
     """,
+    # 2: the monitor's bookkeeping (orchestrator/monitor): per-run state the state machine
+    # carries between polls, and alert delivery per sink with a retry schedule.
+    """
+    CREATE TABLE run_monitor (
+        stage_dir TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        gone_since TEXT,
+        unreachable_alerted INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        actions_done TEXT NOT NULL DEFAULT '',
+        action_error TEXT NOT NULL DEFAULT '',
+        action_attempts INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (stage_dir, run_id)
+    );
+    ALTER TABLE alerts ADD COLUMN payload_json TEXT NOT NULL DEFAULT '';
+    ALTER TABLE alerts ADD COLUMN sinks_done TEXT NOT NULL DEFAULT '';
+    ALTER TABLE alerts ADD COLUMN next_attempt_at TEXT;
+    ALTER TABLE alerts ADD COLUMN gave_up INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -86,6 +86,9 @@ class TrainArgs(_ModelArgs):
     probe_every: int = Field(50, ge=1)
     probe_batch_size: int = Field(8, ge=1)
     leak_ratio: float = Field(0.5, gt=0, lt=1, description="flag when mask loss < ratio * causal loss")
+    structural_check: bool = Field(
+        True, description="guard (a) before training; false only to test the numeric probe alone"
+    )
     gradient_checkpointing: bool = False
     wandb: bool = False
     wandb_project: str | None = None

@@ -1,0 +1,28 @@
+"""`orch up [TARGET] [--keep] [--no-bootstrap]`: rent a Vast box for a vast target and make it
+ready (see orchestrator/vast/provision.py)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from orchestrator.context import Context
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("up", help="rent a Vast.ai instance for a vast target and set it up")
+    p.add_argument("target", nargs="?", help="a vast target of orch.toml (default: default_target)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the instance if anything fails or on Ctrl-C (default: destroy it)",
+    )
+    p.add_argument("--no-bootstrap", action="store_true", help="skip setting up the Python env")
+    p.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace, ctx: Context) -> int:
+    from orchestrator.vast.provision import up
+
+    up(ctx, args.target, keep=args.keep, bootstrap=not args.no_bootstrap)
+    return 0

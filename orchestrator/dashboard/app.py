@@ -1,0 +1,479 @@
+"""`orch dashboard`: a full-screen `rich.live.Live` loop over the store.
+
+The loop only gathers a snapshot and calls `render.render`; everything it shows comes from the
+store. When no `orch watch` is running it runs the monitor itself (a background thread calling
+`refresh_once` at the configured interval), so one command is enough. Keys are read in cbreak
+mode on a TTY and the terminal is restored on every exit path; without a TTY on stdout it prints
+one static frame and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+
+from orchestrator.dashboard.render import render
+from orchestrator.dashboard.snapshot import KEEP_TERMINAL_S, RunView, Snapshot, gather, utcnow
+from state import names
+from state.errors import OrchError
+
+if os.name == "posix":
+    import termios
+    import tty
+
+#: Re-read the store at least this often even when nothing signalled a change.
+REGATHER_S = 5.0
+LOG_TAIL_LINES = 200
+LOG_REFRESH_S = 2.0
+
+
+# -- keys ------------------------------------------------------------------------------------
+KEYMAP: dict[bytes, str] = {
+    b"q": "quit",
+    b"Q": "quit",
+    b"\x03": "quit",
+    b"r": "refresh",
+    b"p": "pull",
+    b"l": "log",
+    b"\x1b": "escape",
+    b"\x1b[A": "up",
+    b"\x1bOA": "up",
+    b"k": "up",
+    b"\x1b[B": "down",
+    b"\x1bOB": "down",
+    b"j": "down",
+    b"\x1b[5~": "pageup",
+    b"\x1b[6~": "pagedown",
+    b"\x1b[H": "home",
+    b"\x1b[F": "end",
+    b"g": "home",
+    b"G": "end",
+}
+
+
+def parse_keys(data: bytes) -> list[str]:
+    """Split raw terminal input into key names (escape sequences kept whole; unknown dropped)."""
+    keys: list[str] = []
+    i = 0
+    while i < len(data):
+        if data[i : i + 1] == b"\x1b" and i + 1 < len(data) and data[i + 1 : i + 2] in (b"[", b"O"):
+            j = i + 2
+            while j < len(data) and not (0x40 <= data[j] <= 0x7E):
+                j += 1
+            seq = data[i : j + 1]
+            i = j + 1
+        else:
+            seq = data[i : i + 1]
+            i += 1
+        name = KEYMAP.get(seq)
+        if name:
+            keys.append(name)
+    return keys
+
+
+@contextlib.contextmanager
+def cbreak(fd: int | None) -> Iterator[bool]:
+    """Put a TTY into cbreak mode (keys arrive unbuffered, Ctrl-C still works) and always put
+    it back; yields whether keys can be read at all."""
+    if fd is None or os.name != "posix" or not os.isatty(fd):
+        yield False
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield True
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def read_keys(fd: int, timeout: float) -> list[str]:
+    """Keys typed within `timeout` seconds (empty list if none)."""
+    ready, _, _ = select.select([fd], [], [], max(0.0, timeout))
+    if not ready:
+        return []
+    try:
+        data = os.read(fd, 64)
+    except OSError:
+        return []
+    return parse_keys(data)
+
+
+# -- the in-process monitor ------------------------------------------------------------------
+class InProcessMonitor:
+    """Calls the monitor's `refresh_once` every `interval_s` while runs are active, unless an
+    `orch watch` took over; `poke()` asks for a refresh now."""
+
+    def __init__(self, ctx: Any, interval_s: float) -> None:
+        self.ctx = ctx
+        self.interval_s = interval_s
+        self.generation = 0  # bumped after every refresh: the app re-reads the store
+        self.error = ""
+        self.label = "in-process"
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name="orch-dashboard-monitor", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        from orchestrator.monitor.refresh import refresh_once, watcher_running
+
+        while not self._stop.is_set():
+            try:
+                if watcher_running(self.ctx):
+                    self.label = "orch watch"
+                elif self.ctx.store.list_runs(active_only=True, limit=1):
+                    self.label = "in-process"
+                    refresh_once(self.ctx)
+                    self.error = ""
+                self.generation += 1
+            except OrchError as exc:
+                self.error = str(exc)
+            except Exception as exc:  # the view must outlive a monitor bug; shown in the footer
+                self.error = f"monitor: {type(exc).__name__}: {exc}"
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+
+def monitor_label(ctx: Any) -> str:
+    """Who keeps the store fresh: `orch watch`, this process, or nobody."""
+    try:
+        from orchestrator.monitor.refresh import watcher_running
+    except ImportError:
+        return "unavailable"
+    try:
+        return "orch watch" if watcher_running(ctx) else ""
+    except Exception:
+        return ""
+
+
+# -- background jobs (pull, log tail) --------------------------------------------------------
+@dataclass
+class Job:
+    """One background action; `result` is a line for the footer, `lines` a log tail."""
+
+    what: str
+    thread: threading.Thread | None = None
+    result: str = ""
+    lines: list[str] = field(default_factory=list)
+    done: bool = False
+
+
+def _background(what: str, fn: Callable[[Job], None]) -> Job:
+    job = Job(what)
+
+    def body() -> None:
+        try:
+            fn(job)
+        except OrchError as exc:
+            job.result = f"{what} failed: {exc}"
+        except Exception as exc:  # shown, never raised into the render loop
+            job.result = f"{what} failed: {type(exc).__name__}: {exc}"
+        finally:
+            job.done = True
+
+    job.thread = threading.Thread(target=body, name=f"orch-dashboard-{what}", daemon=True)
+    job.thread.start()
+    return job
+
+
+def log_tail(ctx: Any, run: RunView, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last lines of a run's stdout.log: the local copy once pulled, else from its target."""
+    local = ctx.runs_dir / run.stage_dir / run.run_id / names.STDOUT
+    if run.pulled_at is not None and local.exists():
+        return _tail_file(local, lines)
+    rec = ctx.store.get_run(run.stage_dir, run.run_id)
+    if rec is None:
+        return [f"run {run.key} is no longer in the store"]
+    from orchestrator.targets.factory import make_target
+
+    target = make_target(ctx, rec.target)
+    try:
+        path = f"{target.workdir.rstrip('/')}/{rec.run_dir}/{names.STDOUT}"
+        res = target.run(["tail", "-n", str(lines), path], timeout=15)
+    finally:
+        target.close()
+    if not res.ok:
+        return [f"no log yet ({res.stderr.strip() or f'tail exited {res.returncode}'})"]
+    return res.stdout.splitlines()
+
+
+def _tail_file(path: Path, lines: int) -> list[str]:
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 256 * 1024))
+        data = f.read().decode("utf-8", "replace")
+    return data.splitlines()[-lines:]
+
+
+def pull_selected(ctx: Any, run: RunView) -> str:
+    from orchestrator.pull import pull_run
+
+    rec = ctx.store.get_run(run.stage_dir, run.run_id)
+    if rec is None:
+        return f"run {run.key} is no longer in the store"
+    result = pull_run(ctx, rec, checkpoints=False)
+    files = getattr(result, "files", None)
+    count = f" ({len(files)} files)" if isinstance(files, list | tuple) else ""
+    return f"pulled {run.key}{count} into {ctx.runs_dir / run.stage_dir / run.run_id}"
+
+
+# -- the app ---------------------------------------------------------------------------------
+class Dashboard:
+    """State of one dashboard session: selection, log view, background jobs, last snapshot."""
+
+    def __init__(
+        self,
+        ctx: Any,
+        *,
+        fps: float = 1.0,
+        include_all: bool = False,
+        keep_terminal_s: float = KEEP_TERMINAL_S,
+        run_monitor: bool = True,
+        console: Console | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.fps = max(0.2, min(fps, 20.0))
+        self.include_all = include_all
+        self.keep_terminal_s = keep_terminal_s
+        self.run_monitor = run_monitor
+        self.console = console or ctx.console
+        self.snapshot: Snapshot | None = None
+        self.selected_key: str | None = None
+        self.show_log = False
+        self.message = ""
+        self.monitor: InProcessMonitor | None = None
+        self.pull_job: Job | None = None
+        self.log_job: Job | None = None
+        self.log_lines: list[str] = []
+        self._log_at = 0.0
+        self._gathered_at = 0.0
+        self._data_version: Any = None
+        self._generation = -1
+
+    # -- data --------------------------------------------------------------------------------
+    def _store_changed(self) -> bool:
+        """True when another process committed to the store (SQLite's data_version) or our
+        own monitor refreshed since the last gather."""
+        version = self.ctx.store.query("PRAGMA data_version")[0][0]
+        gen = self.monitor.generation if self.monitor else 0
+        changed = version != self._data_version or gen != self._generation
+        self._data_version, self._generation = version, gen
+        return changed
+
+    def gather(self, force: bool = False) -> Snapshot:
+        changed = self._store_changed()
+        if (
+            force
+            or changed
+            or self.snapshot is None
+            or time.monotonic() - self._gathered_at > REGATHER_S
+        ):
+            label = self.monitor.label if self.monitor else (monitor_label(self.ctx) or "off")
+            self.snapshot = gather(
+                self.ctx.store,
+                self.ctx.config,
+                include_all=self.include_all,
+                keep_terminal_s=self.keep_terminal_s,
+                monitor=label,
+            )
+            self._gathered_at = time.monotonic()
+        return self.snapshot
+
+    def selected_index(self) -> int | None:
+        runs = self.snapshot.runs if self.snapshot else ()
+        if not runs:
+            return None
+        for i, r in enumerate(runs):
+            if r.key == self.selected_key:
+                return i
+        self.selected_key = runs[0].key
+        return 0
+
+    def selected_run(self) -> RunView | None:
+        i = self.selected_index()
+        return self.snapshot.runs[i] if self.snapshot is not None and i is not None else None
+
+    # -- keys --------------------------------------------------------------------------------
+    def handle(self, key: str, page: int = 10) -> bool:
+        """Apply one key; False means quit."""
+        runs = self.snapshot.runs if self.snapshot else ()
+        i = self.selected_index()
+        moves = {"up": -1, "down": 1, "pageup": -page, "pagedown": page}
+        if key == "quit":
+            return False
+        before = self.selected_key
+        if key in moves and runs and i is not None:
+            self.selected_key = runs[max(0, min(len(runs) - 1, i + moves[key]))].key
+        elif key in ("home", "end") and runs:
+            self.selected_key = runs[0 if key == "home" else -1].key
+        elif key == "refresh":
+            if self.monitor:
+                self.monitor.poke()
+            self.message = "refreshing…" if self.monitor else "re-read the store"
+            self._gathered_at = 0.0
+        elif key == "log" or (key == "escape" and self.show_log):
+            self.show_log = not self.show_log and key == "log"
+            self._log_at = 0.0
+            self.log_lines = []
+        elif key == "pull":
+            self._start_pull()
+        if self.selected_key != before and self.show_log:
+            self.log_lines, self._log_at = [], 0.0  # the log follows the selection
+        return True
+
+    def _start_pull(self) -> None:
+        run = self.selected_run()
+        if run is None:
+            self.message = "no run selected"
+        elif self.pull_job is not None and not self.pull_job.done:
+            self.message = f"already pulling {self.pull_job.what}"
+        else:
+            self.message = f"pulling {run.key}…"
+
+            def body(job: Job) -> None:
+                job.result = pull_selected(self.ctx, run)
+
+            self.pull_job = _background(f"pull {run.key}", body)
+
+    def _tick_jobs(self) -> None:
+        if self.pull_job is not None and self.pull_job.done:
+            self.message = self.pull_job.result
+            self.pull_job = None
+            self._gathered_at = 0.0
+        if self.log_job is not None and self.log_job.done:
+            self.log_lines = self.log_job.lines or [self.log_job.result]
+            self.log_job = None
+        run = self.selected_run()
+        due = time.monotonic() - self._log_at >= LOG_REFRESH_S
+        if self.show_log and run is not None and self.log_job is None and due:
+            self._log_at = time.monotonic()
+
+            def body(job: Job) -> None:
+                job.lines = log_tail(self.ctx, run)
+
+            self.log_job = _background(f"log {run.key}", body)
+
+    # -- frames ------------------------------------------------------------------------------
+    def frame(self, now: datetime | None = None, interactive: bool = True) -> Any:
+        snap = self.gather()
+        size = self.console.size
+        run = self.selected_run()
+        message = self.message
+        if self.monitor and self.monitor.error:
+            message = f"{message}  {self.monitor.error}".strip()
+        return render(
+            snap,
+            size.width,
+            now or utcnow(),
+            height=size.height if interactive else None,
+            selected=self.selected_index() if interactive else None,
+            log_lines=self.log_lines if (self.show_log and interactive) else None,
+            log_title=run.key if run else "",
+            message=message,
+        )
+
+    def start_monitor(self) -> None:
+        if not self.run_monitor:
+            return
+        try:
+            import orchestrator.monitor.refresh  # noqa: F401
+        except ImportError:
+            self.message = "monitor not available: showing the store only"
+            return
+        self.monitor = InProcessMonitor(self.ctx, self.ctx.config.monitor.interval_s)
+        self.monitor.start()
+
+    def run(self) -> int:
+        """The live loop; returns the exit code."""
+        fd: int | None
+        try:
+            fd = sys.stdin.fileno()
+        except (OSError, ValueError, AttributeError):
+            fd = None
+        self.ctx.store  # noqa: B018 - open it here, not racing in the monitor thread
+        self.start_monitor()
+        try:
+            with (
+                cbreak(fd) as keys_ok,
+                Live(
+                    console=self.console,
+                    screen=True,
+                    auto_refresh=False,
+                    redirect_stdout=False,
+                    redirect_stderr=False,
+                ) as live,
+            ):
+                period = 1.0 / self.fps
+                while True:
+                    self._tick_jobs()
+                    live.update(self.frame(), refresh=True)
+                    deadline = time.monotonic() + period
+                    quit_now = False
+                    while not quit_now:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        if keys_ok and fd is not None:
+                            pressed = read_keys(fd, left)
+                            if pressed:
+                                page = max(1, self.console.size.height // 2)
+                                quit_now = not all(self.handle(k, page) for k in pressed)
+                                break  # redraw at once after a key
+                        else:
+                            time.sleep(left)
+                    if quit_now:
+                        return 0
+        finally:
+            if self.monitor is not None:
+                self.monitor.stop()
+
+    def print_once(self) -> int:
+        """One static frame for a pipe or CI: refresh once if nobody else does, print, exit."""
+        if self.run_monitor and monitor_label(self.ctx) == "":
+            refresh_now(self.ctx, self.ctx.err)
+        self.console.print(self.frame(interactive=False))
+        return 0
+
+
+def refresh_now(ctx: Any, err: Console) -> bool:
+    """One `refresh_once` of every active run; a failure is one yellow line, not an exit."""
+    try:
+        from orchestrator.monitor.refresh import refresh_once
+    except ImportError:
+        err.print("[yellow]warning:[/] the monitor is not installed; showing the store as it is")
+        return False
+    if not ctx.store.list_runs(active_only=True, limit=1):
+        return True
+    try:
+        refresh_once(ctx)
+    except OrchError as exc:
+        err.print(
+            f"[yellow]warning:[/] refresh failed, showing the store as it is: {exc}", soft_wrap=True
+        )
+        return False
+    return True

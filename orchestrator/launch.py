@@ -1,0 +1,400 @@
+"""Start one stage on one target: sync, bootstrap, spec, secrets, tmux; and stop a run.
+
+    rec = launch_stage(ctx, stage, "box")      # -> RunRecord, phase `running`
+    stop_run(ctx, rec)                         # kill its tmux session, record `cancelled`
+
+The run is recorded in the store first (`pending`), then moves `syncing -> launching -> running`
+with history. On ANY failure after that row exists the tmux session (if it started) is killed,
+the row is marked `failed` with the reason, and LaunchError says what went wrong in one line:
+nothing is left half-started and no row stays in `launching`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import posixpath
+import secrets
+import socket
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from jobs.spec import InputRef, StageSpec
+from orchestrator import __version__, bootstrap, wrapper
+from orchestrator.context import Context
+from orchestrator.targets.base import Target
+from state import names
+from state.errors import LaunchError, OrchError, StageError
+from state.models import RunRecord, RunSpec, WorkerTask
+from state.phases import Phase
+from state.worker_config import ARGS_BY_COMMAND
+
+#: Deadline of the small remote commands of a launch (mkdir, tmux, ...).
+QUICK_TIMEOUT_S = 30.0
+
+
+# -- pure pieces ------------------------------------------------------------------------------
+def run_dir_of(stage_dir: str, run_id: str) -> str:
+    """`runs/<stage_dir>/<run_id>`, relative to the target's workdir (validated names)."""
+    names.check_name(stage_dir, "stage dir")
+    names.check_name(run_id, "run id")
+    return f"{names.RUNS_DIR}/{stage_dir}/{run_id}"
+
+
+def tmux_session_for(stage: str, run_id: str) -> str:
+    """The tmux session name as tmux will spell it (tmux turns '.' in a session name into '_')."""
+    return names.session_name(stage, run_id).replace(".", "_")
+
+
+def check_artifact(path: str) -> str:
+    """An artifact path inside a run dir: relative, no `..`, no odd characters."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(not names.is_valid_name(p) for p in parts):
+        raise StageError(
+            f"invalid artifact path {path!r}: use names separated by '/' inside the run dir"
+        )
+    return path
+
+
+def merge_inputs(task: WorkerTask, resolved: dict[str, str], workdir: str) -> WorkerTask:
+    """The task with every resolved input (relative to the workdir) written into its args as an
+    absolute path, then validated by the worker's args model (ConfigError-free: StageError)."""
+    args = dict(task.args)
+    for arg, rel in resolved.items():
+        args[arg] = posixpath.join(workdir, rel)
+    model = ARGS_BY_COMMAND[task.command]
+    try:
+        model.model_validate(args)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise StageError(f"{task.command} args invalid at {loc or '(top)'}: {err['msg']}") from None
+    return WorkerTask(command=task.command, args=args)
+
+
+def secret_values(
+    forward: list[str], environ: dict[str, str] | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """(values found in the environment, names missing) for a target's `forward_env`."""
+    env = os.environ if environ is None else environ
+    found = {wrapper.check_env_name(k): env[k] for k in forward if k in env}
+    return found, [k for k in forward if k not in env]
+
+
+def git_info(root: Path) -> tuple[str | None, bool]:
+    """(commit, dirty) of the project, or (None, False) outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if head.returncode != 0:
+            return None, False
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        return head.stdout.strip() or None, bool(dirty.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        return None, False
+
+
+# -- inputs and ids -----------------------------------------------------------------------------
+def resolve_inputs(ctx: Context, stage: StageSpec, target_name: str) -> dict[str, str]:
+    """Each InputRef -> `runs/<stage_dir>/<run_id>/<artifact>` of the latest succeeded run of
+    that stage on the same target (StageError naming the stage and suggesting --with-deps)."""
+    resolved: dict[str, str] = {}
+    for ref in stage.inputs:
+        resolved[ref.arg] = _resolve_one(ctx, stage, ref, target_name)
+    return resolved
+
+
+def _resolve_one(ctx: Context, stage: StageSpec, ref: InputRef, target_name: str) -> str:
+    runs = ctx.store.list_runs(stage=ref.stage, target=target_name)
+    done = [r for r in runs if r.phase == Phase.SUCCEEDED]
+    if not done:
+        raise StageError(
+            f"stage {stage.name} needs a succeeded run of {ref.stage} on target {target_name!r}; there is none",
+            hint=f"run `orch launch {stage.name} --with-deps --target {target_name}`, or launch {ref.stage} first",
+        )
+    return f"{done[0].run_dir}/{check_artifact(ref.artifact)}"
+
+
+def new_unique_run_id(ctx: Context, stage_dir: str) -> str:
+    """A fresh `YYYYmmdd-HHMMSS` run id; a short random suffix when that second is taken."""
+    rid = names.new_run_id()
+    while ctx.store.get_run(stage_dir, rid) is not None:
+        rid = names.new_run_id(suffix=secrets.token_hex(2))
+    return rid
+
+
+# -- launch ---------------------------------------------------------------------------------------
+def launch_stage(
+    ctx: Context,
+    stage: StageSpec,
+    target_name: str | None = None,
+    *,
+    sync: bool = True,
+    run_id: str | None = None,
+    profile: str | None = None,
+) -> RunRecord:
+    """Launch `stage` on a target and return its record (phase `running`).
+
+    Errors found before anything is recorded (bad names, unknown target, missing upstream run)
+    raise ConfigError/StageError; anything after raises LaunchError, with the row marked failed.
+    """
+    names.check_name(stage.name, "stage")
+    names.check_name(stage.stage_dir, "stage dir")
+    tname, tcfg = ctx.config.target(target_name)
+    if stage.local_only:
+        raise StageError(
+            f"stage {stage.name} runs on this machine, not on a target",
+            hint=f"use `orch {stage.name}`",
+        )
+    resolved = resolve_inputs(ctx, stage, tname)
+    forward, missing = secret_values(list(tcfg.forward_env))
+    for key in tcfg.env:
+        wrapper.check_env_name(key)
+    rid = names.check_name(run_id, "run id") if run_id else new_unique_run_id(ctx, stage.stage_dir)
+    if ctx.store.get_run(stage.stage_dir, rid) is not None:
+        raise LaunchError(
+            f"run {stage.stage_dir}/{rid} already exists", hint="use another --run-id"
+        )
+
+    from orchestrator.targets.factory import make_target
+
+    merge_inputs(stage.task, resolved, "/")  # validate the args now; the real paths need the box
+    target = make_target(ctx, tname)
+    now = datetime.now(timezone.utc)
+    rec = RunRecord(
+        run_id=rid,
+        stage=stage.name,
+        stage_dir=stage.stage_dir,
+        target=tname,
+        phase=Phase.PENDING,
+        session=tmux_session_for(stage.name, rid),
+        run_dir=run_dir_of(stage.stage_dir, rid),
+        created_at=now,
+        updated_at=now,
+    )
+    ctx.store.insert_run(rec)
+    started = False
+    try:
+        if missing:
+            ctx.err.print(
+                f"[yellow]warning:[/] forward_env not set here, not sent: {', '.join(missing)}"
+            )
+        if sync:
+            _set_phase(ctx, rec, Phase.SYNCING)
+            from orchestrator.codesync import sync_code
+
+            sync_code(target, ctx.project_root)
+        _set_phase(ctx, rec, Phase.LAUNCHING)
+        python = bootstrap.ensure_env(ctx, target)
+        task = merge_inputs(stage.task, resolved, target.workdir)
+        spec = _build_spec(ctx, stage, task, rec, resolved, profile)
+        spec_json = spec.model_dump_json(indent=2)
+        _prepare_run_dir(target, rec)
+        target.put_bytes((spec_json + "\n").encode(), _abs(target, f"{rec.run_dir}/{names.SPEC}"))
+        if forward:
+            target.put_bytes(
+                wrapper.secrets_env_text(forward).encode(),
+                _abs(target, f"{rec.run_dir}/{wrapper.SECRETS_FILE}"),
+                mode=0o600,
+            )
+        started = _start_session(target, tcfg.env, spec, rec, python, stage.nproc_per_node)
+        ctx.store.update_run(
+            rec.stage_dir, rec.run_id, phase=Phase.RUNNING, spec_json=spec_json, reason=""
+        )
+    except BaseException as exc:
+        reason = _reason(exc)
+        if started:
+            with contextlib.suppress(Exception):
+                kill_session(target, rec.session)
+        with contextlib.suppress(Exception):
+            ctx.store.update_run(
+                rec.stage_dir, rec.run_id, phase=Phase.FAILED, reason=f"launch failed: {reason}"
+            )
+        if isinstance(exc, LaunchError):
+            raise
+        if isinstance(exc, OrchError):
+            raise LaunchError(f"launch of {stage.name} on {tname!r} failed: {reason}") from exc
+        if isinstance(exc, Exception):
+            raise LaunchError(f"launch of {stage.name} on {tname!r} failed: {reason}") from exc
+        raise  # KeyboardInterrupt and friends: recorded as failed, then re-raised
+    finally:
+        with contextlib.suppress(Exception):
+            target.close()
+    final = ctx.store.get_run(rec.stage_dir, rec.run_id)
+    assert final is not None
+    return final
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _set_phase(ctx: Context, rec: RunRecord, phase: Phase) -> None:
+    ctx.store.update_run(rec.stage_dir, rec.run_id, phase=phase)
+
+
+def _abs(target: Target, rel: str) -> str:
+    return posixpath.join(target.workdir, rel)
+
+
+def _build_spec(
+    ctx: Context,
+    stage: StageSpec,
+    task: WorkerTask,
+    rec: RunRecord,
+    resolved: dict[str, str],
+    profile: str | None,
+) -> RunSpec:
+    commit, dirty = git_info(ctx.project_root)
+    try:
+        who = f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:
+        who = ""
+    return RunSpec(
+        run_id=rec.run_id,
+        stage=stage.name,
+        stage_dir=stage.stage_dir,
+        profile=profile or ctx.config.experiment.profile,
+        task=task,
+        inputs=resolved,
+        timeout_s=stage.timeout_s,
+        stale_after_s=stage.stale_after_s,
+        resources=stage.resources,
+        nproc_per_node=stage.nproc_per_node,
+        git_commit=commit,
+        git_dirty=dirty,
+        target=rec.target,
+        launched_by=who,
+        orch_version=__version__,
+    )
+
+
+def _prepare_run_dir(target: Target, rec: RunRecord) -> None:
+    """Create the run dir; its last component must be new (a reused dir would mix two runs)."""
+    parent = _abs(target, posixpath.dirname(rec.run_dir))
+    target.run(["mkdir", "-p", parent], timeout=QUICK_TIMEOUT_S, check=True)
+    res = target.run(["mkdir", _abs(target, rec.run_dir)], timeout=QUICK_TIMEOUT_S)
+    if res.returncode != 0:
+        raise LaunchError(
+            f"cannot create the run dir {rec.run_dir} on {target.name!r}: {' '.join(res.stderr.split()) or 'mkdir failed'}"
+        )
+
+
+def _start_session(
+    target: Target, env_cfg: dict[str, str], spec: RunSpec, rec: RunRecord, python: str, nproc: int
+) -> bool:
+    """Put the wrapper in place and start the detached tmux session. True once it exists."""
+    wpath = wrapper.wrapper_remote_path(target.workdir)
+    target.put_bytes(wrapper.wrapper_script(), wpath, mode=0o755)
+    code_dir = _abs(target, names.CODE_DIR)
+    run_dir_abs = _abs(target, rec.run_dir)
+    env = wrapper.run_env(code_dir=code_dir, run_dir_abs=run_dir_abs, spec=spec, extra=env_cfg)
+    command = wrapper.wrapper_command(
+        wrapper_path=wpath,
+        run_dir_abs=run_dir_abs,
+        argv=wrapper.worker_argv(python, run_dir_abs, nproc),
+        env=env,
+    )
+    # tmux refuses to start in a missing directory: make sure the code dir exists (--no-sync).
+    target.run(["mkdir", "-p", code_dir], timeout=QUICK_TIMEOUT_S, check=True)
+    res = target.run(
+        wrapper.tmux_new_session_argv(rec.session, code_dir, command), timeout=QUICK_TIMEOUT_S
+    )
+    if res.returncode == 127:
+        raise LaunchError(
+            f"tmux is not installed on target {target.name!r}",
+            hint="install it there (apt-get install tmux)",
+        )
+    if res.returncode != 0:
+        raise LaunchError(
+            f"tmux could not start session {rec.session} on {target.name!r}: {' '.join(res.stderr.split()) or res.returncode}"
+        )
+    return True
+
+
+# -- sessions and stop -----------------------------------------------------------------------------
+def kill_session(target: Target, session: str) -> bool:
+    """Kill tmux session `session` (exact name). True if it existed."""
+    res = target.run(
+        ["tmux", "kill-session", "-t", wrapper.tmux_exact(session)], timeout=QUICK_TIMEOUT_S
+    )
+    return res.returncode == 0
+
+
+def session_alive(target: Target, session: str) -> bool:
+    res = target.run(
+        ["tmux", "has-session", "-t", wrapper.tmux_exact(session)], timeout=QUICK_TIMEOUT_S
+    )
+    return res.returncode == 0
+
+
+def read_remote_exit_code(target: Target, rec: RunRecord) -> int | None:
+    """The run's `exit_code` on the target, or None while it has none (or it is partial)."""
+    res = target.run(
+        ["cat", _abs(target, f"{rec.run_dir}/{names.EXIT_CODE}")], timeout=QUICK_TIMEOUT_S
+    )
+    if res.returncode != 0:
+        return None
+    try:
+        return int(res.stdout.strip())
+    except ValueError:
+        return None
+
+
+def stop_run(ctx: Context, rec: RunRecord, *, wait_s: float = 15.0) -> RunRecord:
+    """End a run's tmux session and record it `cancelled`.
+
+    The wrapper traps the hang-up, stops the worker (SIGTERM, then SIGKILL) and writes
+    `exit_code` (128+1); we wait up to `wait_s` for that file. A run already in a terminal phase
+    is left as it is. A run whose session is already gone is left for the monitor to judge
+    (its markers say how it ended), and LaunchError says so.
+    """
+    if rec.phase.is_terminal:
+        return rec
+    from orchestrator.monitor.ledger import request_cancel
+    from orchestrator.targets.factory import make_target
+
+    target = make_target(ctx, rec.target)
+    # Said BEFORE the kill, so a watcher polling meanwhile records `cancelled`, not `crashed`.
+    request_cancel(ctx.store, rec.stage_dir, rec.run_id)
+    try:
+        killed = kill_session(target, rec.session)
+        code = read_remote_exit_code(target, rec)
+        deadline = time.monotonic() + wait_s
+        while killed and code is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            code = read_remote_exit_code(target, rec)
+    finally:
+        with contextlib.suppress(Exception):
+            target.close()
+    if not killed:
+        raise LaunchError(
+            f"run {rec.key} has no live tmux session {rec.session} on {rec.target!r}"
+            + (f" (it ended with exit code {code})" if code is not None else ""),
+            hint="`orch status` records how it ended",
+        )
+    ctx.store.update_run(
+        rec.stage_dir,
+        rec.run_id,
+        phase=Phase.CANCELLED,
+        reason="stopped by the user",
+        exit_code=code,
+    )
+    final = ctx.store.get_run(rec.stage_dir, rec.run_id)
+    assert final is not None
+    return final

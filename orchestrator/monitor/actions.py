@@ -1,0 +1,155 @@
+"""What the watcher does when a run ends, and the provider's word on a silent box.
+
+All configurable in `[monitor]` (per target), costly ones off by default:
+
+    pull_on_success = true     pull + verify the run's artifacts (orchestrator.pull.pull_run)
+    pull_on_failure = false    also pull failed/crashed/timed-out runs (logs, partial results)
+    stop_on_timeout = false    kill the tmux session of a run past its stage timeout
+    launch_next_stage = false  launch the stages that were waiting for this one (same target)
+    idle instances             `[targets.X] idle_action` of a vast target (alert/stop/destroy)
+
+Each action is recorded in the store's `run_monitor.actions_done`, so a restarted watcher
+neither repeats a pull nor launches a stage twice; a failed action is retried a few times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from orchestrator.monitor import ledger
+from state.models import RunRecord
+from state.phases import Phase
+
+if TYPE_CHECKING:
+    from orchestrator.context import Context
+
+log = logging.getLogger("orch.monitor.actions")
+
+MAX_ATTEMPTS = 3
+PULL_PHASES_ON_FAILURE = frozenset({Phase.FAILED, Phase.CRASHED, Phase.TIMED_OUT})
+
+
+def wanted_actions(ctx: Context, rec: RunRecord) -> list[str]:
+    """The actions the config asks for this final run, in order (pure apart from config)."""
+    mon = ctx.config.monitor_for(rec.target)
+    out: list[str] = []
+    if rec.phase is Phase.TIMED_OUT and mon.stop_on_timeout:
+        out.append("stop")
+    if (rec.phase is Phase.SUCCEEDED and mon.pull_on_success) or (
+        rec.phase in PULL_PHASES_ON_FAILURE and mon.pull_on_failure
+    ):
+        out.append("pull")
+    if rec.phase is Phase.SUCCEEDED and mon.launch_next_stage:
+        out.append("next")
+    return out
+
+
+class Actions:
+    """Completion hooks and provider verdicts for one watcher."""
+
+    def __init__(self, ctx: Context, *, echo: bool = False) -> None:
+        self.ctx = ctx
+        self.echo = echo
+
+    def _say(self, text: str) -> None:
+        log.info(text)
+        if self.echo:
+            self.ctx.console.print(text, markup=False, highlight=False)
+
+    # -- completion -------------------------------------------------------------------------
+    def on_final(self, rec: RunRecord) -> None:
+        """Run every configured action not yet done for a run in a final phase."""
+        store = self.ctx.store
+        done = ledger.actions_done(store, rec.stage_dir, rec.run_id)
+        attempts = int(
+            ledger.monitor_row(store, rec.stage_dir, rec.run_id).get("action_attempts") or 0
+        )
+        if attempts >= MAX_ATTEMPTS:
+            return
+        for action in wanted_actions(self.ctx, rec):
+            if action in done:
+                continue
+            try:
+                getattr(self, f"_do_{action}")(rec)
+            except Exception as exc:  # recorded and retried; never stops the watcher
+                msg = f"{type(exc).__name__}: {exc}"
+                ledger.record_action(store, rec.stage_dir, rec.run_id, action, error=msg[:500])
+                self._say(f"{rec.key}: {action} failed: {msg}")
+                return  # later actions depend on earlier ones (next stage needs the pull)
+            ledger.record_action(store, rec.stage_dir, rec.run_id, action)
+        self.check_idle(rec.target)
+
+    def retry_pending(self) -> None:
+        """Re-run actions that failed earlier (or were cut off by a watcher restart)."""
+        for rec in self.ctx.store.list_runs(limit=200):
+            if not rec.phase.is_terminal or rec.phase is Phase.CANCELLED:
+                continue
+            wanted = wanted_actions(self.ctx, rec)
+            if not wanted:
+                continue
+            if set(wanted) - ledger.actions_done(self.ctx.store, rec.stage_dir, rec.run_id):
+                self.on_final(rec)
+
+    def _do_stop(self, rec: RunRecord) -> None:
+        from orchestrator.launch import kill_session
+        from orchestrator.targets.factory import make_target
+
+        target = make_target(self.ctx, rec.target)
+        try:
+            kill_session(target, rec.session)
+        finally:
+            with contextlib.suppress(Exception):
+                target.close()
+        self._say(f"{rec.key}: stopped (past its timeout)")
+
+    def _do_pull(self, rec: RunRecord) -> None:
+        from orchestrator.pull import pull_run
+
+        res = pull_run(self.ctx, rec)
+        what = (
+            f"{res.verified} files verified"
+            if res.verified is not None
+            else "no manifest to verify"
+        )
+        self._say(f"{rec.key}: pulled to {res.local_dir} ({what})")
+
+    def _do_next(self, rec: RunRecord) -> None:
+        from jobs.pipeline import dependency_graph
+        from orchestrator.pipeline_runner import run_stages
+
+        graph = dependency_graph()
+        children = [s for s, deps in graph.items() if rec.stage in deps]
+        if not children:
+            return
+        launched = run_stages(
+            self.ctx, children, targets=[rec.target], overrides=None, with_deps=False
+        )
+        for r in launched:
+            self._say(f"{rec.key}: launched next stage {r.stage} as {r.key}")
+
+    # -- instances ---------------------------------------------------------------------------
+    def check_idle(self, target: str) -> None:
+        """Apply a vast target's idle policy when nothing is left running on it."""
+        cfg = self.ctx.config.targets.get(target)
+        if cfg is None or cfg.kind != "vast":
+            return
+        try:
+            from orchestrator.vast.cost import apply_idle_policy
+
+            apply_idle_policy(self.ctx, target)
+        except Exception as exc:
+            log.warning("idle check of %s failed: %s", target, exc)
+
+    def provider_verdict(self, target: str) -> str | None:
+        """For a vast target that does not answer: the provider's reason if the instance is
+        gone or preempted, else None. `check_instance` itself calls the API at most once per
+        `provider_check_s`; a failing provider API is never taken as a lost instance."""
+        cfg = self.ctx.config.targets.get(target)
+        if cfg is None or cfg.kind != "vast":
+            return None
+        from orchestrator.vast.provider import check_instance
+
+        verdict = check_instance(self.ctx, target)
+        return verdict.reason if verdict.lost else None

@@ -1,0 +1,412 @@
+"""Alerts: what they say, where they go, and how secrets stay out of logs.
+
+Sinks: every Apprise URL of `[alerts] urls` (ntfy, Slack, Discord, Telegram, email, a JSON
+webhook, desktop, ...; `${NAME}` expanded from the environment at SEND time, so the token never
+sits in orch.toml), plus `[alerts] command`, a local program that gets the alert as JSON on stdin.
+
+Delivery is at-least-once per sink and never raises into the watcher: an alert is recorded in
+the store before anything is sent (see `ledger.save`); `deliver_pending` claims due alerts,
+sends each to the sinks it has not reached yet, and records attempts, the (redacted) last error
+and the next retry time (exponential backoff with jitter, given up after `retry_max` tries).
+Apprise itself is imported only when something is sent or a URL is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+from orchestrator.monitor.statemachine import Alert
+from state.errors import ConfigError
+from state.store import Store
+
+if TYPE_CHECKING:
+    from orchestrator.config import AlertSettings
+
+log = logging.getLogger("orch.alerts")
+
+ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(\S+)$")
+_URL_IN_TEXT_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_HOSTNAME_RE = re.compile(r"^(localhost|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+)(:\d{1,5})?$")
+REDACTED = "***"
+COMMAND_TIMEOUT_S = 30.0
+CLAIM_S = 120.0  # a claimed alert is not picked up by another sender for this long
+BACKOFF_BASE_S = 2.0
+BACKOFF_CAP_S = 600.0
+
+
+# -- URLs: expansion, validation, redaction --------------------------------------------------
+def expand_env(url: str, env: dict[str, str] | None = None) -> str:
+    """Replace `${NAME}` with the environment's value; ConfigError naming NAME if unset."""
+    src = os.environ if env is None else env
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in src:
+            raise ConfigError(
+                f"alert URL {redact_url(url)!r} uses ${{{name}}}, which is not set in the environment",
+                hint=f"export {name}=... before `orch watch`",
+            )
+        return src[name]
+
+    return ENV_RE.sub(sub, url)
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` is not a usable Apprise URL, or None. `${NAME}` parts are checked at send time."""
+    if not isinstance(url, str) or not url.strip():
+        return "empty URL"
+    m = _URL_RE.match(url.strip())
+    if not m:
+        return "not a URL of the form scheme://... (see docs/alerts.md)"
+    if "${" in ENV_RE.sub("", url):
+        return "malformed ${NAME} reference (use ${NAME} with letters, digits and '_')"
+    scheme = m.group(1).lower()
+    from apprise import Apprise  # lazy: only configs that have alert URLs pay for the import
+
+    if ENV_RE.search(url):
+        from apprise.manager_plugins import NotificationManager
+
+        if scheme not in NotificationManager():
+            return f"unknown alert service {scheme!r} (see docs/alerts.md for the URL forms)"
+        return None
+    if Apprise.instantiate(url) is None:
+        from apprise.manager_plugins import NotificationManager
+
+        if scheme not in NotificationManager():
+            return f"unknown alert service {scheme!r} (see docs/alerts.md for the URL forms)"
+        return f"Apprise cannot parse this {scheme}:// URL (missing token or field?)"
+    return None
+
+
+def check_urls(urls: list[str], key: str = "alerts.urls") -> None:
+    """ConfigError naming the key of the first malformed URL (the URL itself redacted)."""
+    for i, url in enumerate(urls):
+        problem = url_problem(url)
+        if problem:
+            raise ConfigError(f"{key}[{i}] {redact_url(url)!r}: {problem}")
+
+
+def redact_url(url: str) -> str:
+    """A URL safe to print: scheme and a plain host name at most; tokens, users, passwords,
+    paths and queries become `***` (for Telegram/Slack/Discord the "host" IS the token)."""
+    m = _URL_RE.match(url.strip()) if isinstance(url, str) else None
+    if not m:
+        return REDACTED
+    scheme, rest = m.group(1), m.group(2)
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    host = netloc.rsplit("@", 1)[-1]
+    user = "***@" if "@" in netloc else ""
+    tail = rest[len(netloc) :]
+    if _HOSTNAME_RE.match(host) and "${" not in host:
+        return f"{scheme}://{user}{host}" + ("/***" if tail.strip("/") else "")
+    return f"{scheme}://{REDACTED}"
+
+
+def url_secrets(url: str) -> set[str]:
+    """Every part of a URL that could be a secret (user, password, token path parts, query
+    values, a non-hostname "host"), for scrubbing free text such as library error messages."""
+    out: set[str] = set()
+    m = _URL_RE.match(url.strip()) if isinstance(url, str) else None
+    if not m:
+        return out
+    out.add(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return out
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        out.update(p for p in userinfo.split(":") if p)
+    else:
+        host = netloc
+    if not _HOSTNAME_RE.match(host):
+        out.add(host)
+        out.update(h for h in host.split(":") if h)
+    out.update(seg for seg in parts.path.split("/") if seg)
+    out.update(v for _, v in parse_qsl(parts.query) if v)
+    return {s for s in out if len(s) >= 4}
+
+
+class Redactor:
+    """Scrubs configured URL secrets (raw and env-expanded) and any URL out of free text."""
+
+    def __init__(self, urls: list[str], env: dict[str, str] | None = None) -> None:
+        src = os.environ if env is None else env
+        secrets: set[str] = set()
+        for url in urls:
+            secrets |= url_secrets(url)
+            expanded = ENV_RE.sub(lambda m: src.get(m.group(1), m.group(0)), url)
+            secrets |= url_secrets(expanded)
+            for name in ENV_RE.findall(url):
+                if src.get(name):
+                    secrets.add(src[name])
+        # Longest first, so a token is not half-replaced by one of its own parts.
+        self._secrets = sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        text = _URL_IN_TEXT_RE.sub(lambda m: redact_url(m.group(0)), text)
+        for s in self._secrets:
+            text = text.replace(s, REDACTED)
+        return text
+
+
+# -- what an alert says ------------------------------------------------------------------------
+_WORDS = {
+    "succeeded": "succeeded",
+    "failed": "FAILED",
+    "crashed": "CRASHED",
+    "hung": "is HUNG",
+    "timed_out": "TIMED OUT",
+    "lost": "LOST (instance gone)",
+    "unreachable": "unreachable",
+    "cancelled": "cancelled",
+}
+
+
+def alert_payload(alert: Alert, *, runs: list[str] | None = None) -> dict[str, Any]:
+    """The alert as JSON (what the command hook gets on stdin, and what the store keeps)."""
+    return {
+        "kind": alert.kind,
+        "phase": alert.phase,
+        "stage": alert.stage,
+        "stage_dir": alert.stage_dir,
+        "run_id": alert.run_id,
+        "target": alert.target,
+        "reason": alert.reason,
+        "step": alert.step,
+        "total_steps": alert.total_steps,
+        "loss": alert.loss,
+        "logs_command": alert.logs_command,
+        "dedup_key": alert.dedup_key,
+        "runs": runs or [f"{alert.stage_dir}/{alert.run_id}"],
+    }
+
+
+def format_alert(payload: dict[str, Any]) -> tuple[str, str]:
+    """(title, body) of an alert payload: short enough for a phone notification."""
+    kind = payload["kind"]
+    word = _WORDS.get(kind, kind)
+    if kind == "unreachable":
+        title = f"orch: target {payload['target']} {word}"
+    else:
+        title = f"orch: {payload['stage']} {word} on {payload['target']}"
+    lines = [
+        f"stage: {payload['stage']}   run: {payload['stage_dir']}/{payload['run_id']}",
+        f"target: {payload['target']}   phase: {payload['phase']}",
+    ]
+    if payload.get("reason"):
+        lines.append(f"reason: {payload['reason']}")
+    if len(payload.get("runs") or []) > 1:
+        lines.append(f"runs affected: {', '.join(payload['runs'])}")
+    step, total, loss = payload.get("step"), payload.get("total_steps"), payload.get("loss")
+    if step is not None:
+        prog = f"last step: {step}" + (f"/{total}" if total else "")
+        if loss is not None:
+            prog += f"   loss: {loss:.4g}"
+        lines.append(prog)
+    lines.append(f"logs: {payload['logs_command']}")
+    return title, "\n".join(lines)
+
+
+def _notify_type(kind: str) -> str:
+    if kind == "succeeded":
+        return "success"
+    if kind in ("unreachable", "hung", "cancelled"):
+        return "warning"
+    return "failure"
+
+
+# -- sinks and delivery ------------------------------------------------------------------------
+class DeliveryError(Exception):
+    """One sink refused or failed an alert; the message is already redacted."""
+
+
+@dataclass(frozen=True)
+class Sink:
+    id: str  # stable across restarts: which sinks an alert reached is stored by id
+    label: str  # safe to print
+    url: str = ""
+    argv: tuple[str, ...] = ()
+
+
+def sinks_for(settings: AlertSettings) -> list[Sink]:
+    sinks = [
+        Sink(id="u" + hashlib.sha256(u.encode()).hexdigest()[:10], label=redact_url(u), url=u)
+        for u in settings.urls
+    ]
+    if settings.command:
+        argv = tuple(settings.command)
+        sinks.append(
+            Sink(
+                id="c" + hashlib.sha256("\0".join(argv).encode()).hexdigest()[:10],
+                label=f"command {argv[0]}",
+                argv=argv,
+            )
+        )
+    return sinks
+
+
+def send(sink: Sink, title: str, body: str, payload: dict[str, Any], redact: Redactor) -> None:
+    """Send one alert to one sink; DeliveryError (redacted) on any failure."""
+    if sink.argv:
+        try:
+            out = subprocess.run(
+                list(sink.argv),
+                input=json.dumps(payload, sort_keys=True, default=str).encode(),
+                capture_output=True,
+                timeout=COMMAND_TIMEOUT_S,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DeliveryError(redact(f"{sink.label}: {exc}")) from None
+        if out.returncode != 0:
+            tail = out.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            raise DeliveryError(redact(f"{sink.label} exited {out.returncode}: {tail[0][:300]}"))
+        return
+    import apprise
+
+    logging.getLogger("apprise").propagate = False  # its debug lines hold full URLs
+    try:
+        url = expand_env(sink.url)
+    except ConfigError as exc:
+        raise DeliveryError(str(exc)) from None
+    ap = apprise.Apprise()
+    with apprise.LogCapture(level=logging.WARNING) as captured:
+        if not ap.add(url):
+            raise DeliveryError(f"{sink.label}: Apprise cannot use this URL")
+        ok = ap.notify(title=title, body=body, notify_type=_notify_type(str(payload.get("kind"))))
+    if not ok:
+        lines = [ln for ln in captured.getvalue().splitlines() if ln.strip()]
+        raise DeliveryError(
+            redact(f"{sink.label}: {lines[-1] if lines else 'delivery failed'}"[:500])
+        )
+
+
+def backoff_s(attempts: int, rng: random.Random | None = None) -> float:
+    """Delay before retry number `attempts` (1-based): 2, 4, 8 ... capped, +-25 % jitter."""
+    base = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, attempts - 1))
+    return base * (rng or random).uniform(0.75, 1.25)
+
+
+@dataclass
+class DeliveryReport:
+    delivered: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    gave_up: list[int] = field(default_factory=list)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.isoformat()
+
+
+def _claim(store: Store, alert_id: int, now: datetime) -> bool:
+    """Take an alert for sending (another watcher/refresh will not send it meanwhile)."""
+    with store.tx() as db:
+        cur = db.execute(
+            "UPDATE alerts SET next_attempt_at = ? WHERE id = ? AND delivered_at IS NULL AND gave_up = 0 "
+            "AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
+            (_iso(now + timedelta(seconds=CLAIM_S)), alert_id, _iso(now)),
+        )
+        return cur.rowcount == 1
+
+
+def reset_retry_schedule(store: Store) -> int:
+    """On watcher start: every undelivered alert (not given up) is due now."""
+    with store.tx() as db:
+        cur = db.execute(
+            "UPDATE alerts SET next_attempt_at = NULL WHERE delivered_at IS NULL AND gave_up = 0"
+        )
+        return int(cur.rowcount)
+
+
+def deliver_pending(
+    store: Store,
+    settings: AlertSettings,
+    *,
+    now: datetime | None = None,
+    redactor: Redactor | None = None,
+    limit: int = 50,
+) -> DeliveryReport:
+    """Send every due undelivered alert to the sinks it has not reached. Never raises for a
+    sink's failure: it is recorded (attempts, last_error, next_attempt_at) and retried."""
+    now = now or datetime.now(timezone.utc)
+    redact = redactor or Redactor(settings.urls)
+    sinks = sinks_for(settings)
+    report = DeliveryReport()
+    rows = store.query(
+        "SELECT * FROM alerts WHERE delivered_at IS NULL AND gave_up = 0 "
+        "AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT ?",
+        (_iso(now), limit),
+    )
+    for row in rows:
+        alert_id = int(row["id"])
+        if not _claim(store, alert_id, now):
+            continue
+        try:
+            payload = json.loads(row["payload_json"]) if row["payload_json"] else None
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):  # recorded by another part of orch (e.g. idle)
+            payload = {
+                "kind": row["kind"],
+                "stage_dir": row["stage_dir"],
+                "run_id": row["run_id"],
+                "target": row["target"],
+                "dedup_key": row["dedup_key"],
+            }
+        payload = {**payload, "title": row["title"], "body": row["body"]}
+        done = {s for s in (row["sinks_done"] or "").split(",") if s}
+        wanted = sinks if row["kind"] in settings.on else []
+        errors: list[str] = []
+        for sink in wanted:
+            if sink.id in done:
+                continue
+            try:
+                send(sink, row["title"], row["body"], payload, redact)
+                done.add(sink.id)
+            except DeliveryError as exc:
+                errors.append(str(exc))
+            except Exception as exc:  # a sink must never take the watcher down
+                errors.append(redact(f"{sink.label}: {type(exc).__name__}: {exc}"))
+        attempts = int(row["attempts"]) + 1
+        if not errors:
+            with store.tx() as db:
+                db.execute(
+                    "UPDATE alerts SET delivered_at = ?, attempts = ?, last_error = '', sinks_done = ?, "
+                    "next_attempt_at = NULL WHERE id = ?",
+                    (_iso(datetime.now(timezone.utc)), attempts, ",".join(sorted(done)), alert_id),
+                )
+            report.delivered.append(alert_id)
+            continue
+        error = "; ".join(errors)[:1000]
+        give_up = attempts > settings.retry_max
+        with store.tx() as db:
+            db.execute(
+                "UPDATE alerts SET attempts = ?, last_error = ?, sinks_done = ?, next_attempt_at = ?, "
+                "gave_up = ? WHERE id = ?",
+                (
+                    attempts,
+                    error,
+                    ",".join(sorted(done)),
+                    None if give_up else _iso(now + timedelta(seconds=backoff_s(attempts))),
+                    int(give_up),
+                    alert_id,
+                ),
+            )
+        report.failed[alert_id] = error
+        if give_up:
+            report.gave_up.append(alert_id)
+        log.warning("alert %s not delivered (attempt %d): %s", row["dedup_key"], attempts, error)
+    return report

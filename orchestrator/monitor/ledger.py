@@ -1,0 +1,212 @@
+"""The monitor's durable bookkeeping in the store: load run states, save a transition and its
+alerts in ONE transaction (so a watcher killed at any instant neither loses nor repeats an alert),
+and the per-run action ledger (what was pulled/launched after a run ended).
+
+Tables: `runs` and `phase_history` (core), `run_monitor` and the extra `alerts` columns
+(migration 2 of `state/store.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from orchestrator.monitor.statemachine import MONITORED_PHASES, Alert, RunState
+from state.models import RunRecord
+from state.phases import Phase
+from state.store import Store, now_iso
+
+# RunState fields that are columns of `runs` (the rest live in `run_monitor`).
+_RUN_FIELDS = (
+    "phase",
+    "reason",
+    "exit_code",
+    "last_seq",
+    "last_seq_change_at",
+    "step",
+    "total_steps",
+    "loss",
+    "unreachable_since",
+)
+_MON_FIELDS = ("gone_since", "unreachable_alerted", "cancel_requested")
+
+
+def _db(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Phase):
+        return value.value
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _dt(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+def monitor_row(store: Store, stage_dir: str, run_id: str) -> dict[str, Any]:
+    rows = store.query(
+        "SELECT * FROM run_monitor WHERE stage_dir = ? AND run_id = ?", (stage_dir, run_id)
+    )
+    return dict(rows[0]) if rows else {}
+
+
+def load_states(
+    store: Store, *, targets: Iterable[str] | None = None
+) -> list[tuple[RunRecord, RunState]]:
+    """Every run the monitor polls (running or hung), with the state machine's view of it."""
+    marks = ",".join("?" for _ in MONITORED_PHASES)
+    sql = (
+        "SELECT r.*, m.gone_since AS m_gone_since, m.unreachable_alerted AS m_unreachable_alerted, "
+        "m.cancel_requested AS m_cancel_requested FROM runs r LEFT JOIN run_monitor m "
+        f"ON m.stage_dir = r.stage_dir AND m.run_id = r.run_id WHERE r.phase IN ({marks})"
+    )
+    params: list[Any] = [p.value for p in MONITORED_PHASES]
+    wanted = list(targets) if targets is not None else None
+    if wanted is not None:
+        if not wanted:
+            return []
+        sql += f" AND r.target IN ({','.join('?' for _ in wanted)})"
+        params += wanted
+    sql += " ORDER BY r.target, r.created_at"
+    out: list[tuple[RunRecord, RunState]] = []
+    for row in store.query(sql, tuple(params)):
+        d = dict(row)
+        mon = {k[2:]: d.pop(k) for k in list(d) if k.startswith("m_")}
+        rec = RunRecord.model_validate(d)
+        out.append(
+            (
+                rec,
+                RunState.from_record(
+                    rec,
+                    unreachable_alerted=bool(mon.get("unreachable_alerted")),
+                    gone_since=_dt(mon.get("gone_since")),
+                    cancel_requested=bool(mon.get("cancel_requested")),
+                ),
+            )
+        )
+    return out
+
+
+def active_targets(store: Store) -> list[str]:
+    """Targets with at least one run to poll (cheap: one indexed query, no remote call)."""
+    marks = ",".join("?" for _ in MONITORED_PHASES)
+    rows = store.query(
+        f"SELECT DISTINCT target FROM runs WHERE phase IN ({marks}) ORDER BY target",
+        tuple(p.value for p in MONITORED_PHASES),
+    )
+    return [r["target"] for r in rows]
+
+
+def save(
+    store: Store,
+    old: RunState,
+    new: RunState,
+    alerts: list[tuple[Alert, str, str, dict[str, Any]]],
+    *,
+    status_json: str | None = None,
+) -> list[int]:
+    """Write a transition and its alerts (alert, title, body, payload) in one transaction.
+
+    Returns the ids of alerts recorded now (an alert whose dedup_key exists is not recorded
+    again: that is what makes a restarted watcher send nothing twice).
+    """
+    changed = {f: getattr(new, f) for f in _RUN_FIELDS if getattr(new, f) != getattr(old, f)}
+    if status_json is not None:
+        changed["status_json"] = status_json
+    mon_changed = any(getattr(new, f) != getattr(old, f) for f in _MON_FIELDS)
+    ids: list[int] = []
+    if not changed and not mon_changed and not alerts:
+        return ids
+    now = now_iso()
+    with store.tx() as db:
+        if changed:
+            changed["updated_at"] = now
+            sets = ", ".join(f"{k} = ?" for k in changed)  # keys from the fixed tuple above
+            cur = db.execute(
+                f"UPDATE runs SET {sets} WHERE stage_dir = ? AND run_id = ? AND phase = ?",
+                (*(_db(v) for v in changed.values()), new.stage_dir, new.run_id, old.phase.value),
+            )
+            if cur.rowcount == 0:
+                return ids  # changed under us (e.g. `orch stop`): the next poll starts afresh
+            if new.phase != old.phase:
+                db.execute(
+                    "INSERT INTO phase_history (stage_dir, run_id, phase, reason, at) VALUES (?,?,?,?,?)",
+                    (new.stage_dir, new.run_id, new.phase.value, new.reason, now),
+                )
+        if mon_changed:
+            db.execute(
+                "INSERT INTO run_monitor (stage_dir, run_id, gone_since, unreachable_alerted, cancel_requested) "
+                "VALUES (?,?,?,?,?) ON CONFLICT(stage_dir, run_id) DO UPDATE SET "
+                "gone_since = excluded.gone_since, unreachable_alerted = excluded.unreachable_alerted, "
+                "cancel_requested = excluded.cancel_requested",
+                (
+                    new.stage_dir,
+                    new.run_id,
+                    _db(new.gone_since),
+                    int(new.unreachable_alerted),
+                    int(new.cancel_requested),
+                ),
+            )
+        for alert, title, body, payload in alerts:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO alerts (dedup_key, stage_dir, run_id, target, kind, title, body, "
+                "created_at, payload_json) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    alert.dedup_key,
+                    alert.stage_dir,
+                    alert.run_id,
+                    alert.target,
+                    alert.kind,
+                    title,
+                    body,
+                    now,
+                    json.dumps(payload, sort_keys=True, default=str),
+                ),
+            )
+            if cur.rowcount:
+                ids.append(int(cur.lastrowid or 0))
+    return ids
+
+
+def request_cancel(store: Store, stage_dir: str, run_id: str) -> None:
+    """Mark a run as being stopped by the user, BEFORE killing it, so the monitor records
+    `cancelled` (no alert) instead of `crashed` when the process disappears."""
+    with store.tx() as db:
+        db.execute(
+            "INSERT INTO run_monitor (stage_dir, run_id, cancel_requested) VALUES (?,?,1) "
+            "ON CONFLICT(stage_dir, run_id) DO UPDATE SET cancel_requested = 1",
+            (stage_dir, run_id),
+        )
+
+
+# -- actions ledger -------------------------------------------------------------------------
+def actions_done(store: Store, stage_dir: str, run_id: str) -> set[str]:
+    text = monitor_row(store, stage_dir, run_id).get("actions_done") or ""
+    return {a for a in text.split(",") if a}
+
+
+def record_action(
+    store: Store, stage_dir: str, run_id: str, action: str, *, error: str = ""
+) -> None:
+    """Record that `action` finished (error == "") or failed once (attempts counted)."""
+    with store.tx() as db:
+        db.execute(
+            "INSERT INTO run_monitor (stage_dir, run_id) VALUES (?,?) ON CONFLICT(stage_dir, run_id) DO NOTHING",
+            (stage_dir, run_id),
+        )
+        row = db.execute(
+            "SELECT actions_done FROM run_monitor WHERE stage_dir = ? AND run_id = ?",
+            (stage_dir, run_id),
+        ).fetchone()
+        done = {a for a in (row["actions_done"] or "").split(",") if a}
+        if not error:
+            done.add(action)
+        db.execute(
+            "UPDATE run_monitor SET actions_done = ?, action_error = ?, "
+            "action_attempts = action_attempts + ? WHERE stage_dir = ? AND run_id = ?",
+            (",".join(sorted(done)), error, 1 if error else 0, stage_dir, run_id),
+        )

@@ -1,0 +1,416 @@
+"""One poll: one agent round trip per target carrying every active run of that target, the state
+machine applied to each run, phases and alerts written to the store FIRST, then delivered.
+
+    refresh_once(ctx, targets=None) -> list[RunRecord]     one pass (used by `orch status`)
+    wait_for_run(ctx, stage_dir, run_id, ...) -> RunRecord   poll until the run is final
+    watcher_running(ctx) -> bool                             is an `orch watch` holding the lock
+
+`Poller` keeps each target's connection open between polls (the watcher holds one for its whole
+life). A poll has a deadline covering connect + command; past it, or on any transport error, the
+connection is dropped and rebuilt later with exponential backoff and jitter. While a target is
+backing off it is not contacted, but its runs still go through the state machine as
+unreachable, so the unreachable alert escalates on time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.monitor import alerts as alerts_mod
+from orchestrator.monitor import ledger
+from orchestrator.monitor.lock import watcher_running
+from orchestrator.monitor.statemachine import Alert, Limits, RunState, transition
+from state.errors import OrchError, StageError, UnreachableError
+from state.models import RunRecord, TargetObservation
+
+if TYPE_CHECKING:
+    from orchestrator.context import Context
+    from orchestrator.targets.base import Target
+
+__all__ = ["Poller", "limits_for", "refresh_once", "wait_for_run", "watcher_running"]
+
+log = logging.getLogger("orch.monitor")
+
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 60.0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def limits_for(ctx: Context, rec: RunRecord) -> Limits:
+    """A run's thresholds: its stage spec (timeout, stale limit), then `[monitor]` of orch.toml
+    (per target) which may override the stale limit."""
+    mon = ctx.config.monitor_for(rec.target)
+    spec: dict[str, Any] = {}
+    if rec.spec_json:
+        try:
+            spec = json.loads(rec.spec_json)
+        except ValueError:
+            spec = {}
+    stale = mon.stale_after_s or float(spec.get("stale_after_s") or 300.0)
+    return Limits(
+        stale_after_s=stale,
+        timeout_s=float(spec.get("timeout_s") or 9 * 3600.0),
+        unreachable_alert_after_s=mon.unreachable_alert_after_s,
+        # The wrapper writes exit_code right after the process ends; give it about two polls.
+        exit_grace_s=max(3.0, 1.5 * mon.interval_s),
+    )
+
+
+@dataclass
+class _Link:
+    """A target's connection state between polls."""
+
+    target: Target | None = None
+    failures: int = 0
+    next_try: float = 0.0  # monotonic
+    last_error: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Poller:
+    """Polls targets through their agents. Thread-safe: one lock per target, so the scheduler's
+    per-target jobs run in parallel but never two polls of one target at once."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        *,
+        deliver: bool = True,
+        on_final: Callable[[RunRecord], None] | None = None,
+        provider_verdict: Callable[[str], str | None] | None = None,
+        on_change: Callable[[RunState, RunState], None] | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.ctx = ctx
+        self.deliver = deliver
+        self.on_final = on_final
+        self.provider_verdict = provider_verdict
+        self.on_change = on_change
+        self.clock = clock
+        self.round_trips = 0  # remote requests made (the benchmark checks: one per target per poll)
+        self._links: dict[str, _Link] = {}
+        self._links_lock = threading.Lock()
+        self._redactor: alerts_mod.Redactor | None = None
+
+    # -- connections ----------------------------------------------------------------------------
+    def _link(self, name: str) -> _Link:
+        with self._links_lock:
+            return self._links.setdefault(name, _Link())
+
+    def _drop(self, link: _Link, error: str, target: Target | None = None) -> None:
+        """Close the connection and schedule the next try (exponential backoff, jitter)."""
+        for t in {id(x): x for x in (link.target, target) if x is not None}.values():
+            # Closing may itself hang on a frozen peer: do it off the polling thread.
+            threading.Thread(target=_close_quietly, args=(t,), daemon=True).start()
+        link.target = None
+        link.failures += 1
+        interval = self.ctx.config.monitor.interval_s
+        cap = min(BACKOFF_CAP_S, max(2.0, 6 * interval))
+        delay = min(cap, BACKOFF_BASE_S * 2 ** (link.failures - 1)) * random.uniform(0.5, 1.0)
+        link.next_try = time.monotonic() + delay
+        link.last_error = error
+
+    def _request(self, name: str, link: _Link, payload: dict[str, Any]) -> TargetObservation | None:
+        """One observe round trip under a hard deadline (connect + command); None = no answer."""
+        if time.monotonic() < link.next_try:
+            return None
+        mon = self.ctx.config.monitor_for(name)
+        deadline = mon.connect_timeout_s + mon.command_timeout_s
+        result: dict[str, Any] = {}
+        guard = threading.Lock()
+        abandoned = [False]
+        current = link.target
+
+        def work() -> None:
+            t = current
+            try:
+                if t is None:
+                    from orchestrator.targets.factory import make_target
+
+                    t = make_target(self.ctx, name)
+                with guard:
+                    result["target"] = t
+                result["answer"] = t.agent().request(payload, timeout=mon.command_timeout_s)
+            except BaseException as exc:  # reported to the polling thread below
+                result["error"] = exc
+            finally:
+                with guard:
+                    late = abandoned[0]
+                if late and t is not None:
+                    _close_quietly(t)  # the poller gave up on this connection meanwhile
+
+        self.round_trips += 1
+        th = threading.Thread(target=work, name=f"orch-poll-{name}", daemon=True)
+        th.start()
+        th.join(deadline)
+        with guard:
+            if th.is_alive():
+                abandoned[0] = True
+                stuck = result.get("target")
+            else:
+                stuck = None
+        if th.is_alive():
+            self._drop(link, f"no answer within {deadline:.0f} s", stuck)
+            return None
+        target = result.get("target")
+        exc = result.get("error")
+        if exc is not None:
+            if isinstance(exc, OrchError) and not isinstance(exc, UnreachableError):
+                log.warning("target %s: %s", name, exc)
+            self._drop(link, str(exc) or type(exc).__name__, target)
+            return None
+        answer = result.get("answer")
+        if not isinstance(answer, dict) or answer.get("ok") is False:
+            err = answer.get("error") if isinstance(answer, dict) else "no answer"
+            self._drop(link, f"agent error: {err}", target)
+            return None
+        try:
+            obs = TargetObservation.model_validate(answer)
+        except ValueError as exc:
+            self._drop(link, f"agent answer unusable: {exc}", target)
+            return None
+        link.target = target
+        link.failures = 0
+        link.next_try = 0.0
+        link.last_error = ""
+        return obs
+
+    # -- polling ----------------------------------------------------------------------------------
+    def poll_target(self, name: str) -> list[RunRecord]:
+        """Poll one target: observe all its active runs in one request, apply the state machine,
+        store, then deliver alerts and run completion hooks. Returns the runs after the poll."""
+        link = self._link(name)
+        with link.lock:
+            pairs = ledger.load_states(self.ctx.store, targets=[name])
+            if not pairs:
+                return []
+            payload = {
+                "op": "observe",
+                "runs": [
+                    {"run_dir": rec.run_dir, "session": rec.session or None} for rec, _ in pairs
+                ],
+                "gpus": True,
+            }
+            obs = self._request(name, link, payload)
+            now = self.clock()
+            self._record_target(name, obs, now, link.last_error)
+            lost = None
+            if obs is None and self.provider_verdict is not None:
+                try:
+                    lost = self.provider_verdict(name)
+                except Exception as exc:  # a provider outage must not stop the watcher
+                    log.warning("provider check of %s failed: %s", name, exc)
+            by_dir = {r.run_dir: r for r in obs.runs} if obs is not None else {}
+            finals: list[RunRecord] = []
+            unreachable: list[tuple[RunState, RunState, Alert]] = []
+            for rec, prev in pairs:
+                run_obs = by_dir.get(rec.run_dir) if obs is not None else None
+                if obs is not None and run_obs is None:
+                    continue  # the agent skipped it: judge it next time rather than guess
+                new, alerts = transition(
+                    prev, run_obs, now, limits_for(self.ctx, rec), provider_lost=lost
+                )
+                if any(a.kind == "unreachable" for a in alerts):
+                    unreachable.append((prev, new, alerts[0]))
+                    continue
+                status_json = None
+                if (
+                    run_obs is not None
+                    and run_obs.status is not None
+                    and run_obs.status.seq != prev.last_seq
+                ):
+                    status_json = run_obs.status.model_dump_json()
+                ledger.save(
+                    self.ctx.store,
+                    prev,
+                    new,
+                    [_with_text(a) for a in alerts],
+                    status_json=status_json,
+                )
+                self._changed(prev, new)
+                if new.phase.is_terminal:
+                    after = self.ctx.store.get_run(rec.stage_dir, rec.run_id)
+                    if after is not None:
+                        finals.append(after)
+            self._save_unreachable(name, unreachable)
+        if self.deliver:
+            self.deliver_alerts()
+        for rec in finals:
+            if self.on_final is not None:
+                try:
+                    self.on_final(rec)
+                except Exception as exc:  # actions report their own errors; never stop polling
+                    log.warning("completion action for %s failed: %s", rec.key, exc)
+        return self.ctx.store.list_runs(target=name)
+
+    def _save_unreachable(self, name: str, items: list[tuple[RunState, RunState, Alert]]) -> None:
+        """A silent box is one alert for the target, not one per run on it."""
+        if not items:
+            return
+        since = min(
+            new.unreachable_since for _, new, _ in items if new.unreachable_since is not None
+        )
+        first = items[0][2]
+        runs = [f"{new.stage_dir}/{new.run_id}" for _, new, _ in items]
+        merged = Alert(
+            kind="unreachable",
+            dedup_key=f"@{name}/unreachable/{since.isoformat()}",
+            stage=first.stage if len(items) == 1 else f"{len(items)} runs",
+            stage_dir=first.stage_dir,
+            run_id=first.run_id,
+            target=name,
+            phase=first.phase,
+            reason=first.reason,
+            step=first.step,
+            total_steps=first.total_steps,
+            loss=first.loss,
+        )
+        for i, (prev, new, _) in enumerate(items):
+            alerts = [_with_text(merged, runs=runs)] if i == 0 else []
+            ledger.save(self.ctx.store, prev, new, alerts)
+            self._changed(prev, new)
+
+    def _changed(self, prev: RunState, new: RunState) -> None:
+        if self.on_change is None:
+            return
+        if (
+            new.phase != prev.phase
+            or (new.unreachable_since is None) != (prev.unreachable_since is None)
+            or new.unreachable_alerted != prev.unreachable_alerted
+        ):
+            try:
+                self.on_change(prev, new)
+            except Exception as exc:
+                log.debug("on_change hook failed: %s", exc)
+
+    def _record_target(
+        self, name: str, obs: TargetObservation | None, now: datetime, error: str
+    ) -> None:
+        try:
+            kind = (
+                self.ctx.config.targets[name].kind if name in self.ctx.config.targets else "unknown"
+            )
+            if obs is not None:
+                box = obs.model_dump(mode="json", exclude={"runs"})
+                self.ctx.store.upsert_target(
+                    name,
+                    kind,
+                    reachable=True,
+                    unreachable_since=None,
+                    last_seen_at=now,
+                    last_obs_json=json.dumps(box),
+                )
+            else:
+                row = self.ctx.store.get_target(name) or {}
+                since = row.get("unreachable_since") or now
+                self.ctx.store.upsert_target(name, kind, reachable=False, unreachable_since=since)
+        except Exception as exc:  # bookkeeping only
+            log.debug("could not record target %s: %s (%s)", name, exc, error)
+
+    def deliver_alerts(self) -> alerts_mod.DeliveryReport:
+        settings = self.ctx.config.alerts
+        if self._redactor is None:
+            self._redactor = alerts_mod.Redactor(settings.urls)
+        return alerts_mod.deliver_pending(self.ctx.store, settings, redactor=self._redactor)
+
+    def poll(self, targets: Iterable[str] | None = None) -> list[RunRecord]:
+        """Poll every target that has active runs (or just `targets`), one after another."""
+        names = ledger.active_targets(self.ctx.store)
+        if targets is not None:
+            wanted = set(targets)
+            names = [n for n in names if n in wanted]
+        out: list[RunRecord] = []
+        for name in names:
+            out += self.poll_target(name)
+        return out
+
+    def link_error(self, name: str) -> str:
+        return self._link(name).last_error
+
+    def close(self) -> None:
+        with self._links_lock:
+            links = list(self._links.values())
+            self._links.clear()
+        for link in links:
+            if link.target is not None:
+                _close_quietly(link.target)
+                link.target = None
+
+
+def _close_quietly(target: Target) -> None:
+    try:
+        target.close()
+    except Exception as exc:
+        log.debug("closing %s: %s", getattr(target, "name", "?"), exc)
+
+
+def _with_text(
+    alert: Alert, *, runs: list[str] | None = None
+) -> tuple[Alert, str, str, dict[str, Any]]:
+    payload = alerts_mod.alert_payload(alert, runs=runs)
+    title, body = alerts_mod.format_alert(payload)
+    return alert, title, body, payload
+
+
+def refresh_once(ctx: Context, targets: list[str] | None = None) -> list[RunRecord]:
+    """One poll of every target with active runs (or only `targets`): store phase changes and
+    alerts, deliver alerts. Returns the runs of the polled targets as the store now holds them."""
+    poller = Poller(ctx)
+    try:
+        return poller.poll(targets)
+    finally:
+        poller.close()
+
+
+def wait_for_run(
+    ctx: Context,
+    stage_dir: str,
+    run_id: str,
+    *,
+    poll_s: float = 2.0,
+    timeout_s: float | None = None,
+) -> RunRecord:
+    """Block until the run reaches a final phase and return it. When an `orch watch` is running
+    this only reads the store (the watcher polls); otherwise it polls the run's target itself.
+    StageError if the run is unknown or `timeout_s` passes first."""
+    rec = ctx.store.get_run(stage_dir, run_id)
+    if rec is None:
+        raise StageError(f"no run {stage_dir}/{run_id} in the store", hint="see `orch status`")
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    poller: Poller | None = None
+    try:
+        while True:
+            if not rec.phase.is_terminal:
+                if watcher_running(ctx):
+                    if poller is not None:
+                        poller.close()
+                        poller = None
+                else:
+                    poller = poller or Poller(ctx)
+                    poller.poll_target(rec.target)
+            got = ctx.store.get_run(stage_dir, run_id)
+            if got is None:
+                raise StageError(f"run {stage_dir}/{run_id} disappeared from the store")
+            rec = got
+            if rec.phase.is_terminal:
+                return rec
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StageError(
+                    f"run {stage_dir}/{run_id} is still {rec.phase.value} after {timeout_s:.0f} s",
+                    hint=f"keep watching with `orch watch`, or see `orch logs {stage_dir}/{run_id}`",
+                )
+            time.sleep(poll_s)
+    finally:
+        if poller is not None:
+            poller.close()

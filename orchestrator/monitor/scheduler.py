@@ -1,0 +1,173 @@
+"""The watcher's clock: APScheduler 3.x jobs, one per target that has active runs.
+
+    poll:<target>   IntervalTrigger(interval_s, jitter), max_instances=1, coalesce=True,
+                    misfire_grace_time=misfire_grace_s: a laptop that slept polls once on
+                    waking instead of a burst, and a slow box never gets two polls at once
+    reconcile       every couple of seconds, reads the store only (no remote call): adds a poll
+                    job when a target gets an active run (e.g. `orch launch` in another
+                    terminal), removes it when the target has none left, beats the heartbeat
+    alerts          retries undelivered alerts whose backoff is over
+    actions         retries completion actions (pulls) that failed or were cut off
+
+Nothing contacts a target that has no active run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from orchestrator.monitor import alerts as alerts_mod
+from orchestrator.monitor import ledger
+from orchestrator.monitor.actions import Actions
+from orchestrator.monitor.lock import WatcherLock
+from orchestrator.monitor.refresh import Poller
+from orchestrator.monitor.statemachine import RunState
+
+if TYPE_CHECKING:
+    from orchestrator.context import Context
+
+log = logging.getLogger("orch.monitor.scheduler")
+
+RECONCILE_S = 2.0
+ALERT_RETRY_S = 5.0
+ACTION_RETRY_S = 60.0
+
+
+class Watcher:
+    """Polls every target with active runs on its own schedule until stopped."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        *,
+        targets: Iterable[str] | None = None,
+        lock: WatcherLock | None = None,
+        on_change: Callable[[RunState, RunState], None] | None = None,
+        echo: bool = False,
+    ) -> None:
+        self.ctx = ctx
+        self.only = set(targets) if targets is not None else None
+        self.lock = lock
+        self.actions = Actions(ctx, echo=echo)
+        self.poller = Poller(
+            ctx,
+            on_final=self.actions.on_final,
+            provider_verdict=self.actions.provider_verdict,
+            on_change=on_change,
+        )
+        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+        self._polling: dict[str, float] = {}  # target -> interval of its job
+        self._mutex = threading.Lock()
+        self.active_targets: list[str] = []
+        self.polls = 0
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def _poll(self, target: str) -> None:
+        try:
+            self.poller.poll_target(target)
+            self.polls += 1
+        except Exception:  # one bad poll must not end the job
+            log.exception("poll of %s failed", target)
+
+    def reconcile(self) -> None:
+        """Match poll jobs to the targets that have active runs (store only, no remote call)."""
+        with self._mutex:
+            active = ledger.active_targets(self.ctx.store)
+            if self.only is not None:
+                active = [t for t in active if t in self.only]
+            self.active_targets = active
+            for t in active:
+                if t in self._polling:
+                    continue
+                mon = self.ctx.config.monitor_for(t)
+                self.scheduler.add_job(
+                    self._poll,
+                    IntervalTrigger(
+                        seconds=mon.interval_s, jitter=mon.jitter_s or None, timezone=timezone.utc
+                    ),
+                    args=[t],
+                    id=f"poll:{t}",
+                    name=f"poll {t}",
+                    max_instances=1,
+                    coalesce=True,
+                    misfire_grace_time=int(mon.misfire_grace_s),
+                    next_run_time=datetime.now(timezone.utc),  # a new run is looked at at once
+                    replace_existing=True,
+                )
+                self._polling[t] = mon.interval_s
+            for t in list(self._polling):
+                if t not in active:
+                    self.scheduler.remove_job(f"poll:{t}")
+                    del self._polling[t]
+        if self.lock is not None:
+            try:
+                self.lock.beat(targets=active, polls=self.polls)
+            except OSError as exc:
+                log.warning("heartbeat: %s", exc)
+
+    def _deliver(self) -> None:
+        try:
+            self.poller.deliver_alerts()
+        except Exception:
+            log.exception("alert delivery failed")
+
+    def _retry_actions(self) -> None:
+        try:
+            self.actions.retry_pending()
+        except Exception:
+            log.exception("retrying actions failed")
+
+    # -- life ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Resume: undelivered alerts are due now, unfinished actions retried, then schedule."""
+        alerts_mod.reset_retry_schedule(self.ctx.store)
+        common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": 3600}
+        self.scheduler.add_job(
+            self.reconcile,
+            IntervalTrigger(seconds=RECONCILE_S),
+            id="reconcile",
+            next_run_time=datetime.now(timezone.utc),
+            **common,
+        )
+        self.scheduler.add_job(
+            self._deliver,
+            IntervalTrigger(seconds=ALERT_RETRY_S),
+            id="alerts",
+            next_run_time=datetime.now(timezone.utc),
+            **common,
+        )
+        self.scheduler.add_job(
+            self._retry_actions,
+            IntervalTrigger(seconds=ACTION_RETRY_S),
+            id="actions",
+            next_run_time=datetime.now(timezone.utc),
+            **common,
+        )
+        self.scheduler.start()
+
+    @property
+    def idle(self) -> bool:
+        """No active run to watch and no alert waiting to be sent."""
+        if (
+            ledger.active_targets(self.ctx.store)
+            if self.only is None
+            else [t for t in ledger.active_targets(self.ctx.store) if t in self.only]
+        ):
+            return False
+        return not self.ctx.store.query(
+            "SELECT 1 FROM alerts WHERE delivered_at IS NULL AND gave_up = 0 LIMIT 1"
+        )
+
+    def stop(self) -> None:
+        try:
+            self.scheduler.shutdown(wait=True)
+        except Exception as exc:  # already stopped
+            log.debug("scheduler shutdown: %s", exc)
+        self.poller.close()

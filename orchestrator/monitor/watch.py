@@ -1,0 +1,129 @@
+"""`orch watch`: the foreground watcher (replaces the seed's hourly `wait_or_crash.sh`).
+
+watch(ctx)                         poll until Ctrl-C / SIGTERM
+watch(ctx, once=True)              one poll of every active run; exit 1 if any is in a bad state
+watch(ctx, stop_when_idle=True)    `orch launch ... --watch`: return once nothing is left
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from orchestrator.monitor import ledger
+from orchestrator.monitor.actions import Actions
+from orchestrator.monitor.lock import WatcherLock
+from orchestrator.monitor.refresh import Poller
+from orchestrator.monitor.scheduler import Watcher
+from orchestrator.monitor.statemachine import RunState
+from state.models import RunRecord
+
+if TYPE_CHECKING:
+    from orchestrator.context import Context
+
+_STYLE = {"succeeded": "green", "running": "cyan", "cancelled": "yellow"}
+
+
+def format_change(prev: RunState, new: RunState) -> str:
+    """One line per change, for the terminal (pure)."""
+    t = datetime.now(timezone.utc).strftime("%H:%M:%S")
+    if new.phase == prev.phase:
+        if new.unreachable_alerted and not prev.unreachable_alerted:
+            what = "still unreachable (alert sent)"
+        else:
+            what = "unreachable" if new.unreachable_since is not None else "reachable again"
+    else:
+        what = f"{prev.phase.value} -> {new.phase.value}"
+    reason = f": {new.reason}" if new.reason and new.phase != prev.phase else ""
+    return f"{t} {new.stage_dir}/{new.run_id} on {new.target}: {what}{reason}"
+
+
+def _bad(rec: RunRecord) -> bool:
+    return rec.phase.is_bad or rec.unreachable_since is not None
+
+
+def watch(
+    ctx: Context,
+    *,
+    once: bool = False,
+    targets: Iterable[str] | None = None,
+    stop_when_idle: bool = False,
+) -> int:
+    """Watch runs; returns an exit code: 1 if a watched run ended (or is) in a bad state."""
+    only = list(targets) if targets is not None else None
+    for name in only or []:
+        ctx.config.target(name)  # ConfigError naming an unknown target, before anything runs
+
+    def echo(prev: RunState, new: RunState) -> None:
+        style = _STYLE.get(
+            new.phase.value, "red" if new.phase.is_bad or new.unreachable_since else "white"
+        )
+        ctx.console.print(format_change(prev, new), style=style, markup=False, highlight=False)
+
+    if once:
+        return _once(ctx, only, echo)
+
+    lock = WatcherLock(ctx.state_dir)
+    lock.acquire()
+    stop = threading.Event()
+    watched: set[tuple[str, str]] = set()
+    old_handlers = _install_signal_handlers(stop)
+    watcher = Watcher(ctx, targets=only, lock=lock, on_change=echo, echo=True)
+    try:
+        watcher.start()
+        n = len(ledger.load_states(ctx.store, targets=only))
+        ctx.console.print(f"watching {n} active run(s); Ctrl-C to stop", style="dim", markup=False)
+        while not stop.wait(1.0):
+            for rec, _ in ledger.load_states(ctx.store, targets=only):
+                watched.add((rec.stage_dir, rec.run_id))
+            if stop_when_idle and watcher.idle:
+                break
+    finally:
+        watcher.stop()
+        lock.release()
+        _restore_signal_handlers(old_handlers)
+    finals = [ctx.store.get_run(sd, rid) for sd, rid in sorted(watched)]
+    return 1 if any(r is not None and _bad(r) for r in finals) else 0
+
+
+def _once(ctx: Context, only: list[str] | None, echo: Callable[[RunState, RunState], None]) -> int:
+    actions = Actions(ctx, echo=True)
+    poller = Poller(
+        ctx, on_final=actions.on_final, provider_verdict=actions.provider_verdict, on_change=echo
+    )
+    before = [rec for rec, _ in ledger.load_states(ctx.store, targets=only)]
+    try:
+        poller.poll(only)
+        actions.retry_pending()
+    finally:
+        poller.close()
+    after = [ctx.store.get_run(r.stage_dir, r.run_id) for r in before]
+    runs = [r for r in after if r is not None]
+    for r in runs:
+        extra = " (unreachable)" if r.unreachable_since else ""
+        ctx.console.print(
+            f"{r.key} on {r.target}: {r.phase.value}{extra}"
+            + (f": {r.reason}" if r.reason else ""),
+            markup=False,
+            highlight=False,
+        )
+    if not runs:
+        ctx.console.print("no active runs", style="dim", markup=False)
+    return 1 if any(_bad(r) for r in runs) else 0
+
+
+def _install_signal_handlers(stop: threading.Event) -> dict[int, object]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old: dict[int, object] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        old[sig] = signal.signal(sig, lambda *_: stop.set())
+    return old
+
+
+def _restore_signal_handlers(old: dict[int, object]) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]

@@ -1,0 +1,188 @@
+"""Run several stages in dependency order on one or several targets: `orch run-all`,
+`orch launch STAGE --with-deps`.
+
+    recs = run_stages(ctx, ["all"], targets=["a", "b"], overrides={"max_steps": 50})
+
+Everything is resolved and validated first (stage names, profile, overrides, missing inputs),
+so a typo launches nothing. Then `jobs.pipeline.Scheduler` places stages: one stage at a time
+per target; independent stages run on different targets at the same time; a stage that needs
+a checkpoint runs on the target where that checkpoint is (the checkpoint never travels through
+the laptop). Each run is launched (`launch_stage`), waited on (`wait_for_run`), and its results
+pulled (no checkpoints) so `orch report` can read them. After the first failure nothing new is
+launched (nothing downstream ever starts on a failed input); runs already in flight are waited
+for, then StageError names what failed and what was not launched. The local `report` stage, if
+planned, runs last, here, once every planned stage succeeded.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs import overrides as ov
+from jobs.pipeline import Scheduler, dependency_graph, plan
+from jobs.spec import StageSpec
+from jobs.stages import REPORT_STAGE, check_shared, get_stage
+from orchestrator.context import Context
+from state.errors import OrchError, StageError
+from state.models import RunRecord
+from state.phases import Phase
+
+#: Where `run-all` writes the report when the plan includes the `report` stage.
+DEFAULT_REPORT = Path("docs") / "RESULTS.md"
+#: Extra time past a stage's own timeout before the runner gives up waiting (the monitor
+#: normally marks the run timed_out well before this).
+WAIT_GRACE_S = 900.0
+
+
+@dataclass
+class _Outcome:
+    stage: str
+    rec: RunRecord | None
+    error: str = ""
+
+
+def succeeded_on(ctx: Context, stages: list[str], targets: list[str]) -> dict[str, str]:
+    """`{stage: target}` for stages with a succeeded run on one of `targets` (the latest one)."""
+    found: dict[str, str] = {}
+    for name in stages:
+        if name == REPORT_STAGE:
+            continue
+        for rec in ctx.store.list_runs(stage=name):  # newest first
+            if rec.phase == Phase.SUCCEEDED and rec.target in targets:
+                found[name] = rec.target
+                break
+    return found
+
+
+def resolve_specs(
+    stages: list[str],
+    profile: str,
+    overrides: Mapping[str, Any] | None,
+    shared: Mapping[str, Any] | None,
+) -> dict[str, StageSpec]:
+    """Every planned stage's spec. `overrides` apply to the planned stages that take each key
+    (a key none of them takes is a ConfigError); `shared` (orch.toml) likewise."""
+    names = [s for s in stages if s != REPORT_STAGE] or list(stages)
+    check_shared(overrides, names)
+    merged = {**ov.normalize(shared), **ov.normalize(overrides)}
+    return {s: get_stage(s, profile, shared=merged) for s in stages}
+
+
+def _run_one(
+    ctx: Context, spec: StageSpec, target: str, profile: str, out: queue.Queue[_Outcome]
+) -> None:
+    """Thread body: launch, wait, pull. Always puts exactly one outcome on `out`."""
+    from orchestrator.launch import launch_stage
+    from orchestrator.monitor.refresh import wait_for_run
+    from orchestrator.pull import pull_run
+
+    rec: RunRecord | None = None
+    try:
+        rec = launch_stage(ctx, spec, target, profile=profile)
+        ctx.console.print(f"  started  {spec.name} on {target}: {rec.key}")
+        rec = wait_for_run(ctx, rec.stage_dir, rec.run_id, timeout_s=spec.timeout_s + WAIT_GRACE_S)
+        if rec.phase != Phase.SUCCEEDED:
+            why = f": {rec.reason}" if rec.reason else ""
+            out.put(_Outcome(spec.name, rec, f"{rec.key} {rec.phase.value}{why}"))
+            return
+        pulled = pull_run(ctx, rec)
+        out.put(_Outcome(spec.name, pulled.rec))
+    except OrchError as exc:
+        out.put(_Outcome(spec.name, rec, str(exc)))
+    except Exception as exc:  # a bug must not hang the pipeline: report it as this stage's failure
+        out.put(_Outcome(spec.name, rec, f"{type(exc).__name__}: {exc}"))
+
+
+def _run_report(ctx: Context, report_out: Path | None) -> None:
+    from jobs.report import write_report
+
+    out = report_out or ctx.project_root / DEFAULT_REPORT
+    res = write_report(ctx.runs_dir, out)
+    ctx.console.print(
+        f"  report   {res.path}" + (f" (+ {len(res.plots)} plots)" if res.plots else "")
+    )
+
+
+def run_stages(
+    ctx: Context,
+    stages: list[str],
+    *,
+    targets: list[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    with_deps: bool = False,
+    profile: str | None = None,
+    skip_succeeded: bool = False,
+    report_out: Path | None = None,
+) -> list[RunRecord]:
+    """Run `stages` (names, or `all`) and, with `with_deps`, their missing upstream stages.
+
+    Returns the final records of the runs launched, in completion order. Raises StageError
+    (after in-flight runs end) if any stage failed, naming it and the stages not launched.
+    `skip_succeeded`: stages that already have a succeeded run on one of the targets are not
+    run again (resume a study).
+    """
+    target_names = list(dict.fromkeys(targets or [ctx.config.default_target]))
+    for t in target_names:
+        ctx.config.target(t)  # ConfigError for an unknown target, before anything starts
+    prof = profile or ctx.config.experiment.profile
+    graph = dependency_graph()
+    have = succeeded_on(ctx, list(graph), target_names)
+    order = plan(stages, set(have), with_deps=with_deps, graph=graph)
+    if skip_succeeded:
+        order = [s for s in order if s not in have]
+    specs = resolve_specs(order, prof, overrides, ctx.config.experiment.overrides)
+    located = {s: t for s, t in have.items() if s not in order}
+    sched = Scheduler(order=order, targets=target_names, graph=graph, located=located)
+    ctx.console.print(f"pipeline ({prof}): {' -> '.join(order)} on {', '.join(target_names)}")
+
+    out: queue.Queue[_Outcome] = queue.Queue()
+    records: list[RunRecord] = []
+    failures: list[str] = []
+    in_flight = 0
+    try:
+        while True:
+            for stage, target in sched.next_launches():
+                if stage == REPORT_STAGE:
+                    try:
+                        _run_report(ctx, report_out)
+                        sched.finished(stage, True)
+                    except OrchError as exc:
+                        failures.append(f"report: {exc}")
+                        sched.finished(stage, False)
+                    continue
+                ctx.console.print(f"  launch   {stage} on {target}")
+                thread = threading.Thread(
+                    target=_run_one, args=(ctx, specs[stage], target, prof, out), daemon=True,
+                    name=f"orch-stage-{stage}",
+                )  # fmt: skip
+                thread.start()
+                in_flight += 1
+            if in_flight == 0:
+                break
+            got = out.get()
+            in_flight -= 1
+            ok = not got.error
+            if got.rec is not None:
+                records.append(got.rec)
+            colour, word = ("green", "succeeded") if ok else ("red", "failed")
+            ctx.console.print(
+                f"  [{colour}]{word}[/] {got.stage}" + ("" if ok else f": {got.error}")
+            )
+            if not ok:
+                failures.append(f"{got.stage}: {got.error}")
+            sched.finished(got.stage, ok)
+    except KeyboardInterrupt:
+        ctx.err.print(
+            "[yellow]interrupted: runs already started keep running on their targets; see `orch status`[/]"
+        )
+        raise
+    if failures:
+        skipped = sched.not_launched()
+        hint = f"not launched: {', '.join(skipped)}" if skipped else "fix it and run again"
+        raise StageError(f"pipeline stopped: {'; '.join(failures)}", hint=hint)
+    return records

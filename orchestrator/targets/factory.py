@@ -1,0 +1,83 @@
+"""Build a `Target` from orch.toml: `make_target(ctx, name)`.
+
+Nothing is cached globally and nothing connects here: an ssh target connects on first use, so
+listing or building targets never blocks on a dead box. A target's `python` comes from the
+config (`python = "..."`), else from the store (what bootstrap recorded), else the default
+(`sys.executable` for local, `python3` on an ssh box).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orchestrator.config import LocalTarget as LocalConfig
+from orchestrator.config import SshTarget as SshConfig
+from orchestrator.targets.base import Target
+from state.errors import ConfigError
+
+if TYPE_CHECKING:
+    from orchestrator.context import Context
+
+KNOWN_HOSTS_FILE = "known_hosts"
+
+
+def default_known_hosts(ctx: Context) -> Path:
+    """orch's own host-key file (never the user's ~/.ssh/known_hosts)."""
+    return ctx.state_dir / KNOWN_HOSTS_FILE
+
+
+def recorded_python(ctx: Context, name: str) -> str | None:
+    """The interpreter bootstrap recorded for target `name`, if any."""
+    with contextlib.suppress(Exception):  # a missing/locked store must not stop a command
+        row = ctx.store.get_target(name)
+        if row and row.get("python"):
+            return str(row["python"])
+    return None
+
+
+def make_target(ctx: Context, name: str | None = None) -> Target:
+    """The target called `name` (default: the config's default_target). ConfigError if unknown."""
+    name, cfg = ctx.config.target(name)
+    python = cfg.python or recorded_python(ctx, name)
+    if isinstance(cfg, LocalConfig):
+        from orchestrator.targets.local import LocalTarget
+
+        workdir = Path(cfg.workdir).expanduser() if cfg.workdir else ctx.state_dir / "local"
+        if not workdir.is_absolute():
+            workdir = ctx.project_root / workdir
+        return LocalTarget(name, workdir=workdir, python=python, env=cfg.env)
+    if isinstance(cfg, SshConfig):
+        from orchestrator.targets.ssh import SshTarget
+
+        mon = ctx.config.monitor_for(name)
+        return SshTarget(
+            name,
+            host=cfg.host,
+            port=cfg.port,
+            user=cfg.user,
+            identity_file=cfg.identity_file,
+            known_hosts=cfg.known_hosts or default_known_hosts(ctx),
+            workdir=cfg.workdir,
+            python=python,
+            env=cfg.env,
+            connect_timeout=mon.connect_timeout_s,
+            command_timeout=mon.command_timeout_s,
+        )
+    if cfg.kind == "vast":
+        try:
+            vast = importlib.import_module("orchestrator.targets.vast")
+        except ModuleNotFoundError as exc:
+            if exc.name not in {"orchestrator.targets.vast", "orchestrator.vast"}:
+                raise
+            raise ConfigError(
+                f"target {name!r} is kind 'vast', but vast support is not installed in this orch",
+                hint='update orch, or use a `kind = "ssh"` target pointing at the box',
+            ) from exc
+        target: Target = vast.make_vast_target(ctx, name, cfg)
+        return target
+    raise ConfigError(
+        f"target {name!r} has unknown kind {cfg.kind!r}", hint="use local, ssh or vast"
+    )

@@ -1,0 +1,427 @@
+"""`orch launch` end to end on the local target and over a real OpenSSH sshd: real tmux, real
+rsync, the real worker (`python -m worker run` with an `exec` task), the real store.
+
+Each test builds a small project (the repo's packages + pyproject.toml + an orch.toml) in a temp
+dir, launches a short command, waits for the wrapper's `exit_code`, and checks what the store,
+the run dir and tmux say. Bad input must give one clear error, a non-zero exit, no tmux session
+left behind and no run row stuck in `launching`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.spec import InputRef, StageSpec
+from orchestrator import launch as launch_mod
+from orchestrator.cli import main
+from orchestrator.context import Context
+from orchestrator.pull import pull_run
+from orchestrator.targets.factory import make_target
+from state import names
+from state.errors import ConfigError, LaunchError, StageError, VerifyError
+from state.models import Manifest, RunRecord, WorkerTask
+from state.phases import Phase
+from tests.conftest import REPO, require_tools
+from tests.sshd import SshServer, free_port
+
+pytestmark = pytest.mark.integration
+
+PACKAGES = ("state", "worker", "jobs", "orchestrator")
+
+# Test data, not a stage of the study: a tiny command that writes one artifact into its run dir.
+WRITE_ARTIFACT = (
+    "import os, pathlib, sys;"
+    "d = pathlib.Path(os.environ['ORCH_RUN_DIR']);"
+    "(d / 'result.txt').write_text('answer=42\\n');"
+    "(d / 'checkpoints').mkdir(exist_ok=True);"
+    "(d / 'checkpoints' / 'weights.bin').write_bytes(os.urandom(2048));"
+    "print('secret:', os.environ.get('ORCH_TEST_SECRET', '<unset>'));"
+    "print('hello from the run', flush=True)"
+)
+
+
+def make_project(root: Path, toml: str = "") -> Path:
+    """A project: the repo's code (what codesync sends) + pyproject.toml + orch.toml."""
+    root.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for pkg in PACKAGES:
+        shutil.copytree(REPO / pkg, root / pkg, ignore=ignore)
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    (root / "orch.toml").write_text(toml)
+    return root
+
+
+def exec_stage(name: str, *argv: str, inputs: list[InputRef] | None = None) -> StageSpec:
+    return StageSpec(
+        name=name,
+        stage_dir=f"{name}_dir",
+        task=WorkerTask(command="exec", args={"argv": list(argv)}),
+        inputs=inputs or [],
+        timeout_s=300,
+    )
+
+
+def tmux_sessions() -> set[str]:
+    out = subprocess.run(["tmux", "list-sessions", "-F", "#{session_name}"], capture_output=True, text=True)
+    return set(out.stdout.split()) if out.returncode == 0 else set()
+
+
+def wait_exit(ctx: Context, rec: RunRecord, timeout: float = 90.0) -> int:
+    """Poll the run's exit_code through its target (what the wrapper writes, whatever happens)."""
+    target = make_target(ctx, rec.target)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = launch_mod.read_remote_exit_code(target, rec)
+            if code is not None:
+                return code
+            time.sleep(0.2)
+    finally:
+        target.close()
+    raise AssertionError(f"{rec.key}: no exit_code after {timeout}s")
+
+
+def settle(ctx: Context, rec: RunRecord) -> RunRecord:
+    """Wait for the wrapper's exit_code, then let the monitor judge the run (one refresh)."""
+    from orchestrator.monitor.refresh import refresh_once
+
+    wait_exit(ctx, rec)
+    refresh_once(ctx, [rec.target])
+    final = ctx.store.get_run(rec.stage_dir, rec.run_id)
+    assert final is not None
+    return final
+
+
+def no_leftovers(ctx: Context, stage: str) -> None:
+    """No run row of `stage` in an active pre-running phase, no tmux session of it."""
+    for r in ctx.store.list_runs(stage=stage):
+        assert r.phase not in (Phase.PENDING, Phase.SYNCING, Phase.LAUNCHING), r
+    assert not any(s.startswith(f"orch-{stage}-") for s in tmux_sessions())
+
+
+@pytest.fixture
+def local_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    require_tools("tmux", "rsync")
+    root = make_project(tmp_path / "proj", '[targets.local]\nkind = "local"\nforward_env = ["ORCH_TEST_SECRET"]\n')
+    monkeypatch.chdir(root)
+    return root
+
+
+def ssh_project(tmp_path: Path, server: SshServer, monkeypatch: pytest.MonkeyPatch, *, python: str | None = sys.executable) -> Path:
+    toml = 'default_target = "box"\n' + server.toml("box", workdir=tmp_path / "remote")
+    toml += 'forward_env = ["ORCH_TEST_SECRET"]\n'
+    if python:
+        toml += f'python = "{python}"\n'
+    root = make_project(tmp_path / "proj", toml)
+    monkeypatch.chdir(root)
+    return root
+
+
+# -- the whole flow ------------------------------------------------------------------------------
+def _launch_run_pull(ctx: Context, capsys: pytest.CaptureFixture[str], stage_name: str) -> None:
+    stage = exec_stage(stage_name, sys.executable, "-c", WRITE_ARTIFACT)
+    rec = launch_mod.launch_stage(ctx, stage)
+    assert rec.phase == Phase.RUNNING
+    assert rec.session == f"orch-{stage_name}-{rec.run_id}"
+    history = [p for p, _, _ in ctx.store.phase_history(rec.stage_dir, rec.run_id)]
+    assert history == ["pending", "syncing", "launching", "running"]
+
+    final = settle(ctx, rec)
+    assert final.phase == Phase.SUCCEEDED, final
+    target = make_target(ctx, rec.target)
+    try:
+        rd = f"{target.workdir}/{rec.run_dir}"
+        # The secret reached the run through the 0600 file, which the wrapper then deleted.
+        assert not target.run(["test", "-e", f"{rd}/.secrets.env"], timeout=10).ok
+        spec = target.run(["cat", f"{rd}/spec.json"], timeout=10).stdout
+        assert "s3cr3t-value" not in spec and '"run_id": "%s"' % rec.run_id in spec
+        assert target.run(["cat", f"{rd}/exit_code"], timeout=10).stdout.strip() == "0"
+        assert int(target.run(["cat", f"{rd}/pid"], timeout=10).stdout.strip()) > 0
+        # The code went over: the worker that ran is the synced one.
+        assert target.run(["test", "-f", f"{target.workdir}/code/worker/cli.py"], timeout=10).ok
+    finally:
+        target.close()
+
+    # orch logs shows the run's own output.
+    capsys.readouterr()
+    assert main(["logs", rec.run_id]) == 0
+    out = capsys.readouterr().out
+    assert "hello from the run" in out and "secret: s3cr3t-value" in out
+
+    # orch pull: copied and verified; checkpoints stay on the box unless asked for.
+    assert main(["pull", rec.run_id]) == 0
+    local = ctx.runs_dir / rec.stage_dir / rec.run_id
+    assert (local / "result.txt").read_text() == "answer=42\n"
+    assert not (local / "checkpoints").exists()
+    assert ctx.store.get_run(rec.stage_dir, rec.run_id).pulled_at is not None
+
+    res = pull_run(ctx, ctx.store.get_run(rec.stage_dir, rec.run_id), checkpoints=True)
+    listed = {f.path for f in Manifest.model_validate_json((local / "manifest.json").read_text()).files}
+    assert {"spec.json", "result.txt", "checkpoints/weights.bin"} <= listed
+    assert res.verified == len(listed)
+    assert (local / "checkpoints" / "weights.bin").stat().st_size == 2048
+
+    # A tampered local file is an error naming it; rsync would otherwise keep it (same size+mtime).
+    (local / "result.txt").write_text("answer=43\n")
+    os.utime(local / "result.txt", (0, 0))
+    with pytest.raises(VerifyError, match="result.txt"):
+        from orchestrator.pull import verify_local
+
+        verify_local(local, checkpoints=True, must=True)
+    capsys.readouterr()
+    assert main(["pull", rec.run_id]) == 0  # rsync repairs it (mtime differs), then verifies
+    assert (local / "result.txt").read_text() == "answer=42\n"
+
+
+def test_local_launch_succeeds_pulls_and_verifies(local_project, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_TEST_SECRET", "s3cr3t-value")
+    ctx = Context()
+    try:
+        _launch_run_pull(ctx, capsys, "t-local")
+    finally:
+        ctx.close()
+
+
+def test_ssh_launch_succeeds_pulls_and_verifies(sshd_server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_TEST_SECRET", "s3cr3t-value")
+    ssh_project(tmp_path, sshd_server, monkeypatch)
+    ctx = Context()
+    try:
+        _launch_run_pull(ctx, capsys, "t-ssh")
+        rec = ctx.store.list_runs(stage="t-ssh")[0]
+        assert rec.target == "box"
+        assert (tmp_path / "remote" / rec.run_dir / "result.txt").is_file()
+    finally:
+        ctx.close()
+
+
+# -- failures, stop, inputs ----------------------------------------------------------------------
+def test_wait_exits_zero_only_on_success(local_project, capsys):
+    from orchestrator.commands.launch import wait_and_report
+
+    ctx = Context()
+    try:
+        bad = launch_mod.launch_stage(ctx, exec_stage("t-fail", sys.executable, "-c", "import sys; sys.exit(3)"))
+        good = launch_mod.launch_stage(ctx, exec_stage("t-ok", sys.executable, "-c", "print('fine')"))
+        assert wait_and_report(ctx, bad) == 1
+        final = ctx.store.get_run(bad.stage_dir, bad.run_id)
+        assert final.phase == Phase.FAILED and final.exit_code not in (None, 0)
+        target = make_target(ctx, "local")
+        assert (Path(target.workdir) / bad.run_dir / names.RUN_FAILED).is_file()
+        assert wait_and_report(ctx, good) == 0
+        assert ctx.store.get_run(good.stage_dir, good.run_id).phase == Phase.SUCCEEDED
+        out = capsys.readouterr().out
+        assert "t-fail_dir" in out and "failed" in out and "succeeded" in out
+    finally:
+        ctx.close()
+
+
+def test_stop_kills_session_and_records_cancelled(local_project, capsys):
+    ctx = Context()
+    try:
+        rec = launch_mod.launch_stage(ctx, exec_stage("t-stop", sys.executable, "-c", "import time; time.sleep(120)"))
+        assert rec.session in tmux_sessions()
+        target = make_target(ctx, "local")
+        pid_file = Path(target.workdir) / rec.run_dir / names.PID
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker_pid = int(pid_file.read_text())
+        assert main(["stop", rec.run_id]) == 0
+        final = ctx.store.get_run(rec.stage_dir, rec.run_id)
+        assert final.phase == Phase.CANCELLED
+        assert final.exit_code is not None and final.exit_code > 128  # 128 + SIGHUP/SIGTERM
+        assert rec.session not in tmux_sessions()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the worker outlived its stopped session")
+        assert main(["stop", rec.run_id]) == 0  # already ended: a no-op
+        assert "already ended" in capsys.readouterr().out
+    finally:
+        ctx.close()
+
+
+def test_input_resolves_to_latest_succeeded_upstream_run(local_project):
+    ctx = Context()
+    try:
+        downstream = exec_stage(
+            "t-down", sys.executable, "-c", "print('x')", inputs=[InputRef(stage="t-up", artifact="result.txt", arg="model")]
+        )
+        with pytest.raises(StageError, match="t-up.*--with-deps"):
+            launch_mod.launch_stage(ctx, downstream)
+        assert ctx.store.list_runs(stage="t-down") == []
+
+        up = launch_mod.launch_stage(ctx, exec_stage("t-up", sys.executable, "-c", WRITE_ARTIFACT))
+        assert settle(ctx, up).phase == Phase.SUCCEEDED
+        # exec's args model has no `model` field: the merge is validated before anything starts.
+        with pytest.raises(StageError, match="model"):
+            launch_mod.launch_stage(ctx, downstream)
+        assert ctx.store.list_runs(stage="t-down") == []
+        resolved = launch_mod.resolve_inputs(ctx, downstream, "local")
+        assert resolved == {"model": f"{up.run_dir}/result.txt"}
+    finally:
+        ctx.close()
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_bad_names_and_unknown_target_start_nothing(local_project):
+    ctx = Context()
+    try:
+        with pytest.raises(ConfigError, match="invalid stage"):
+            launch_mod.launch_stage(ctx, exec_stage("x", "true").model_copy(update={"name": "x;touch /tmp/pwned"}))
+        with pytest.raises(ConfigError, match="invalid stage dir"):
+            launch_mod.launch_stage(ctx, exec_stage("x", "true").model_copy(update={"stage_dir": "../../etc"}))
+        with pytest.raises(ConfigError, match="unknown target 'nope'"):
+            launch_mod.launch_stage(ctx, exec_stage("x", "true"), "nope")
+        assert ctx.store.list_runs() == []
+    finally:
+        ctx.close()
+
+
+def test_cli_bad_input_one_line_nonzero(local_project, capsys):
+    assert main(["launch", "no-such-stage"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown stage 'no-such-stage'" in err and len(err.splitlines()) == 1
+
+    assert main(["launch", "stage1", "--set", "no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no_such_key" in err and len(err.splitlines()) == 1
+
+    assert main(["launch", "stage1", "--target", "nope"]) == 2
+    assert "unknown target 'nope'" in capsys.readouterr().err
+
+    (local_project / "orch.toml").write_text('[targets.local]\nkind = "local"\nbogus_key = 1\n')
+    assert main(["launch", "stage1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "orch.toml" in err and "bogus_key" in err and len(err.splitlines()) == 1
+    assert not any(s.startswith("orch-stage1-") for s in tmux_sessions())
+
+
+def test_cli_stages_lists_the_study(local_project, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: rich shortens cells to fit 80
+    assert main(["stages"]) == 0
+    out = capsys.readouterr().out
+    for name in ("stage1", "stage3b", "stage4", "stage3_finetune_prefill_bidir", "prefix"):
+        assert name in out
+
+
+def test_unreachable_host_marks_run_failed(tmp_path, monkeypatch, sshd_server):
+    toml = (
+        'default_target = "dead"\n[targets.dead]\nkind = "ssh"\nhost = "127.0.0.1"\n'
+        f'port = {free_port()}\nuser = "root"\nidentity_file = "{sshd_server.client_key}"\n'
+        f'workdir = "{tmp_path / "remote"}"\n[monitor]\nconnect_timeout_s = 3\n'
+    )
+    root = make_project(tmp_path / "proj", toml)
+    monkeypatch.chdir(root)
+    ctx = Context()
+    try:
+        with pytest.raises(LaunchError, match="launch of t-dead on 'dead' failed"):
+            launch_mod.launch_stage(ctx, exec_stage("t-dead", "true"))
+        [rec] = ctx.store.list_runs(stage="t-dead")
+        assert rec.phase == Phase.FAILED and "launch failed" in rec.reason
+        no_leftovers(ctx, "t-dead")
+    finally:
+        ctx.close()
+
+
+def test_missing_identity_file_is_one_clear_error(tmp_path, monkeypatch, sshd_server, capsys):
+    toml = 'default_target = "box"\n' + sshd_server.toml("box", workdir=tmp_path / "remote")
+    toml = toml.replace(str(sshd_server.client_key), str(tmp_path / "no-such-key"))
+    make_project(tmp_path / "proj", toml)
+    monkeypatch.chdir(tmp_path / "proj")
+    assert main(["launch", "stage1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "no-such-key" in err and len(err.splitlines()) == 1
+    ctx = Context()
+    try:
+        no_leftovers(ctx, "stage1")
+    finally:
+        ctx.close()
+
+
+def test_changed_host_key_is_refused_and_nothing_starts(fresh_sshd, tmp_path, monkeypatch):
+    ssh_project(tmp_path, fresh_sshd, monkeypatch)
+    ctx = Context()
+    try:
+        first = launch_mod.launch_stage(ctx, exec_stage("t-key", sys.executable, "-c", "print(1)"))
+        assert wait_exit(ctx, first) == 0
+        fresh_sshd.rotate_host_key()
+        with pytest.raises(LaunchError, match="(?i)host key"):
+            launch_mod.launch_stage(ctx, exec_stage("t-key", sys.executable, "-c", "print(2)"))
+        runs = ctx.store.list_runs(stage="t-key")
+        assert len(runs) == 2 and runs[0].phase == Phase.FAILED
+        no_leftovers(ctx, "t-key")
+    finally:
+        ctx.close()
+
+
+def test_failure_after_session_start_kills_it(local_project, monkeypatch):
+    """A failure between starting tmux and recording `running` leaves no session behind."""
+    ctx = Context()
+    real_update = ctx.store.update_run
+
+    def failing_update(stage_dir, run_id, **fields):
+        if fields.get("phase") == Phase.RUNNING:
+            raise OSError("disk full while recording")
+        return real_update(stage_dir, run_id, **fields)
+
+    monkeypatch.setattr(ctx.store, "update_run", failing_update)
+    try:
+        with pytest.raises(LaunchError, match="disk full"):
+            launch_mod.launch_stage(ctx, exec_stage("t-half", sys.executable, "-c", "import time; time.sleep(60)"))
+        [rec] = ctx.store.list_runs(stage="t-half")
+        assert rec.phase == Phase.FAILED
+        no_leftovers(ctx, "t-half")
+    finally:
+        ctx.close()
+
+
+# -- bootstrap over ssh ----------------------------------------------------------------------------
+def test_bootstrap_makes_a_venv_once_and_skips_when_the_lock_is_unchanged(sshd_server, tmp_path, monkeypatch):
+    from orchestrator.bootstrap import LOCK_FILE, ensure_env
+
+    root = ssh_project(tmp_path, sshd_server, monkeypatch, python=None)
+    # Requirements already met inside a fresh venv, so pip runs for real without a network.
+    pyproject = '[project]\nname = "p"\nversion = "0"\ndependencies = ["pip"]\n[project.optional-dependencies]\nworker = [%s]\n'
+    (root / "pyproject.toml").write_text(pyproject % "")
+    ctx = Context()
+    try:
+        target = make_target(ctx, "box")
+        venv = tmp_path / "remote" / "venv"
+        py = ensure_env(ctx, target, base_python="/usr/bin/python3")
+        assert py == f"{venv}/bin/python"
+        assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
+        lock = json.loads((venv / LOCK_FILE).read_text())
+        assert lock["requirements"] == ["pip"] and lock["python"]
+        assert ctx.store.get_target("box")["python"] == py
+        stamp = (venv / LOCK_FILE).stat().st_mtime_ns
+
+        assert ensure_env(ctx, target, base_python="/usr/bin/python3") == py  # unchanged: skipped
+        assert (venv / LOCK_FILE).stat().st_mtime_ns == stamp
+
+        (root / "pyproject.toml").write_text(pyproject % '"setuptools"')
+        assert ensure_env(ctx, target, base_python="/usr/bin/python3") == py
+        assert json.loads((venv / LOCK_FILE).read_text())["requirements"] == ["pip", "setuptools"]
+
+        # pip failing is one clear LaunchError with pip's last words; the old lock stays.
+        (root / "pyproject.toml").write_text(pyproject % '"orch-no-such-package-xyz==9.9"')
+        with pytest.raises(LaunchError, match="installing the worker deps failed.*orch-no-such-package-xyz"):
+            ensure_env(ctx, target, base_python="/usr/bin/python3")
+        assert json.loads((venv / LOCK_FILE).read_text())["requirements"] == ["pip", "setuptools"]
+        target.close()
+    finally:
+        ctx.close()

@@ -1,0 +1,415 @@
+"""`orch up` -> `orch launch` -> `orch down` end to end, through the real VastClient against the
+local Vast stand-in (tests/vast_server.py), whose instances' ssh leads to a real OpenSSH sshd on
+loopback. Also: a failure after create destroys the instance; SIGINT during the wait destroys
+it; a preempted (outbid) instance makes its runs `lost` with an alert through the monitor; and
+the API key never shows up in output, the store, any process's argv or the box's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from jobs.spec import StageSpec
+from orchestrator import launch as launch_mod
+from orchestrator.cli import main
+from orchestrator.context import Context
+from orchestrator.targets.factory import make_target
+from orchestrator.vast.provider import check_instance
+from state.errors import TargetError
+from state.models import WorkerTask
+from state.phases import Phase
+from tests.conftest import REPO
+from tests.sshd import SshServer
+from tests.vast_server import Box, VastServer
+
+pytestmark = pytest.mark.integration
+
+KEY = "vk-e2e-7f3a9c1d5b2e8f40a6c3d9e1b7f5a2c4"
+PACKAGES = ("state", "worker", "jobs", "orchestrator")
+
+
+@dataclass
+class Env:
+    root: Path
+    server: VastServer
+    sshd: SshServer
+    box: Box
+    remote: Path
+    outputs: list[str] = field(default_factory=list)
+
+    def orch(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run the real `orch` CLI as a process (so its argv and output can be checked)."""
+        res = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        self.outputs += [res.stdout, res.stderr]
+        return res
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", *args],
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+
+def toml(server: VastServer, sshd: SshServer, remote: Path, **extra: str) -> str:
+    lines = [
+        'default_target = "gpu"',
+        "[targets.gpu]",
+        'kind = "vast"',
+        f'api_url = "{server.url}"',
+        f'identity_file = "{sshd.client_key}"',
+        f'user = "{sshd.user}"',
+        f'workdir = "{remote}"',
+        f'python = "{sys.executable}"',
+        "poll_s = 0.05",
+        "ready_timeout_s = 60",
+        'onstart = "echo onstart-ran > ~/onstart.txt"',
+        *(f"{k} = {v}" for k, v in extra.items()),
+        "[targets.gpu.offer]",
+        'gpu_names = ["RTX 4090"]',
+        "max_dph = 1.0",
+        "[targets.gpu.monitor]",
+        "provider_check_s = 60",
+        "connect_timeout_s = 3",
+        "command_timeout_s = 5",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def env(
+    fresh_sshd: SshServer, tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Env]:
+    box = Box(
+        host=fresh_sshd.host,
+        port=fresh_sshd.port,
+        home=tmp_path / "box-home",
+        authorized_keys=fresh_sshd.root / "authorized_keys",
+    )
+    server = VastServer(api_key=KEY, box=box, boot_polls=2).start()
+    # The key where the official CLI keeps it (0600), not in the environment or orch.toml.
+    key_file = isolated_home / ".config" / "vastai" / "vast_api_key"
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o600)
+    root = tmp_path / "proj"
+    root.mkdir()
+    for pkg in PACKAGES:
+        shutil.copytree(
+            REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    remote = tmp_path / "remote"
+    (root / "orch.toml").write_text(toml(server, fresh_sshd, remote))
+    monkeypatch.chdir(root)
+    try:
+        yield Env(root, server, fresh_sshd, box, remote)
+    finally:
+        server.stop()
+        with contextlib.suppress(Exception):  # runs this test started on the loopback "box"
+            out = subprocess.run(
+                ["tmux", "list-sessions", "-F", "#{session_name}"], capture_output=True, text=True
+            )
+            for s in out.stdout.split():
+                if s.startswith("orch-vt-"):
+                    subprocess.run(["tmux", "kill-session", "-t", s], capture_output=True)
+
+
+class ArgvScanner:
+    """Scan every process's /proc/PID/cmdline while a test runs, looking for the key."""
+
+    def __init__(self, needle: str) -> None:
+        self.needle = needle.encode()
+        self.hits: list[str] = []
+        self.scans = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    with contextlib.suppress(OSError):
+                        data = Path(f"/proc/{pid}/cmdline").read_bytes()
+                        if self.needle in data:
+                            self.hits.append(data.replace(b"\0", b" ").decode(errors="replace"))
+            self.scans += 1
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> ArgvScanner:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def files_containing(root: Path, needle: str) -> list[Path]:
+    hits = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            with contextlib.suppress(OSError):
+                if needle.encode() in p.read_bytes():
+                    hits.append(p)
+    return hits
+
+
+def stage(name: str, *argv: str) -> StageSpec:
+    return StageSpec(
+        name=name,
+        stage_dir=f"{name}_dir",
+        task=WorkerTask(command="exec", args={"argv": list(argv)}),
+        timeout_s=300,
+    )
+
+
+def wait_exit(ctx: Context, rec_target: str, rec: object, timeout: float = 60) -> int:
+    target = make_target(ctx, rec_target)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = launch_mod.read_remote_exit_code(target, rec)  # type: ignore[arg-type]
+            if code is not None:
+                return code
+            time.sleep(0.2)
+    finally:
+        target.close()
+    raise AssertionError("the run wrote no exit_code")
+
+
+def live_row(ctx: Context) -> dict:
+    row = ctx.store.live_instance_for("gpu")
+    assert row is not None
+    return row
+
+
+# -- the whole flow ---------------------------------------------------------------------------
+def test_up_launch_down_end_to_end(env: Env) -> None:
+    env.server.add_offer(dph_total=0.55, geolocation="Texas, US")
+    cheap = env.server.add_offer(dph_total=0.31, geolocation="Norway, NO", direct=False)
+    foreign = env.server.add_instance(label="from-the-console")
+    with ArgvScanner(KEY) as scan:
+        up = env.orch("up")
+        assert up.returncode == 0, up.stderr
+        # The chosen offer is printed before renting: GPU, $/h, reliability, location.
+        assert f"offer {cheap}" in up.stdout and "RTX 4090" in up.stdout and "$0.310/h" in up.stdout
+        assert "reliability 99.5%" in up.stdout and "Norway, NO" in up.stdout
+
+        ctx = Context()
+        try:
+            row = live_row(ctx)
+            iid = int(row["instance_id"])
+            assert row["state"] == "running" and row["dph"] == pytest.approx(0.31)
+            assert (row["ssh_host"], row["ssh_port"]) == (env.box.host, env.box.port)
+            assert '"endpoint": "proxy"' in row["info_json"]  # the offer had no direct port
+            body = env.server.create_bodies[iid]
+            assert body["onstart"].splitlines()[1] == "touch ~/.no_auto_tmux"
+            assert (env.box.home / ".no_auto_tmux").exists()  # onstart ran on the "box"
+            assert (env.box.home / "onstart.txt").read_text() == "onstart-ran\n"
+            assert "price" not in body  # on-demand
+            # The key went in through the instance ssh-key call (the box started with none).
+            pub = Path(f"{env.sshd.client_key}.pub").read_text().strip()
+            assert env.server.attached_keys[iid] == [pub]
+            known = ctx.state_dir / "vast" / f"known_hosts-{iid}"
+            assert known.read_text().count("ssh-ed25519") == 1  # pinned on first use
+
+            # `orch launch` on the vast target: an ssh target now.
+            rec = launch_mod.launch_stage(
+                ctx, stage("vt-hello", sys.executable, "-c", "print('hi from vast')"), "gpu"
+            )
+            assert rec.target == "gpu" and rec.phase == Phase.RUNNING
+            assert wait_exit(ctx, "gpu", rec) == 0
+            assert "\nhi from vast\n" in (env.remote / rec.run_dir / "stdout.log").read_text()
+
+            # `orch instances`: ours with its target, the console's one marked.
+            listed = env.orch("instances")
+            assert listed.returncode == 0, listed.stderr
+            assert (
+                str(iid) in listed.stdout
+                and str(foreign) in listed.stdout
+                and "not orch's" in listed.stdout
+            )
+
+            # `orch up` again reuses the live instance: nothing new is rented.
+            again_up = env.orch("up")
+            assert again_up.returncode == 0, again_up.stderr
+            assert "already exists" in again_up.stdout and list(env.server.create_bodies) == [iid]
+
+            # down refuses while a run is active...
+            busy = launch_mod.launch_stage(ctx, stage("vt-sleep", "sleep", "120"), "gpu")
+            refused = env.orch("down")
+            assert refused.returncode != 0 and "active run" in refused.stderr
+            assert iid in env.server.instances
+            # ...and --force destroys anyway, marking the run cancelled.
+            gone = env.orch("down", "--force")
+            assert gone.returncode == 0, gone.stderr
+            assert iid not in env.server.instances and foreign in env.server.instances
+            after = ctx.store.get_run(busy.stage_dir, busy.run_id)
+            assert after is not None and after.phase == Phase.CANCELLED
+            assert ctx.store.live_instance_for("gpu") is None
+            assert not known.exists()  # the pinned key went with the instance
+            with pytest.raises(TargetError, match="orch up gpu"):
+                make_target(ctx, "gpu")
+            again = env.orch("down")
+            assert again.returncode == 0 and "nothing to destroy" in again.stdout
+        finally:
+            ctx.close()
+
+    # The key: sent on every request as a Bearer header, and nowhere else.
+    assert env.server.auth_headers and set(env.server.auth_headers) == {f"Bearer {KEY}"}
+    assert scan.scans > 5 and scan.hits == []
+    assert not any(KEY in out for out in env.outputs)
+    state_dir = Path(os.environ["ORCH_STATE_DIR"])
+    assert files_containing(state_dir, KEY) == []  # state.db, its WAL, known_hosts
+    assert files_containing(env.remote, KEY) == [] and files_containing(env.box.home, KEY) == []
+    assert all(KEY not in str(b) for b in env.server.create_bodies.values())
+
+
+# -- failures destroy what was rented -----------------------------------------------------------
+def test_failure_after_create_destroys_and_tries_next_offer_once(env: Env) -> None:
+    first = env.server.add_offer(dph_total=0.2, boot="exited")
+    second = env.server.add_offer(dph_total=0.3, boot="error_msg")
+    env.server.add_offer(dph_total=0.4)  # never tried: one retry only
+    res = env.orch("up")
+    assert res.returncode != 0
+    assert "pull access denied" in res.stderr  # Vast's own status message
+    assert f"offer {first}" in res.stdout and f"offer {second}" in res.stdout
+    assert env.server.instances == {}  # both destroyed
+    assert len(env.server.create_bodies) == 2
+    ctx = Context()
+    try:
+        rows = ctx.store.list_instances()
+        assert len(rows) == 2 and all(r["destroyed_at"] and r["state"] == "destroyed" for r in rows)
+    finally:
+        ctx.close()
+
+
+def test_failure_after_running_destroys_unless_keep(env: Env) -> None:
+    env.server.add_offer()
+    env.server.inject(
+        500,
+        body={"success": False, "error": "server_error", "msg": "ssh key service down"},
+        path=r"/ssh/$",
+        method="POST",
+    )
+    res = env.orch("up")
+    assert res.returncode != 0 and "ssh key service down" in res.stderr
+    assert env.server.instances == {} and "destroyed Vast instance" in res.stderr
+
+    env.server.add_offer(boot="exited")
+    kept = env.orch("up", "--keep")
+    assert kept.returncode != 0 and len(env.server.instances) == 1  # --keep: left for inspection
+    assert env.orch("down").returncode == 0 and env.server.instances == {}
+
+
+def test_low_bid_that_creates_a_stopped_instance_is_destroyed(env: Env) -> None:
+    (env.root / "orch.toml").write_text(
+        toml(env.server, env.sshd, env.remote, interruptible="true", bid_dph="0.05")
+    )
+    env.server.add_offer(min_bid=0.2)
+    res = env.orch("up")
+    assert res.returncode != 0 and "bid" in res.stderr and "below the minimum" in res.stderr
+    assert env.server.instances == {} and len(env.server.create_bodies) == 1
+    assert next(iter(env.server.create_bodies.values()))["price"] == 0.05
+
+
+def test_sigint_during_wait_destroys(env: Env) -> None:
+    env.server.add_offer(boot="never")  # stays `loading`
+    proc = env.popen("up")
+    deadline = time.monotonic() + 30
+    while not env.server.create_bodies and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert env.server.create_bodies, "orch up never created the instance"
+    polls = env.server.request_count("GET", r"^/api/v0/instances/\d+/$")
+    while (
+        env.server.request_count("GET", r"^/api/v0/instances/\d+/$") < polls + 2
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)  # it is waiting now
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert env.server.instances == {} and "destroyed Vast instance" in err
+    assert KEY not in out + err
+
+
+# -- preemption ---------------------------------------------------------------------------------
+def test_preemption_marks_runs_lost_with_an_alert(env: Env) -> None:
+    (env.root / "orch.toml").write_text(
+        toml(env.server, env.sshd, env.remote, interruptible="true")
+    )
+    env.server.add_offer(min_bid=0.15)
+    assert env.orch("up").returncode == 0
+    ctx = Context()
+    try:
+        iid = int(live_row(ctx)["instance_id"])
+        assert env.server.create_bodies[iid]["price"] == pytest.approx(0.165)  # min_bid + 10 %
+        rec = launch_mod.launch_stage(ctx, stage("vt-train", "sleep", "300"), "gpu")
+        assert check_instance(ctx, "gpu").lost is False
+
+        # Outbid: Vast stops the instance; its processes (tmux included) and sshd go away.
+        env.server.preempt(iid)
+        subprocess.run(["tmux", "kill-session", "-t", rec.session], capture_output=True)
+        env.sshd.stop()
+
+        # Within provider_check_s the cached verdict is returned without asking Vast again.
+        shows = env.server.request_count("GET", rf"^/api/v0/instances/{iid}/$")
+        assert check_instance(ctx, "gpu").lost is False
+        assert env.server.request_count("GET", rf"^/api/v0/instances/{iid}/$") == shows
+        ctx.store.upsert_instance(
+            "vast", str(iid), "gpu", last_checked_at="2000-01-01T00:00:00+00:00"
+        )
+
+        # The monitor's own wiring: an unreachable vast target -> Actions.provider_verdict ->
+        # check_instance -> the state machine marks the run lost and records an alert.
+        from orchestrator.monitor.actions import Actions
+        from orchestrator.monitor.refresh import Poller
+
+        poller = Poller(ctx, deliver=False, provider_verdict=Actions(ctx).provider_verdict)
+        try:
+            poller.poll(["gpu"])
+        finally:
+            poller.close()
+        final = ctx.store.get_run(rec.stage_dir, rec.run_id)
+        assert final is not None and final.phase == Phase.LOST, final
+        assert "outbid" in final.reason
+        alerts = [a for a in ctx.store.recent_alerts() if a["run_id"] == rec.run_id]
+        assert any(a["kind"] == "lost" for a in alerts), alerts
+        assert live_row(ctx)["state"] == "outbid"
+    finally:
+        ctx.close()
+    assert env.orch("down").returncode == 0 and env.server.instances == {}
+
+
+def test_up_without_key_or_vast_target_is_one_clear_error(env: Env, isolated_home: Path) -> None:
+    (isolated_home / ".config" / "vastai" / "vast_api_key").unlink()
+    env.server.add_offer()
+    res = env.orch("up")
+    assert (
+        res.returncode == 2 and "no Vast API key" in res.stderr and env.server.create_bodies == {}
+    )
+    res = env.orch("up", "local")
+    assert res.returncode == 2 and "not 'vast'" in res.stderr
+    assert main(["down", "nope"]) == 2

@@ -1,0 +1,220 @@
+"""Dashboard snapshot gathering from a real SQLite store, `orch status`, and the piped view."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.config import OrchConfig
+from orchestrator.context import Context
+from orchestrator.dashboard.app import Dashboard
+from orchestrator.dashboard.snapshot import gather, redact
+from state.models import GpuStat, RunRecord, RunStatus, TargetObservation
+from state.phases import Phase
+from state.store import Store
+
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def add_run(
+    store: Store,
+    run_id: str,
+    phase: Phase,
+    *,
+    target: str = "local",
+    age_min: float = 10,
+    ended_min: float = 1,
+    beat_s: float | None = 30,
+    stale_s: float = 300,
+    **kw: object,
+) -> RunRecord:
+    status = RunStatus(
+        run_id=run_id,
+        stage="stage1",
+        seq=5,
+        step=10,
+        total_steps=100,
+        losses=[3.0, 2.5, 2.0],
+        steps_per_s=4.0,
+        tokens_per_s=1000.0,
+    )
+    rec = RunRecord(
+        run_id=run_id,
+        stage="stage1",
+        stage_dir="stage1_causal",
+        target=target,
+        phase=phase,
+        session=f"orch-stage1-{run_id}",
+        run_dir=f"runs/stage1_causal/{run_id}",
+        created_at=NOW - timedelta(minutes=age_min),
+        updated_at=NOW - timedelta(minutes=ended_min),
+        last_seq=5,
+        last_seq_change_at=None if beat_s is None else NOW - timedelta(seconds=beat_s),
+        step=10,
+        total_steps=100,
+        spec_json=json.dumps({"stale_after_s": stale_s}),
+        status_json=status.model_dump_json(),
+        **kw,  # type: ignore[arg-type]
+    )
+    store.insert_run(rec)
+    return rec
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "state.db")
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_runs_carry_parsed_status_heartbeat_age_and_the_specs_stale_limit(store: Store) -> None:
+    add_run(store, "20261125-100000", Phase.RUNNING, beat_s=90, stale_s=120)
+    snap = gather(store, OrchConfig(), now=NOW)
+    (run,) = snap.runs
+    assert run.heartbeat_age_s(NOW) == pytest.approx(90)
+    assert run.stale_after_s == 120
+    assert run.losses == (3.0, 2.5, 2.0) and run.steps_per_s == 4.0 and run.tokens_per_s == 1000.0
+    assert run.remaining_s() == pytest.approx((100 - 10) / 4.0)
+
+
+def test_config_stale_override_wins_over_the_spec(store: Store) -> None:
+    add_run(store, "20261125-100000", Phase.RUNNING, stale_s=120)
+    cfg = OrchConfig.model_validate({"monitor": {"stale_after_s": 900}})
+    assert gather(store, cfg, now=NOW).runs[0].stale_after_s == 900
+
+
+def test_terminal_runs_stay_a_while_then_hide_unless_all(store: Store) -> None:
+    add_run(store, "20261125-100000", Phase.RUNNING)
+    add_run(store, "20261125-090000", Phase.SUCCEEDED, ended_min=30, exit_code=0)
+    add_run(store, "20261124-090000", Phase.FAILED, age_min=2000, ended_min=1500, exit_code=1)
+    snap = gather(store, OrchConfig(), keep_terminal_s=3600, now=NOW)
+    assert [r.run_id for r in snap.runs] == ["20261125-100000", "20261125-090000"]
+    assert snap.hidden_runs == 1
+    every = gather(store, OrchConfig(), include_all=True, now=NOW)
+    assert len(every.runs) == 3 and every.hidden_runs == 0
+
+
+def test_targets_merge_config_store_observation_and_instances(store: Store) -> None:
+    obs = TargetObservation(
+        disk_free_bytes=7 * 2**30,
+        gpus=[GpuStat(index=0, name="RTX 4090", util_pct=91, mem_used_mb=1000, mem_total_mb=24000)],
+    )
+    store.upsert_target("local", "local", reachable=True, last_obs_json=obs.model_dump_json())
+    store.upsert_target(
+        "vast1", "vast", reachable=False, unreachable_since=(NOW - timedelta(minutes=4)).isoformat()
+    )
+    store.upsert_instance(
+        "vast",
+        "77",
+        "vast1",
+        dph=0.4,
+        state="running",
+        running_since=(NOW - timedelta(hours=3)).isoformat(),
+    )
+    add_run(store, "20261125-080000", Phase.SUCCEEDED, target="vast1", ended_min=50)
+    add_run(store, "20261125-100000", Phase.RUNNING, target="local")
+    snap = gather(store, OrchConfig(), now=NOW)
+    by = {t.name: t for t in snap.targets}
+    assert by["local"].disk_free_bytes == 7 * 2**30 and by["local"].gpus[0].util_pct == 91
+    assert by["local"].active_runs == 1 and not by["local"].is_paid_idle()
+    vast = by["vast1"]
+    assert vast.reachable is False and vast.unreachable_since == NOW - timedelta(minutes=4)
+    assert not vast.configured and vast.instance is not None
+    assert vast.instance.spent_usd(NOW) == pytest.approx(1.2)
+    assert vast.is_paid_idle() and vast.idle_since == NOW - timedelta(minutes=50)
+
+
+def test_secrets_in_alerts_are_redacted(store: Store) -> None:
+    store.add_alert(
+        "a1",
+        kind="failed",
+        title="stage1 failed",
+        body="delivery to slack://T0KEN/B0T/SECRETX and https://hooks.example.com/hook/SECRETY token=SECRETZ",
+    )
+    (alert,) = gather(store, OrchConfig(), now=NOW).alerts
+    assert "SECRET" not in alert.body
+    assert "slack://***" in alert.body and "https://hooks.example.com/***" in alert.body
+    assert redact("password: hunter2 api_key=abc") == "password: *** api_key=***"
+
+
+# -- orch status -----------------------------------------------------------------------------
+def _seed_state() -> None:
+    ctx = Context()
+    add_run(ctx.store, "20261125-100000", Phase.RUNNING, beat_s=42)
+    add_run(
+        ctx.store, "20261125-090000", Phase.FAILED, exit_code=2, reason="bad --set key", ended_min=5
+    )
+    ctx.close()
+
+
+def test_status_json_has_phase_step_heartbeat_exit_code_and_reason(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _seed_state()
+    assert main(["status", "--json", "--no-refresh"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    runs = {r["run_id"]: r for r in doc["runs"]}
+    running, failed = runs["20261125-100000"], runs["20261125-090000"]
+    assert running["phase"] == "running" and running["step"] == 10
+    assert 40 <= running["heartbeat_age_s"] < 120
+    assert (
+        failed["phase"] == "failed"
+        and failed["exit_code"] == 2
+        and failed["reason"] == "bad --set key"
+    )
+    assert failed["heartbeat_age_s"] is not None
+
+
+def test_status_table_shows_the_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    _seed_state()
+    assert main(["status", "--no-refresh"]) == 0
+    out = capsys.readouterr().out
+    assert "20261125-100000" in out and "running" in out
+    assert "failed" in out and "exit 2" in out
+
+
+def test_status_refresh_flags_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["status", "--refresh", "--no-refresh"])
+
+
+def test_piped_dashboard_prints_one_static_frame_and_exits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _seed_state()
+    assert main(["dashboard", "--no-monitor"]) == 0
+    out = capsys.readouterr().out
+    assert "Runs" in out and "Targets" in out and "Alerts" in out
+    assert "20261125-100000" in out and "›" not in out
+
+
+def test_dashboard_rejects_bad_fps(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dashboard", "--fps", "0"]) == 2
+    assert "--fps" in capsys.readouterr().err
+
+
+# -- the app's state (no terminal needed) ----------------------------------------------------
+def test_selection_moves_and_follows_the_run_and_store_changes_are_noticed() -> None:
+    ctx = Context()
+    add_run(ctx.store, "20261125-100000", Phase.RUNNING, age_min=3)
+    add_run(ctx.store, "20261125-090000", Phase.RUNNING, age_min=5)
+    app = Dashboard(ctx, run_monitor=False)
+    app.gather(force=True)
+    assert app.selected_run() is not None and app.selected_run().run_id == "20261125-100000"  # type: ignore[union-attr]
+    assert app.handle("down") and app.selected_run().run_id == "20261125-090000"  # type: ignore[union-attr]
+    assert app.handle("down") and app.selected_run().run_id == "20261125-090000"  # type: ignore[union-attr]
+    assert not app._store_changed()
+    other = Store(ctx.state_dir / "state.db")  # another process (e.g. orch watch) writes
+    add_run(other, "20261125-110000", Phase.PENDING, age_min=1)
+    other.close()
+    app.gather()  # not forced, well within REGATHER_S: SQLite's data_version says it changed
+    # The new run sorts first; the cursor stays on the run it was on.
+    assert app.snapshot is not None and app.snapshot.runs[0].run_id == "20261125-110000"
+    assert app.selected_run().run_id == "20261125-090000"  # type: ignore[union-attr]
+    assert app.handle("home") and app.selected_index() == 0
+    assert not app.handle("quit")
+    ctx.close()

@@ -1,0 +1,258 @@
+"""Stage specs, profiles, overrides and the pipeline graph (pure, no I/O)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs import overrides as ov
+from jobs.pipeline import (
+    Scheduler,
+    check_graph,
+    dependency_graph,
+    find_cycle,
+    missing_upstream,
+    plan,
+    topological_order,
+    upstream,
+)
+from jobs.profiles import MINISTRAL_3B_ID, PROFILES, get_profile
+from jobs.stages import STAGE_NAMES, get_stage, list_stages
+from state.errors import ConfigError, StageError
+from state.phases import MaskMode
+from state.worker_config import ARGS_BY_COMMAND
+
+EXPECTED = {
+    "stage1": ("stage1_baseline_eval", "eval", "causal", []),
+    "stage2": ("stage2_ablation_eval", "eval", "prefix", []),
+    "stage3a": ("stage3_finetune_causal", "train", "causal", []),
+    "stage3b": ("stage3_finetune_prefill_bidir", "train", "prefix", []),
+    "stage3b-leaky": ("stage3_finetune_full_bidir", "train", "full_bidir", []),
+    "stage4": ("stage4_post_ft_ablation_eval", "eval", "prefix", ["stage3b"]),
+    "stage4a": ("stage4a_post_ft_causal_ablation_eval", "eval", "prefix", ["stage3a"]),
+}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_every_stage_resolves_on_every_profile(profile: str, name: str) -> None:
+    spec = get_stage(name, profile)
+    assert spec.name == name
+    if name == "report":
+        assert spec.local_only
+        return
+    stage_dir, command, mask, deps = EXPECTED[name]
+    assert spec.stage_dir == stage_dir
+    assert spec.task.command == command
+    assert spec.task.args["mask"] == mask
+    assert spec.depends_on == deps
+    # The args are complete and the worker's own model accepts them unchanged.
+    model = ARGS_BY_COMMAND[command]
+    assert model.model_validate(spec.task.args).model_dump(mode="json") == spec.task.args
+    for ref in spec.inputs:
+        assert (ref.artifact, ref.arg) == ("checkpoints/final", "model")
+        # never silently the base model: unresolved it is an unloadable placeholder
+        assert spec.task.args["model"].startswith("input:")
+    if not deps:
+        assert spec.task.args["model"] == get_profile(profile).model
+    assert spec.timeout_s > 0 and spec.stale_after_s > 0
+
+
+def test_profiles_differ_where_they_should() -> None:
+    tiny, big = get_stage("stage3b", "tiny"), get_stage("stage3b", "ministral-3b")
+    assert tiny.task.args["model"] == "tiny://default"
+    assert tiny.task.args["data"]["source"].startswith("tiny:")
+    assert tiny.resources.gpus == 0 and tiny.task.args["device"] == "cpu"
+    assert big.task.args["model"] == MINISTRAL_3B_ID
+    assert big.task.args["dtype"] == "bfloat16" and big.task.args["attn_implementation"] == "sdpa"
+    assert big.resources.gpus == 1 and big.resources.min_gpu_ram_gb
+    assert big.timeout_s == 9 * 3600
+    sources = {
+        t["name"]: (t["source"], t["format"], t["split"])
+        for t in get_stage("stage1", "ministral-3b").task.args["tasks"]
+    }
+    assert sources["arc_easy"] == ("hf:allenai/ai2_arc", "arc", "test")
+    assert sources["arc_challenge"][0] == "hf:allenai/ai2_arc"
+    assert sources["hellaswag"] == ("hf:Rowan/hellaswag", "hellaswag", "validation")
+    assert sources["boolq"] == ("hf:google/boolq", "boolq", "validation")
+    assert sources["piqa"][1:] == ("piqa", "validation")
+
+
+def test_leakage_guard_flags() -> None:
+    assert get_stage("stage3b").task.args["allow_leaky"] is False
+    leaky = get_stage("stage3b-leaky").task.args
+    assert leaky["allow_leaky"] is True and leaky["mask"] == MaskMode.FULL_BIDIR.value
+
+
+def test_overrides_apply_with_dotted_keys_and_json_values() -> None:
+    spec = get_stage(
+        "stage3a",
+        "tiny",
+        {
+            "max_steps": "50",
+            "data.limit": "10",
+            "gradient_checkpointing": "true",
+            "timeout_s": "60",
+            "resources.gpus": 2,
+        },
+    )
+    assert spec.task.args["max_steps"] == 50
+    assert spec.task.args["data"]["limit"] == 10
+    assert spec.task.args["gradient_checkpointing"] is True
+    assert spec.timeout_s == 60 and spec.resources.gpus == 2
+    ev = get_stage("stage1", "ministral-3b", {"tasks.1.limit": 100, "tasks.-1.split": "train"})
+    assert ev.task.args["tasks"][1]["limit"] == 100 and ev.task.args["tasks"][0]["limit"] is None
+    assert ev.task.args["tasks"][-1]["split"] == "train"
+
+
+@pytest.mark.parametrize(
+    ("stage", "overrides", "needle"),
+    [
+        ("stage1", {"max_steps": 5}, "does not take the key 'max_steps'"),
+        ("stage3a", {"maxsteps": 5}, "allowed keys: "),
+        ("stage1", {"tasks.7.limit": 1}, "index 7 is out of range"),
+        ("stage1", {"tasks.0.bogus": 1}, "unknown key 'tasks.0.bogus'"),
+        ("stage3a", {"data.colour": 1}, "allowed keys there: format, limit"),
+        ("stage3a", {"max_steps": 0}, "max_steps"),
+        ("stage1", {"mask": "sideways"}, "mask"),
+        ("stage1", {"resources.gpus": "many"}, "resources.gpus"),
+        ("stage1", {"max_length.x": 1}, "is a value"),
+        ("stage1", {"stage1.max_steps": 5}, "does not take the key 'max_steps'"),
+    ],
+)
+def test_bad_overrides_are_one_clear_config_error(stage: str, overrides: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        get_stage(stage, "tiny", overrides)
+    assert needle in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_unknown_key_lists_allowed_ones() -> None:
+    with pytest.raises(ConfigError) as exc:
+        get_stage("stage3a", "tiny", {"maxsteps": 5})
+    msg = str(exc.value)
+    assert "'maxsteps'" in msg and "max_steps" in msg and "lr" in msg
+
+
+def test_shared_overrides_skip_stages_that_do_not_take_them() -> None:
+    shared = {"max_steps": 7, "stage3b.lr": 0.5}
+    assert get_stage("stage1", "tiny", shared=shared).task.args.get("max_steps") is None
+    assert get_stage("stage3a", "tiny", shared=shared).task.args["max_steps"] == 7
+    assert get_stage("stage3a", "tiny", shared=shared).task.args["lr"] != 0.5
+    assert get_stage("stage3b", "tiny", shared=shared).task.args["lr"] == 0.5
+    # strict overrides win over shared ones
+    assert get_stage("stage3a", "tiny", {"max_steps": 9}, shared=shared).task.args["max_steps"] == 9
+    # a study-wide key that no stage takes is still a typo
+    with pytest.raises(ConfigError, match="takes the key 'max_stepz'"):
+        list_stages("tiny", shared={"max_stepz": 3})
+    # nested TOML tables flatten to scoped keys
+    assert (
+        get_stage("stage3b", "tiny", shared={"stage3b": {"max_steps": 3}}).task.args["max_steps"]
+        == 3
+    )
+
+
+def test_unknown_stage_and_profile() -> None:
+    with pytest.raises(StageError, match="unknown stage 'stage5'.*stage4a"):
+        get_stage("stage5")
+    with pytest.raises(ConfigError, match="unknown experiment profile 'huge'.*ministral-3b"):
+        get_stage("stage1", "huge")
+
+
+def test_parse_assignments() -> None:
+    assert ov.parse_assignments(["a=1", "b=x", "c=null", "d=[1, 2]", "e=a=b"]) == {
+        "a": 1,
+        "b": "x",
+        "c": None,
+        "d": [1, 2],
+        "e": "a=b",
+    }
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        ov.parse_assignments(["max_steps"])
+
+
+def test_list_stages_in_run_order() -> None:
+    names = [s.name for s in list_stages("ministral-3b")]
+    assert names == list(STAGE_NAMES)
+    assert names.index("stage3b") < names.index("stage4") and names[-1] == "report"
+
+
+# --- the graph -----------------------------------------------------------------------------
+def test_study_graph_has_no_cycle_and_orders_inputs_first() -> None:
+    g = dependency_graph(list_stages("tiny"))
+    assert find_cycle(g) is None
+    check_graph(g)
+    order = topological_order(g)
+    for stage, deps in g.items():
+        for d in deps:
+            assert order.index(d) < order.index(stage)
+    assert order[-1] == "report"
+
+
+def test_cycle_is_detected_and_named() -> None:
+    g = {"a": ["c"], "b": ["a"], "c": ["b"], "d": []}
+    cycle = find_cycle(g)
+    assert cycle is not None and cycle[0] == cycle[-1] and set(cycle) == {"a", "b", "c"}
+    with pytest.raises(StageError, match="cycle"):
+        topological_order(g)
+    with pytest.raises(StageError, match="not a stage"):
+        check_graph({"a": ["zz"]})
+
+
+def test_missing_upstream_and_plan() -> None:
+    g = {"x": [], "y": ["x"], "z": ["y"]}
+    assert missing_upstream("z", set(), g) == ["x", "y"]
+    assert missing_upstream("z", {"y"}, g) == []
+    assert missing_upstream("z", {"x"}, g) == ["y"]
+    assert upstream("z", g) == ["x", "y"]
+    assert missing_upstream("stage4", set()) == ["stage3b"]
+    assert missing_upstream("stage4", {"stage3b"}) == []
+    with pytest.raises(StageError) as exc:
+        plan(["stage4"], set(), with_deps=False)
+    assert "stage3b" in str(exc.value) and "--with-deps" in str(exc.value)
+    assert plan(["stage4"], set(), with_deps=True) == ["stage3b", "stage4"]
+    assert plan(["stage4"], {"stage3b"}, with_deps=False) == ["stage4"]
+    # a stage in the plan satisfies its downstream
+    assert plan(["stage4", "stage3b"], set(), with_deps=False) == ["stage3b", "stage4"]
+    assert plan(["all"], set(), with_deps=False)[-1] == "report"
+
+
+def _drive(s: Scheduler, fail: str | None = None) -> list[list[tuple[str, str]]]:
+    waves = []
+    while not s.finished_all():
+        launched = s.next_launches()
+        if launched:
+            waves.append(launched)
+        busy = s.busy
+        stage = next(iter(busy.values()))
+        s.finished(stage, ok=stage != fail)
+    return waves
+
+
+def test_scheduler_one_target_runs_in_table_order() -> None:
+    s = Scheduler(order=plan(["all"], set(), with_deps=False), targets=["local"])
+    waves = _drive(s)
+    assert [w[0][0] for w in waves] == list(STAGE_NAMES)
+    assert all(len(w) == 1 for w in waves)
+
+
+def test_scheduler_several_targets_run_in_parallel_and_follow_checkpoints() -> None:
+    s = Scheduler(order=plan(["all"], set(), with_deps=False), targets=["a", "b"])
+    waves = _drive(s)
+    assert len(waves[0]) == 2  # two independent stages at once
+    placed = {stage: t for w in waves for stage, t in w}
+    assert placed["stage4"] == placed["stage3b"]
+    assert placed["stage4a"] == placed["stage3a"]
+    assert placed["report"] == "local"
+
+
+def test_scheduler_uses_the_target_of_an_existing_checkpoint() -> None:
+    s = Scheduler(order=["stage4"], targets=["a", "b"], located={"stage3b": "b"})
+    assert s.next_launches() == [("stage4", "b")]
+
+
+def test_scheduler_stops_after_a_failure() -> None:
+    s = Scheduler(order=plan(["stage4"], set(), with_deps=True), targets=["local"])
+    _drive(s, fail="stage3b")
+    assert s.failed == ["stage3b"]
+    assert s.not_launched() == ["stage4"]
+    assert s.next_launches() == []

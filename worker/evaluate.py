@@ -1,0 +1,339 @@
+"""Multiple-choice evaluation by log-likelihood (lm-evaluation-harness conventions).
+
+Each choice is scored by the summed log-probability of its continuation tokens given the
+context (`data.encode_pair`: trailing context spaces move to the continuation; continuation
+tokens are enc(ctx + cont)[len(enc(ctx)):]). `acc` = argmax of that score; `acc_norm` = argmax of
+score / len(choice in characters, without the one delimiter space). Per task and macro.
+
+Masks: `causal`, or `prefix` = the context is bidirectional, the continuation causal over the
+context and itself.
+
+Shared context (default): the context is encoded ONCE per question and shared by its choices:
+  1. context pass over the (right-padded) contexts, under the mode's mask, filling a KV cache;
+     its last real position gives the log-probs of every choice's first token;
+  2. the cache is repeated per choice (`Cache.reorder_cache`) and each continuation (minus its
+     last token) runs causally on top, with a mask over [context slots | continuation slots]
+     and position ids that continue the context's.
+In prefix mode this is exactly the prefix-masked forward of context + continuation: context
+positions attend only to context positions either way, so their keys/values are the same, and
+continuation positions attend causally to everything before them. Tests check the equality
+against `shared_context=False` (one full forward per choice).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from state.errors import WorkerError
+from state.phases import MaskMode
+from state.worker_config import EvalArgs
+from worker import masks
+from worker.data import McExample, encode_pair, load_mc_task
+
+ProgressFn = Callable[[int, int], None]
+EventFn = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class Question:
+    ctx: list[int]
+    conts: list[list[int]]
+    label: int
+    char_lens: list[int]
+
+
+@dataclass
+class Counter:
+    positions: int = 0  # padded positions fed to the model (what compute scales with)
+    tokens: int = 0  # real tokens fed
+
+
+def prepare(
+    examples: list[McExample], tokenizer: Any, max_length: int
+) -> tuple[list[Question], int]:
+    """Tokenize every question; left-truncate contexts that do not fit (lm-eval does the same).
+    Returns (questions, number truncated)."""
+    out, truncated = [], 0
+    for ex in examples:
+        pairs = [encode_pair(tokenizer, ex.context, c) for c in ex.choices]
+        ctx = pairs[0][0]
+        conts = [p[1] for p in pairs]
+        if any(not c for c in conts):
+            raise WorkerError(f"a choice of {ex.context[:60]!r} encodes to no tokens")
+        longest = max(len(c) for c in conts)
+        if longest >= max_length:
+            raise WorkerError(
+                f"a choice is {longest} tokens, not shorter than max_length {max_length}",
+                hint="raise max_length",
+            )
+        if len(ctx) + longest > max_length:
+            keep = max_length - longest
+            ctx = ctx[:1] + ctx[len(ctx) - keep + 1 :] if keep > 1 else ctx[-keep:]
+            truncated += 1
+        char_lens = [max(1, len(c[1:] if c.startswith(" ") else c)) for c in ex.choices]
+        out.append(Question(ctx, conts, ex.label, char_lens))
+    return out, truncated
+
+
+def _pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    am = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        am[i, : len(r)] = 1
+    return ids.to(device), am.to(device)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(masks.unwrap(model).parameters()).dtype
+
+
+@torch.no_grad()
+def score_shared(
+    model: Any, qs: list[Question], mode: MaskMode, pad_id: int, counter: Counter
+) -> list[list[float]]:
+    """Log-likelihood of each choice of each question, context encoded once (module docstring)."""
+    device = next(model.parameters()).device
+    impl = masks.model_impl(model)
+    dtype = _model_dtype(model)
+    ctx_ids, ctx_am = _pad([q.ctx for q in qs], pad_id, device)
+    n_ctx = ctx_am.sum(dim=1)
+    ctx_mode = MaskMode.CAUSAL if mode is MaskMode.CAUSAL else MaskMode.PREFIX
+    allowed = masks.allowed_matrix(ctx_am, n_ctx, ctx_mode)
+    kw = {masks.cache_kwarg(model): _new_cache(model), "use_cache": True}
+    out = masks.run_with_mask(
+        model, ctx_ids, masks.to_impl_form(allowed, impl, dtype), masks.position_ids_for(ctx_am), **kw
+    )
+    counter.positions += ctx_ids.numel()
+    counter.tokens += int(ctx_am.sum())
+    cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+    last = out.logits[torch.arange(len(qs), device=device), n_ctx - 1].float().log_softmax(-1)
+
+    owner = [qi for qi, q in enumerate(qs) for _ in q.conts]
+    conts = [c for q in qs for c in q.conts]
+    scores = [float(last[qi, c[0]]) for qi, c in zip(owner, conts, strict=True)]
+    if max(len(c) for c in conts) > 1:
+        scores = _continuations(model, cache, owner, conts, n_ctx, ctx_am.shape[1], pad_id, scores, counter)
+    out_scores: list[list[float]] = [[] for _ in qs]
+    for qi, s in zip(owner, scores, strict=True):
+        out_scores[qi].append(s)
+    return out_scores
+
+
+def _new_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=masks.unwrap(model).config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+def _continuations(
+    model: Any,
+    cache: Any,
+    owner: list[int],
+    conts: list[list[int]],
+    n_ctx: torch.Tensor,
+    ctx_width: int,
+    pad_id: int,
+    scores: list[float],
+    counter: Counter,
+) -> list[float]:
+    """Second pass: every continuation but its last token, causally on top of its context."""
+    device = n_ctx.device
+    impl = masks.model_impl(model)
+    rows = [c[:-1] for c in conts]
+    ids, am = _pad([r or [pad_id] for r in rows], pad_id, device)
+    am[[i for i, r in enumerate(rows) if not r]] = 0
+    r_len = ids.shape[1]
+    own = torch.tensor(owner, device=device)
+    cache.reorder_cache(own)  # one copy of the context's keys/values per choice
+    ctx_real = (torch.arange(ctx_width, device=device)[None, :] < n_ctx[own][:, None])  # (R, Tc)
+    j = torch.arange(r_len, device=device)
+    causal = j[None, :, None] >= j[None, None, :]  # (1, Tr, Tr)
+    cont_part = causal & am.bool()[:, None, :]
+    allowed = torch.cat([ctx_real[:, None, :].expand(-1, r_len, -1), cont_part], dim=2)
+    # padded continuation rows see their own slot (no all-masked softmax row)
+    pad_q = ~am.bool()
+    allowed[:, :, ctx_width:] |= pad_q[:, :, None] & torch.eye(r_len, dtype=torch.bool, device=device)[None]
+    pos = n_ctx[own][:, None] + j[None, :]
+    kw = {masks.cache_kwarg(model): cache, "use_cache": True}
+    out = masks.run_with_mask(
+        model, ids, masks.to_impl_form(allowed, impl, _model_dtype(model)), pos, **kw
+    )
+    counter.positions += ids.numel()
+    counter.tokens += int(am.sum())
+    logp = out.logits.float().log_softmax(-1)
+    scores = list(scores)
+    for i, c in enumerate(conts):
+        if len(c) > 1:
+            tgt = torch.tensor(c[1:], device=device)
+            scores[i] += float(logp[i, : len(c) - 1].gather(1, tgt[:, None]).sum())
+    return scores
+
+
+@torch.no_grad()
+def score_naive(
+    model: Any, qs: list[Question], mode: MaskMode, pad_id: int, counter: Counter
+) -> list[list[float]]:
+    """Reference: one full forward of context + continuation per choice (prefix = context)."""
+    device = next(model.parameters()).device
+    owner = [qi for qi, q in enumerate(qs) for _ in q.conts]
+    pairs = [(q.ctx, c) for q in qs for c in q.conts]
+    ids, am = _pad([ctx + c for ctx, c in pairs], pad_id, device)
+    plens = torch.tensor([len(ctx) for ctx, _ in pairs], device=device)
+    logits = masks.forward(model, ids, am, plens, mode)
+    counter.positions += ids.numel()
+    counter.tokens += int(am.sum())
+    logp = logits.float().log_softmax(-1)
+    out: list[list[float]] = [[] for _ in qs]
+    for i, ((ctx, c), qi) in enumerate(zip(pairs, owner, strict=True)):
+        tgt = torch.tensor(c, device=device)
+        s = logp[i, len(ctx) - 1 : len(ctx) - 1 + len(c)].gather(1, tgt[:, None]).sum()
+        out[qi].append(float(s))
+    return out
+
+
+def accuracy(scores: list[list[float]], labels: list[int], char_lens: list[list[int]]) -> dict[str, float]:
+    """acc (argmax of log-likelihood) and acc_norm (argmax of log-likelihood per character);
+    ties go to the first choice, as numpy.argmax does in lm-eval."""
+    if not scores:
+        raise WorkerError("no questions to score")
+
+    def argmax(xs: list[float]) -> int:
+        return max(range(len(xs)), key=lambda i: (xs[i], -i))
+
+    acc = sum(argmax(s) == y for s, y in zip(scores, labels, strict=True)) / len(scores)
+    norm = [[x / n for x, n in zip(s, ls, strict=True)] for s, ls in zip(scores, char_lens, strict=True)]
+    acc_norm = sum(argmax(s) == y for s, y in zip(norm, labels, strict=True)) / len(scores)
+    return {"acc": acc, "acc_norm": acc_norm, "n": len(scores)}
+
+
+def score_task(
+    model: Any,
+    qs: list[Question],
+    mode: MaskMode,
+    pad_id: int,
+    batch_size: int,
+    shared: bool,
+    counter: Counter,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[float]]:
+    """Scores of every question, in batches of `batch_size` questions (shared) or of about
+    `batch_size` sequences (naive), longest first so padding stays small."""
+    order = sorted(range(len(qs)), key=lambda i: -(len(qs[i].ctx) + max(map(len, qs[i].conts))))
+    per_batch = batch_size if shared else max(1, batch_size // max(len(q.conts) for q in qs))
+    scores: list[list[float]] = [[] for _ in qs]
+    fn = score_shared if shared else score_naive
+    for start in range(0, len(order), per_batch):
+        idx = order[start : start + per_batch]
+        for i, s in zip(idx, fn(model, [qs[i] for i in idx], mode, pad_id, counter), strict=True):
+            scores[i] = s
+        if on_batch:
+            on_batch(len(idx))
+    return scores
+
+
+def evaluate(
+    args: EvalArgs,
+    on_progress: ProgressFn | None = None,
+    on_event: EventFn | None = None,
+    *,
+    loaded: Any | None = None,
+) -> dict[str, Any]:
+    """Run `args` end to end; returns the content of metrics.json.
+
+    `loaded`: an already loaded `modeling.Loaded` (tests, benchmarks) instead of `args.model`.
+    """
+    from worker import modeling
+
+    mode = MaskMode(args.mask)
+    if mode is MaskMode.FULL_BIDIR:
+        raise WorkerError(
+            "evaluation supports mask 'causal' or 'prefix' (full_bidir would let a continuation "
+            "see itself)"
+        )
+    if not args.tasks:
+        raise WorkerError("no tasks to evaluate", hint="give at least one task in `tasks`")
+    names = [t.name for t in args.tasks]
+    if len(set(names)) != len(names):
+        raise WorkerError(f"task names repeat: {names}", hint="give every task a distinct name")
+    emit = on_event or (lambda kind, data: None)
+    torch.manual_seed(args.seed)
+    loaded = loaded or modeling.load(args)
+    model, tok = loaded.model, loaded.tokenizer
+    masks.verify_mask_path(model)
+    prepared = {}
+    for t in args.tasks:
+        qs, truncated = prepare(load_mc_task(t), tok, args.max_length)
+        prepared[t.name] = qs
+        if truncated:
+            emit("warning", {"message": f"{t.name}: {truncated} contexts left-truncated to max_length"})
+    total = sum(len(q) for q in prepared.values())
+    done = 0
+    if on_progress:
+        on_progress(0, total)
+
+    def on_batch(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress:
+            on_progress(done, total)
+
+    counter = Counter()
+    t0 = time.monotonic()
+    results: dict[str, dict[str, Any]] = {}
+    for t in args.tasks:
+        qs = prepared[t.name]
+        scores = score_task(model, qs, mode, tok.pad_token_id, args.batch_size, args.shared_context, counter, on_batch)
+        res = accuracy(scores, [q.label for q in qs], [q.char_lens for q in qs])
+        results[t.name] = {**res, "source": t.source, "format": t.format}
+        emit("eval", {"task": t.name, **res})
+    seconds = time.monotonic() - t0
+    return {
+        "model": args.model,
+        "mask": mode.value,
+        "attn_implementation": args.attn_implementation,
+        "shared_context": args.shared_context,
+        "tasks": results,
+        "macro_acc": _mean([r["acc"] for r in results.values()]),
+        "macro_acc_norm": _mean([r["acc_norm"] for r in results.values()]),
+        "n_questions": total,
+        "tokens_forwarded": counter.tokens,
+        "positions_forwarded": counter.positions,
+        "eval_seconds": round(seconds, 3),
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+    }
+
+
+def _mean(xs: list[float]) -> float:
+    return math.fsum(xs) / len(xs) if xs else float("nan")
+
+
+def run_eval(args: EvalArgs, ctx: Any) -> dict[str, Any]:
+    """The `eval` task for the worker lifecycle: status phase, progress and events."""
+    from state.phases import WorkerPhase
+    from worker import modeling
+
+    ctx.status.set_phase(WorkerPhase.LOADING, f"loading {args.model}")
+    loaded = modeling.load(args)
+    mask = MaskMode(args.mask).value
+    ctx.status.set_phase(WorkerPhase.EVALUATING, f"{mask} mask on {len(args.tasks)} task(s)")
+
+    def progress(done: int, total: int) -> None:
+        ctx.status.progress(done, total, f"evaluated {done}/{total} questions")
+
+    def event(kind: str, data: dict[str, Any]) -> None:
+        message = str(data.pop("message", "")) or ", ".join(f"{k}={v}" for k, v in data.items())
+        ctx.status.event(kind, message, **data)
+
+    return evaluate(args, progress, event, loaded=loaded)

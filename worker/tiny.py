@@ -1,0 +1,293 @@
+"""The tiny profile: synthetic multiple-choice tasks, and a small Mistral-architecture model with
+its own tokenizer, built offline, deterministically, and cached like a hub download.
+
+`resolve("tiny://default")` returns a normal `save_pretrained` directory (config, weights,
+tokenizer) under `$ORCH_CACHE_DIR/tiny/<hash>` (default `~/.cache/orch/tiny/<hash>`), where the
+hash covers the whole build recipe (`TinySpec` + `RECIPE_VERSION`). The first caller builds it
+under a file lock, into a temp dir renamed into place, so concurrent processes neither race nor
+see a half-written model.
+
+Tasks (`tiny:<name>` data sources, 4 choices each):
+    recall   key-value recall: "recall : k3 = v7 , k1 = v2 ... . k1 ?" -> " v2"
+    arith    addition facts: "sum : 3 plus 4 is" -> " 7"
+    succ     successor in a counting run: "count : 4 5 6 7 next" -> " 8"
+Each yields multiple-choice rows (context, choices, label) and SFT rows (prompt, response), with
+disjoint random streams per split.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from state.errors import WorkerError
+
+RECIPE_VERSION = 1
+SCHEME = "tiny://"
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic tasks. A generator maps a random.Random to (context, choices, label).
+
+Row = tuple[str, list[str], int]
+
+N_KEYS = 12
+N_NUM = 20
+
+
+def _choices(rng: random.Random, answer: str, pool: list[str]) -> tuple[list[str], int]:
+    others = rng.sample([p for p in pool if p != answer], 3)
+    label = rng.randrange(4)
+    others.insert(label, answer)
+    return others, label
+
+
+def _recall(rng: random.Random) -> Row:
+    keys = rng.sample(range(N_KEYS), 4)
+    vals = rng.sample(range(N_KEYS), 4)
+    pairs = " , ".join(f"k{k} = v{v}" for k, v in zip(keys, vals, strict=True))
+    i = rng.randrange(4)
+    answer = f"v{vals[i]}"
+    # distractors are the other values in the context: copying any value is not enough
+    label = rng.randrange(4)
+    choices = [f"v{v}" for j, v in enumerate(vals) if j != i]
+    rng.shuffle(choices)
+    choices.insert(label, answer)
+    return f"recall : {pairs} . k{keys[i]} ?", choices, label
+
+
+def _arith(rng: random.Random) -> Row:
+    a, b = rng.randrange(10), rng.randrange(10)
+    choices, label = _choices(rng, str(a + b), [str(n) for n in range(19)])
+    return f"sum : {a} plus {b} is", choices, label
+
+
+def _succ(rng: random.Random) -> Row:
+    n = rng.randrange(3, 6)
+    start = rng.randrange(N_NUM - n)
+    run = " ".join(str(start + j) for j in range(n))
+    choices, label = _choices(rng, str(start + n), [str(x) for x in range(N_NUM + 1)])
+    return f"count : {run} next", choices, label
+
+
+TASKS: dict[str, Callable[[random.Random], Row]] = {
+    "recall": _recall,
+    "arith": _arith,
+    "succ": _succ,
+}
+SPLITS = ("train", "validation", "test")
+
+
+def _rng(task: str, split: str, seed: int) -> random.Random:
+    digest = hashlib.sha256(f"{task}|{split}|{seed}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _check_task(task: str, split: str) -> None:
+    if task not in TASKS:
+        raise WorkerError(
+            f"unknown tiny task {task!r}",
+            hint=f"use one of {', '.join(f'tiny:{t}' for t in TASKS)}",
+        )
+    if split not in SPLITS:
+        raise WorkerError(
+            f"unknown split {split!r} for tiny:{task}", hint=f"use one of {', '.join(SPLITS)}"
+        )
+
+
+def mc_rows(task: str, split: str = "test", n: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` multiple-choice rows in the generic `mc` schema (context, choices, label)."""
+    _check_task(task, split)
+    rng = _rng(task, split, seed)
+    out = []
+    for _ in range(n):
+        ctx, choices, label = TASKS[task](rng)
+        out.append({"context": ctx, "choices": choices, "label": label})
+    return out
+
+
+def sft_rows(task: str, split: str = "train", n: int = 2000, seed: int = 0) -> list[dict[str, str]]:
+    """`n` prompt/response rows: the context, and the correct choice with its leading space."""
+    return [
+        {"prompt": r["context"], "response": " " + r["choices"][r["label"]]}
+        for r in mc_rows(task, split, n, seed)
+    ]
+
+
+def task_words() -> list[str]:
+    """Every word any task can produce (the tiny tokenizer's vocabulary)."""
+    words = {"recall", ":", "=", ",", ".", "?", "sum", "plus", "is", "count", "next"}
+    words |= {f"k{i}" for i in range(N_KEYS)} | {f"v{i}" for i in range(N_KEYS)}
+    words |= {str(i) for i in range(max(19, N_NUM + 1))}
+    return sorted(words)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model recipe
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Everything that determines the built model; its hash names the cache directory."""
+
+    hidden_size: int = 96
+    intermediate_size: int = 256
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    train_tasks: tuple[str, ...] = ("recall", "arith", "succ")
+    train_rows: int = 6000  # per task
+    steps: int = 700
+    batch_size: int = 48
+    lr: float = 3e-3
+    seed: int = 1234
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        blob = json.dumps({"v": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+SPECS: dict[str, TinySpec] = {"default": TinySpec()}
+
+
+def cache_root() -> Path:
+    base = os.environ.get("ORCH_CACHE_DIR")
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "orch"
+    return root / "tiny"
+
+
+def resolve(uri: str) -> Path:
+    """`tiny://NAME` -> a save_pretrained directory, built on first use."""
+    if not uri.startswith(SCHEME):
+        raise WorkerError(f"{uri!r} is not a tiny model id", hint="use tiny://default")
+    name = uri[len(SCHEME) :]
+    if name not in SPECS:
+        raise WorkerError(
+            f"unknown tiny model {uri!r}", hint=f"use one of {', '.join(SCHEME + n for n in SPECS)}"
+        )
+    return ensure_built(SPECS[name])
+
+
+_DONE = "tiny_spec.json"  # written last: its presence means the directory is complete
+
+
+def ensure_built(spec: TinySpec, root: Path | None = None) -> Path:
+    root = root or cache_root()
+    dest = root / spec.key()
+    if (dest / _DONE).exists():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{spec.key()}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (dest / _DONE).exists():  # another process built it while we waited
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.key()}-", dir=root))
+        try:
+            build(spec, tmp)
+            if dest.exists():
+                shutil.rmtree(dest)  # a partial leftover without the done marker
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest
+
+
+def build_tokenizer(texts: Iterator[str] | list[str]) -> Any:
+    """A word-level tokenizer trained with `tokenizers` on the tasks' text, wrapped as a
+    PreTrainedTokenizerFast (loads with AutoTokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    trainer = trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1)
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=512,
+    )
+
+
+def build(spec: TinySpec, dest: Path) -> None:
+    """Build, pre-train and save the tiny model into `dest` (deterministic for a spec)."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    t0 = time.monotonic()
+    torch.manual_seed(spec.seed)
+    # Vocabulary: every word the tasks use (listed, so no split's sample can miss a word).
+    tokenizer = build_tokenizer([" ".join(task_words())])
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        sliding_window=None,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = MistralForCausalLM(config)
+    texts = [
+        r["prompt"] + r["response"]
+        for task in spec.train_tasks
+        for r in sft_rows(task, "train", spec.train_rows, spec.seed)
+    ]
+    enc = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    width = max(len(e) for e in enc) + 1
+    ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
+    for i, e in enumerate(enc):
+        row = e + [tokenizer.eos_token_id]
+        ids[i, : len(row)] = torch.tensor(row)
+    am = (ids != tokenizer.pad_token_id).long()
+    labels = ids.masked_fill(am == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1
+    )
+    gen = torch.Generator().manual_seed(spec.seed)
+    model.train()
+    for _ in range(spec.steps):
+        idx = torch.randint(0, len(enc), (spec.batch_size,), generator=gen)
+        out = model(input_ids=ids[idx], attention_mask=am[idx], labels=labels[idx])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    meta = {
+        "spec": asdict(spec),
+        "recipe_version": RECIPE_VERSION,
+        "final_train_loss": float(out.loss.detach()),
+        "build_seconds": round(time.monotonic() - t0, 2),
+    }
+    (dest / _DONE).write_text(json.dumps(meta, indent=2))
