@@ -327,7 +327,7 @@ def collect(runs_dir: Path) -> ReportData:
     acc = {name: s.macro_acc for name, s in stages.items() if s.kind == "eval"}
     profiles = sorted({s.profile for s in stages.values() if s.profile})
     return ReportData(
-        runs_dir=str(runs_dir),
+        runs_dir=f"{runs_dir.name}/",  # shown relative: the document travels with the project
         stages=stages,
         math=study_math(acc),
         profiles=profiles,

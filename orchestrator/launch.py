@@ -17,6 +17,7 @@ import os
 import posixpath
 import secrets
 import socket
+import sqlite3
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -172,19 +173,7 @@ def launch_stage(
 
     merge_inputs(stage.task, resolved, "/")  # validate the args now; the real paths need the box
     target = make_target(ctx, tname)
-    now = datetime.now(timezone.utc)
-    rec = RunRecord(
-        run_id=rid,
-        stage=stage.name,
-        stage_dir=stage.stage_dir,
-        target=tname,
-        phase=Phase.PENDING,
-        session=tmux_session_for(stage.name, rid),
-        run_dir=run_dir_of(stage.stage_dir, rid),
-        created_at=now,
-        updated_at=now,
-    )
-    ctx.store.insert_run(rec)
+    rec = _insert_new_run(ctx, stage, tname, rid, fixed=run_id is not None)
     started = False
     try:
         if missing:
@@ -201,7 +190,9 @@ def launch_stage(
         task = merge_inputs(stage.task, resolved, target.workdir)
         spec = _build_spec(ctx, stage, task, rec, resolved, profile)
         spec_json = spec.model_dump_json(indent=2)
-        _prepare_run_dir(target, rec)
+        wpath = wrapper.wrapper_remote_path(target.workdir)
+        if not _prepare_run_dir(target, rec, wpath):
+            target.put_bytes(wrapper.wrapper_script(), wpath, mode=0o755)
         target.put_bytes((spec_json + "\n").encode(), _abs(target, f"{rec.run_dir}/{names.SPEC}"))
         if forward:
             target.put_bytes(
@@ -209,7 +200,7 @@ def launch_stage(
                 _abs(target, f"{rec.run_dir}/{wrapper.SECRETS_FILE}"),
                 mode=0o600,
             )
-        started = _start_session(target, tcfg.env, spec, rec, python, stage.nproc_per_node)
+        started = _start_session(target, tcfg.env, spec, rec, python, stage.nproc_per_node, wpath)
         ctx.store.update_run(
             rec.stage_dir, rec.run_id, phase=Phase.RUNNING, spec_json=spec_json, reason=""
         )
@@ -235,6 +226,32 @@ def launch_stage(
     final = ctx.store.get_run(rec.stage_dir, rec.run_id)
     assert final is not None
     return final
+
+
+def _insert_new_run(ctx: Context, stage: StageSpec, tname: str, rid: str, *, fixed: bool) -> RunRecord:
+    """Record the run as `pending`. Two launches of one stage in the same second (run-all's
+    threads) get distinct ids: on a clash a fresh suffixed id is tried."""
+    for _ in range(8):
+        now = datetime.now(timezone.utc)
+        rec = RunRecord(
+            run_id=rid,
+            stage=stage.name,
+            stage_dir=stage.stage_dir,
+            target=tname,
+            phase=Phase.PENDING,
+            session=tmux_session_for(stage.name, rid),
+            run_dir=run_dir_of(stage.stage_dir, rid),
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            ctx.store.insert_run(rec)
+            return rec
+        except sqlite3.IntegrityError:
+            if fixed:
+                break
+            rid = names.new_run_id(suffix=secrets.token_hex(2))
+    raise LaunchError(f"run {stage.stage_dir}/{rid} already exists", hint="use another run id")
 
 
 def _reason(exc: BaseException) -> str:
@@ -284,34 +301,47 @@ def _build_spec(
     )
 
 
-def _prepare_run_dir(target: Target, rec: RunRecord) -> None:
-    """Create the run dir; its last component must be new (a reused dir would mix two runs)."""
+# One round trip: create the parents and the code dir (tmux refuses a missing start dir, e.g.
+# with --no-sync), then the run dir itself, whose last component must be new (a reused dir would
+# mix two runs), and say whether the content-addressed wrapper is already there. A fixed
+# program; the paths come as arguments.
+_PREPARE = (
+    'mkdir -p -- "$1" "$2" || exit 1; mkdir -- "$3" || exit 3; '
+    'if [ -f "$4" ]; then echo wrapper-present; fi'
+)
+
+
+def _prepare_run_dir(target: Target, rec: RunRecord, wrapper_path: str) -> bool:
+    """Create the run dir (and code dir); True when the wrapper script is already in place."""
     parent = _abs(target, posixpath.dirname(rec.run_dir))
-    target.run(["mkdir", "-p", parent], timeout=QUICK_TIMEOUT_S, check=True)
-    res = target.run(["mkdir", _abs(target, rec.run_dir)], timeout=QUICK_TIMEOUT_S)
+    code_dir = _abs(target, names.CODE_DIR)
+    argv = ["sh", "-c", _PREPARE, "sh", parent, code_dir, _abs(target, rec.run_dir), wrapper_path]
+    res = target.run(argv, timeout=QUICK_TIMEOUT_S)
     if res.returncode != 0:
-        raise LaunchError(
-            f"cannot create the run dir {rec.run_dir} on {target.name!r}: {' '.join(res.stderr.split()) or 'mkdir failed'}"
-        )
+        why = " ".join(res.stderr.split()) or f"exit {res.returncode}"
+        raise LaunchError(f"cannot create the run dir {rec.run_dir} on {target.name!r}: {why}")
+    return "wrapper-present" in res.stdout
 
 
 def _start_session(
-    target: Target, env_cfg: dict[str, str], spec: RunSpec, rec: RunRecord, python: str, nproc: int
+    target: Target,
+    env_cfg: dict[str, str],
+    spec: RunSpec,
+    rec: RunRecord,
+    python: str,
+    nproc: int,
+    wrapper_path: str,
 ) -> bool:
-    """Put the wrapper in place and start the detached tmux session. True once it exists."""
-    wpath = wrapper.wrapper_remote_path(target.workdir)
-    target.put_bytes(wrapper.wrapper_script(), wpath, mode=0o755)
+    """Start the detached tmux session running the wrapper. True once it exists."""
     code_dir = _abs(target, names.CODE_DIR)
     run_dir_abs = _abs(target, rec.run_dir)
     env = wrapper.run_env(code_dir=code_dir, run_dir_abs=run_dir_abs, spec=spec, extra=env_cfg)
     command = wrapper.wrapper_command(
-        wrapper_path=wpath,
+        wrapper_path=wrapper_path,
         run_dir_abs=run_dir_abs,
         argv=wrapper.worker_argv(python, run_dir_abs, nproc),
         env=env,
     )
-    # tmux refuses to start in a missing directory: make sure the code dir exists (--no-sync).
-    target.run(["mkdir", "-p", code_dir], timeout=QUICK_TIMEOUT_S, check=True)
     res = target.run(
         wrapper.tmux_new_session_argv(rec.session, code_dir, command), timeout=QUICK_TIMEOUT_S
     )
@@ -321,9 +351,8 @@ def _start_session(
             hint="install it there (apt-get install tmux)",
         )
     if res.returncode != 0:
-        raise LaunchError(
-            f"tmux could not start session {rec.session} on {target.name!r}: {' '.join(res.stderr.split()) or res.returncode}"
-        )
+        why = " ".join(res.stderr.split()) or f"exit {res.returncode}"
+        raise LaunchError(f"tmux could not start session {rec.session} on {target.name!r}: {why}")
     return True
 
 

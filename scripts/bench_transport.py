@@ -42,8 +42,20 @@ from orchestrator.targets.ssh import SshTarget  # noqa: E402
 from state.errors import UnreachableError  # noqa: E402
 from tests.sshd import make_server  # noqa: E402
 
-BARE_EXCLUDES = [".git/", ".venv/", ".venv-*/", "/runs/", "/.orch/", "__pycache__/", "*.pyc", ".mypy_cache/",
-                 ".pytest_cache/", ".ruff_cache/", ".hypothesis/", ".bench/"]
+BARE_EXCLUDES = [
+    ".git/",
+    ".venv/",
+    ".venv-*/",
+    "/runs/",
+    "/.orch/",
+    "__pycache__/",
+    "*.pyc",
+    ".mypy_cache/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    ".hypothesis/",
+    ".bench/",
+]
 
 
 def median_ms(samples: list[float]) -> float:
@@ -73,14 +85,20 @@ def bench_poll(t: SshTarget, n_agent: int, n_fresh: int) -> dict[str, float]:
         rd = Path(wd) / "runs" / "bench" / f"20260101-00000{i}"
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "exit_code").write_text("0\n")
-    req = {"op": "observe", "gpus": False, "runs": [{"run_dir": f"runs/bench/20260101-00000{i}"} for i in range(3)]}
+    req = {
+        "op": "observe",
+        "gpus": False,
+        "runs": [{"run_dir": f"runs/bench/20260101-00000{i}"} for i in range(3)],
+    }
     agent = t.agent()
     agent.request({"op": "ping"}, timeout=60)  # started (python startup is not a poll)
     persistent = timed(lambda: agent.request(req, timeout=10), n_agent)
     line = (json.dumps(req) + "\n").encode()
 
     def fresh_ssh() -> None:
-        out = subprocess.run(ssh_argv(t.endpoint, t.agent_argv()), input=line, capture_output=True, timeout=60)
+        out = subprocess.run(
+            ssh_argv(t.endpoint, t.agent_argv()), input=line, capture_output=True, timeout=60
+        )
         assert out.returncode == 0 and out.stdout.count(b"\n") == 2, out.stderr
 
     def new_channel() -> None:
@@ -100,25 +118,46 @@ def bench_poll(t: SshTarget, n_agent: int, n_fresh: int) -> dict[str, float]:
     }
 
 
-def bench_resync(t: SshTarget, n: int) -> dict[str, float]:
-    sync_code(t, REPO)  # populate
+def snapshot_repo(dest: Path) -> Path:
+    """A frozen copy of this repo (its .git and the files sync_code would send): other people
+    edit the live tree while this runs, and a no-op must stay a no-op."""
+    shutil.copytree(REPO / ".git", dest / ".git")
+    for rel in code_files(REPO):
+        src = REPO / rel
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel, follow_symlinks=False)
+    return dest
+
+
+def bench_resync(t: SshTarget, n: int, root: Path) -> dict[str, float]:
+    src = snapshot_repo(root)
+    sync_code(t, src)  # populate
     ours, literal = [], []
     bare_dest = f"{t.workdir}/bare-code"
     t.run(["mkdir", "-p", bare_dest], timeout=30, check=True)
-    bare_argv = ["rsync", "-a", "--delete", "--stats", "-e", rsync_shell(t.endpoint),
-                 *(f"--exclude={e}" for e in BARE_EXCLUDES), f"{REPO}/", f"{t.endpoint.rsync_host}:{bare_dest}/"]
+    bare_argv = [
+        "rsync",
+        "-a",
+        "--delete",
+        "--stats",
+        "-e",
+        rsync_shell(t.endpoint),
+        *(f"--exclude={e}" for e in BARE_EXCLUDES),
+        f"{src}/",
+        f"{t.endpoint.rsync_host}:{bare_dest}/",
+    ]
     subprocess.run(bare_argv, check=True, capture_output=True)  # populate
     bare = []
     for _ in range(n):  # interleaved so both see the same machine load
         t0 = time.perf_counter()
-        st = sync_code(t, REPO)
+        st = sync_code(t, src)
         ours.append(time.perf_counter() - t0)
         literal.append(st.literal_bytes)
         t0 = time.perf_counter()
         subprocess.run(bare_argv, check=True, capture_output=True)
         bare.append(time.perf_counter() - t0)
     return {
-        "files": len(code_files(REPO)),
+        "files": len(code_files(src)),
         "literal_bytes_max": max(literal),
         "sync_code_ms": median_ms(ours),
         "bare_rsync_ms": median_ms(bare),
@@ -147,8 +186,18 @@ def bench_pull(t: SshTarget, server, mb: int, n: int, local_root: Path) -> dict[
         dest = local_root / f"bare{i}"
         dest.mkdir()
         t0 = time.perf_counter()
-        subprocess.run(["rsync", "-a", "-e", rsync_shell(t.endpoint), f"{t.endpoint.rsync_host}:{art_dir}/", f"{dest}/"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "rsync",
+                "-a",
+                "-e",
+                rsync_shell(t.endpoint),
+                f"{t.endpoint.rsync_host}:{art_dir}/",
+                f"{dest}/",
+            ],
+            check=True,
+            capture_output=True,
+        )
         bare.append(time.perf_counter() - t0)
         shutil.rmtree(dest)
     ours_mbs = size / 1e6 / statistics.median(ours)
@@ -162,7 +211,7 @@ def bench_pull(t: SshTarget, server, mb: int, n: int, local_root: Path) -> dict[
     def pull() -> None:
         try:
             t.sync_down("runs/bench/artifact", dest, timeout=600)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     th = threading.Thread(target=pull)
@@ -184,7 +233,7 @@ def bench_pull(t: SshTarget, server, mb: int, n: int, local_root: Path) -> dict[
     resume_s = time.perf_counter() - t0
     ok = sha256(dest / art.name) == digest
     return {
-        "mb": size / 1e6,
+        "mib": size / 2**20,
         "sync_down_MBps": ours_mbs,
         "bare_rsync_MBps": bare_mbs,
         "ratio": ours_mbs / bare_mbs,
@@ -207,25 +256,36 @@ def main() -> int:
     ap.add_argument("--syncs", type=int, default=7)
     ap.add_argument("--pulls", type=int, default=3)
     args = ap.parse_args()
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
         root = Path(tmp)
         server = make_server(root / "sshd")
         server.start()
         try:
-            t = SshTarget("bench", host=server.host, port=server.port, user=server.user,
-                          identity_file=server.client_key, known_hosts=root / "known_hosts",
-                          workdir=str(root / "box"), python=sys.executable)
+            t = SshTarget(
+                "bench",
+                host=server.host,
+                port=server.port,
+                user=server.user,
+                identity_file=server.client_key,
+                known_hosts=root / "known_hosts",
+                workdir=str(root / "box"),
+                python=sys.executable,
+            )
             sync_code(t, REPO)
             poll = bench_poll(t, args.polls, args.fresh_polls)
-            resync = bench_resync(t, args.syncs)
+            resync = bench_resync(t, args.syncs, root / "snapshot")
             pull = bench_pull(t, server, args.mb, args.pulls, root / "local")
             t.close()
         finally:
             server.stop()
     result = {
+        "load_avg_1m_start_end": [load0, os.getloadavg()[0]],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
         "ssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
-        "rsync": subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+        "rsync": subprocess.run(
+            ["rsync", "--version"], capture_output=True, text=True
+        ).stdout.splitlines()[0],
         "poll": poll,
         "resync": resync,
         "pull": pull,
@@ -234,20 +294,31 @@ def main() -> int:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     p, r, q = poll, resync, pull
-    print(f"machine: {result['machine']}; {result['ssh']}; {result['rsync']}")
+    print(
+        f"machine: {result['machine']}; {result['ssh']}; {result['rsync']}; "
+        f"load average (1 min) {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+    )
     print("| measure | orch | baseline | ratio | target |")
     print("|---|---|---|---|---|")
-    print(f"| status poll, median (p90) | {p['agent_ms']:.2f} ms ({p['agent_p90_ms']:.2f}) on the persistent agent channel "
-          f"| {p['fresh_ssh_ms']:.0f} ms fresh `ssh` process; {p['new_channel_ms']:.0f} ms new channel on open connection "
-          f"| {p['ratio_fresh_over_agent']:.0f}x faster | <= 25 ms |")
-    print(f"| no-op re-sync of the repo ({r['files']} files), median | {r['sync_code_ms']:.0f} ms, "
-          f"{r['literal_bytes_max']} B file data | {r['bare_rsync_ms']:.0f} ms bare `rsync -a` | {r['ratio']:.2f}x | ~0 B, <= 1.5x |")
-    print(f"| pull {q['mb']:.0f} MB artifact, median | {q['sync_down_MBps']:.0f} MB/s `sync_down` "
-          f"| {q['bare_rsync_MBps']:.0f} MB/s bare `rsync -a` | {q['ratio']:.2f}x | >= 0.8x |")
-    print(f"| pull cut mid-way (sshd child SIGKILLed at {q['cut_at_bytes'] / 1e6:.0f} MB) | "
-          f"interrupted={q['cut_interrupted']}, kept {q['partial_kept_bytes'] / 1e6:.0f} MB partial; resume sent "
-          f"{q['resume_literal_bytes'] / 1e6:.0f} MB, reused {q['resume_matched_bytes'] / 1e6:.0f} MB in {q['resume_s']:.1f} s; "
-          f"sha256 ok={q['resume_sha256_ok']} | | | resumes, verifies |")
+    print(
+        f"| status poll, median (p90) | {p['agent_ms']:.2f} ms ({p['agent_p90_ms']:.2f}) on the persistent agent channel "
+        f"| {p['fresh_ssh_ms']:.0f} ms fresh `ssh` process; {p['new_channel_ms']:.0f} ms new channel on open connection "
+        f"| {p['ratio_fresh_over_agent']:.0f}x faster | <= 25 ms |"
+    )
+    print(
+        f"| no-op re-sync of the repo ({r['files']} files), median | {r['sync_code_ms']:.0f} ms, "
+        f"{r['literal_bytes_max']} B file data | {r['bare_rsync_ms']:.0f} ms bare `rsync -a` | {r['ratio']:.2f}x | ~0 B, <= 1.5x |"
+    )
+    print(
+        f"| pull {q['mb']:.0f} MB artifact, median | {q['sync_down_MBps']:.0f} MB/s `sync_down` "
+        f"| {q['bare_rsync_MBps']:.0f} MB/s bare `rsync -a` | {q['ratio']:.2f}x | >= 0.8x |"
+    )
+    print(
+        f"| pull cut mid-way (sshd child SIGKILLed at {q['cut_at_bytes'] / 1e6:.0f} MB) | "
+        f"interrupted={q['cut_interrupted']}, kept {q['partial_kept_bytes'] / 1e6:.0f} MB partial; resume sent "
+        f"{q['resume_literal_bytes'] / 1e6:.0f} MB, reused {q['resume_matched_bytes'] / 1e6:.0f} MB in {q['resume_s']:.1f} s; "
+        f"sha256 ok={q['resume_sha256_ok']} | | | resumes, verifies |"
+    )
     return 0 if q["resume_sha256_ok"] else 1
 
 

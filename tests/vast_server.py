@@ -69,6 +69,8 @@ class VastServer:
     box: Box | None = None
     #: show calls an instance spends in `loading` before it turns `running`
     boot_polls: int = 1
+    #: show calls that answer `{"instances": null}` for a just-created instance
+    unseen_polls: int = 0
     instances: dict[int, dict[str, Any]] = field(default_factory=dict)
     offers: dict[int, dict[str, Any]] = field(default_factory=dict)
     auth_headers: list[str] = field(default_factory=list)
@@ -84,6 +86,7 @@ class VastServer:
         self._next_offer = 500
         self._boot: dict[int, str] = {}  # instance id -> outcome
         self._polls: dict[int, int] = {}
+        self._unseen: dict[int, int] = {}
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -343,6 +346,7 @@ class VastServer:
         self.create_bodies[iid] = dict(body)
         self._boot[iid] = offer["_boot"]
         self._polls[iid] = 0
+        self._unseen[iid] = self.unseen_polls
         del self.offers[offer_id]  # rented
         if self.box is not None and self.box.authorized_keys is not None:
             self.box.authorized_keys.write_text("")  # a fresh box knows no key yet
@@ -371,6 +375,9 @@ class VastServer:
     def _show(self, iid: int) -> dict[str, Any] | None:
         inst = self.instances.get(iid)
         if inst is None:
+            return None
+        if self._unseen.get(iid, 0) > 0:
+            self._unseen[iid] -= 1
             return None
         outcome = self._boot.get(iid, "done")
         if outcome != "done":

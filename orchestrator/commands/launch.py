@@ -71,7 +71,7 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
 
         recs = run_stages(
             ctx, [args.stage], targets=[args.target] if args.target else None,
-            overrides=overrides, with_deps=True,
+            overrides=overrides, with_deps=True, profile=profile,
         )  # fmt: skip
         for r in recs:
             print_launched(ctx, r)

@@ -1,8 +1,9 @@
 """`orch dashboard`: a full-screen `rich.live.Live` loop over the store.
 
 The loop only gathers a snapshot and calls `render.render`; everything it shows comes from the
-store. When no `orch watch` is running it runs the monitor itself (a background thread calling
-`refresh_once` at the configured interval), so one command is enough. Keys are read in cbreak
+store. When no `orch watch` is running it runs the monitor itself (the monitor's `Watcher`:
+APScheduler poll jobs, alert delivery, completion actions, under the same lock `orch watch`
+takes), so one command is enough. Keys are read in cbreak
 mode on a TTY and the terminal is restored on every exit path; without a TTY on stdout it prints
 one static frame and exits.
 """
@@ -10,6 +11,7 @@ one static frame and exits.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import sys
@@ -17,9 +19,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
@@ -28,6 +30,11 @@ from orchestrator.dashboard.render import render
 from orchestrator.dashboard.snapshot import KEEP_TERMINAL_S, RunView, Snapshot, gather, utcnow
 from state import names
 from state.errors import OrchError
+from state.store import Store
+
+if TYPE_CHECKING:
+    from orchestrator.context import Context
+    from orchestrator.targets.base import Target
 
 if os.name == "posix":
     import termios
@@ -112,53 +119,98 @@ def read_keys(fd: int, timeout: float) -> list[str]:
 
 # -- the in-process monitor ------------------------------------------------------------------
 class InProcessMonitor:
-    """Calls the monitor's `refresh_once` every `interval_s` while runs are active, unless an
-    `orch watch` took over; `poke()` asks for a refresh now."""
+    """The monitor engineer's `Watcher` (APScheduler poll jobs, alert delivery, completion
+    actions), run inside the dashboard while no `orch watch` holds the state dir's lock.
 
-    def __init__(self, ctx: Any, interval_s: float) -> None:
+    It takes the same lock, so `orch status` elsewhere knows the store is being kept fresh and a
+    second watcher cannot start beside it. `ensure()` is cheap and is called now and then: if an
+    `orch watch` ends while the dashboard is open, the dashboard takes over.
+    """
+
+    RETRY_S = 10.0
+
+    def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.interval_s = interval_s
-        self.generation = 0  # bumped after every refresh: the app re-reads the store
         self.error = ""
-        self.label = "in-process"
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop, name="orch-dashboard-monitor", daemon=True
-        )
+        self.label = "starting"
+        self._watcher: Any = None
+        self._lock: Any = None
+        self._tried_at = -1e9
 
-    def start(self) -> None:
-        self._thread.start()
+    @property
+    def running(self) -> bool:
+        return self._watcher is not None
 
-    def poke(self) -> None:
-        self._wake.set()
+    def ensure(self) -> None:
+        if self._watcher is not None or time.monotonic() - self._tried_at < self.RETRY_S:
+            return
+        self._tried_at = time.monotonic()
+        from orchestrator.monitor.lock import WatcherBusyError, WatcherLock
+        from orchestrator.monitor.scheduler import Watcher
+
+        lock = WatcherLock(self.ctx.state_dir)
+        try:
+            lock.acquire()
+        except WatcherBusyError:
+            self.label = "orch watch"
+            return
+        try:
+            watcher = Watcher(self.ctx, lock=lock, echo=False)
+            watcher.start()
+        except Exception as exc:  # shown in the footer; the view goes on from the store
+            lock.release()
+            self.label, self.error = "off", f"monitor did not start: {exc}"
+            return
+        self._watcher, self._lock, self.label = watcher, lock, "in-process"
+
+    def poke(self) -> bool:
+        """Run every poll job now (False when another process does the polling)."""
+        if self._watcher is None:
+            return False
+        now = datetime.now(timezone.utc)
+        for target in list(self._watcher.active_targets):
+            with contextlib.suppress(Exception):  # the job may have just been removed
+                self._watcher.scheduler.modify_job(f"poll:{target}", next_run_time=now)
+        return True
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        from orchestrator.monitor.refresh import refresh_once, watcher_running
-
-        while not self._stop.is_set():
+        if self._watcher is not None:
             try:
-                if watcher_running(self.ctx):
-                    self.label = "orch watch"
-                elif self.ctx.store.list_runs(active_only=True, limit=1):
-                    self.label = "in-process"
-                    refresh_once(self.ctx)
-                    self.error = ""
-                self.generation += 1
-            except OrchError as exc:
-                self.error = str(exc)
-            except Exception as exc:  # the view must outlive a monitor bug; shown in the footer
-                self.error = f"monitor: {type(exc).__name__}: {exc}"
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
+                self._watcher.stop()
+            finally:
+                self._lock.release()
+                self._watcher = self._lock = None
 
 
-def monitor_label(ctx: Any) -> str:
+@contextlib.contextmanager
+def quiet_logs(sink: Callable[[str], None]) -> Iterator[None]:
+    """Route the monitor's and APScheduler's log records to `sink` (the footer) while the
+    screen is ours: a stray line on stderr would tear the full-screen view."""
+    handler = _SinkHandler(sink)
+    loggers = [logging.getLogger(n) for n in ("orch", "apscheduler")]
+    saved = [(lg, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+    try:
+        yield
+    finally:
+        for lg, prop in saved:
+            lg.removeHandler(handler)
+            lg.propagate = prop
+
+
+class _SinkHandler(logging.Handler):
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.sink(f"{record.name}: {record.getMessage()}")
+
+
+def monitor_label(ctx: Context) -> str:
     """Who keeps the store fresh: `orch watch`, this process, or nobody."""
     try:
         from orchestrator.monitor.refresh import watcher_running
@@ -200,7 +252,35 @@ def _background(what: str, fn: Callable[[Job], None]) -> Job:
     return job
 
 
-def log_tail(ctx: Any, run: RunView, lines: int = LOG_TAIL_LINES) -> list[str]:
+class TargetPool:
+    """Targets opened for log tails, kept open between refreshes (an ssh connect costs ~0.3 s)
+    and closed with the dashboard. Used from one background job at a time."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._open: dict[str, Target] = {}
+
+    def get(self, name: str) -> Target:
+        if name not in self._open:
+            from orchestrator.targets.factory import make_target
+
+            self._open[name] = make_target(self.ctx, name)
+        return self._open[name]
+
+    def drop(self, name: str) -> None:
+        target = self._open.pop(name, None)
+        if target is not None:
+            with contextlib.suppress(Exception):
+                target.close()
+
+    def close(self) -> None:
+        for name in list(self._open):
+            self.drop(name)
+
+
+def log_tail(
+    ctx: Context, run: RunView, pool: TargetPool | None = None, lines: int = LOG_TAIL_LINES
+) -> list[str]:
     """The last lines of a run's stdout.log: the local copy once pulled, else from its target."""
     local = ctx.runs_dir / run.stage_dir / run.run_id / names.STDOUT
     if run.pulled_at is not None and local.exists():
@@ -208,14 +288,18 @@ def log_tail(ctx: Any, run: RunView, lines: int = LOG_TAIL_LINES) -> list[str]:
     rec = ctx.store.get_run(run.stage_dir, run.run_id)
     if rec is None:
         return [f"run {run.key} is no longer in the store"]
-    from orchestrator.targets.factory import make_target
-
-    target = make_target(ctx, rec.target)
+    own = pool is None
+    pool = pool or TargetPool(ctx)
     try:
+        target = pool.get(rec.target)
         path = f"{target.workdir.rstrip('/')}/{rec.run_dir}/{names.STDOUT}"
         res = target.run(["tail", "-n", str(lines), path], timeout=15)
+    except OrchError:
+        pool.drop(rec.target)  # reconnect next time
+        raise
     finally:
-        target.close()
+        if own:
+            pool.close()
     if not res.ok:
         return [f"no log yet ({res.stderr.strip() or f'tail exited {res.returncode}'})"]
     return res.stdout.splitlines()
@@ -230,16 +314,18 @@ def _tail_file(path: Path, lines: int) -> list[str]:
     return data.splitlines()[-lines:]
 
 
-def pull_selected(ctx: Any, run: RunView) -> str:
+def pull_selected(ctx: Context, run: RunView) -> str:
+    """Pull one run (no checkpoints) and say what happened, in one footer line."""
     from orchestrator.pull import pull_run
 
     rec = ctx.store.get_run(run.stage_dir, run.run_id)
     if rec is None:
         return f"run {run.key} is no longer in the store"
     result = pull_run(ctx, rec, checkpoints=False)
-    files = getattr(result, "files", None)
-    count = f" ({len(files)} files)" if isinstance(files, list | tuple) else ""
-    return f"pulled {run.key}{count} into {ctx.runs_dir / run.stage_dir / run.run_id}"
+    checked = (
+        f"{result.verified} files verified" if result.verified is not None else "no manifest yet"
+    )
+    return f"pulled {run.key} into {result.local_dir} ({checked})"
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -248,7 +334,7 @@ class Dashboard:
 
     def __init__(
         self,
-        ctx: Any,
+        ctx: Context,
         *,
         fps: float = 1.0,
         include_all: bool = False,
@@ -273,16 +359,33 @@ class Dashboard:
         self._log_at = 0.0
         self._gathered_at = 0.0
         self._data_version: Any = None
-        self._generation = -1
+        self._reader: Store | None = None
+        self.targets = TargetPool(ctx)
+        self._log_notes: list[str] = []
+
+    @property
+    def reader(self) -> Store:
+        """Our own connection for reading: SQLite's `data_version` moves only for commits made
+        by OTHER connections, and the in-process monitor writes through `ctx.store`."""
+        if self._reader is None:
+            self._reader = Store(self.ctx.state_dir / "state.db")
+        return self._reader
+
+    def close(self) -> None:
+        self.targets.close()
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     # -- data --------------------------------------------------------------------------------
     def _store_changed(self) -> bool:
-        """True when another process committed to the store (SQLite's data_version) or our
-        own monitor refreshed since the last gather."""
-        version = self.ctx.store.query("PRAGMA data_version")[0][0]
-        gen = self.monitor.generation if self.monitor else 0
-        changed = version != self._data_version or gen != self._generation
-        self._data_version, self._generation = version, gen
+        """True when anyone (a watcher, our own monitor, a launch) committed since last asked."""
+        version = self.reader.query("PRAGMA data_version")[0][0]
+        changed = version != self._data_version
+        self._data_version = version
         return changed
 
     def gather(self, force: bool = False) -> Snapshot:
@@ -295,7 +398,7 @@ class Dashboard:
         ):
             label = self.monitor.label if self.monitor else (monitor_label(self.ctx) or "off")
             self.snapshot = gather(
-                self.ctx.store,
+                self.reader,
                 self.ctx.config,
                 include_all=self.include_all,
                 keep_terminal_s=self.keep_terminal_s,
@@ -332,9 +435,8 @@ class Dashboard:
         elif key in ("home", "end") and runs:
             self.selected_key = runs[0 if key == "home" else -1].key
         elif key == "refresh":
-            if self.monitor:
-                self.monitor.poke()
-            self.message = "refreshing…" if self.monitor else "re-read the store"
+            poked = self.monitor is not None and self.monitor.poke()
+            self.message = "polling the targets now" if poked else "re-read the store"
             self._gathered_at = 0.0
         elif key == "log" or (key == "escape" and self.show_log):
             self.show_log = not self.show_log and key == "log"
@@ -374,7 +476,7 @@ class Dashboard:
             self._log_at = time.monotonic()
 
             def body(job: Job) -> None:
-                job.lines = log_tail(self.ctx, run)
+                job.lines = log_tail(self.ctx, run, self.targets)
 
             self.log_job = _background(f"log {run.key}", body)
 
@@ -383,9 +485,12 @@ class Dashboard:
         snap = self.gather()
         size = self.console.size
         run = self.selected_run()
-        message = self.message
-        if self.monitor and self.monitor.error:
-            message = f"{message}  {self.monitor.error}".strip()
+        notes = [self.message]
+        if self.monitor is not None:
+            notes.append(self.monitor.error)
+        if self._log_notes:
+            notes.append(self._log_notes[-1])
+        message = "  ".join(n for n in notes if n)
         return render(
             snap,
             size.width,
@@ -401,12 +506,15 @@ class Dashboard:
         if not self.run_monitor:
             return
         try:
-            import orchestrator.monitor.refresh  # noqa: F401
+            import orchestrator.monitor.scheduler  # noqa: F401
         except ImportError:
             self.message = "monitor not available: showing the store only"
             return
-        self.monitor = InProcessMonitor(self.ctx, self.ctx.config.monitor.interval_s)
-        self.monitor.start()
+        self.monitor = InProcessMonitor(self.ctx)
+        self.monitor.ensure()
+
+    def _note(self, line: str) -> None:
+        self._log_notes = [*self._log_notes[-9:], line]
 
     def run(self) -> int:
         """The live loop; returns the exit code."""
@@ -416,9 +524,9 @@ class Dashboard:
         except (OSError, ValueError, AttributeError):
             fd = None
         self.ctx.store  # noqa: B018 - open it here, not racing in the monitor thread
-        self.start_monitor()
         try:
             with (
+                quiet_logs(self._note),
                 cbreak(fd) as keys_ok,
                 Live(
                     console=self.console,
@@ -428,8 +536,11 @@ class Dashboard:
                     redirect_stderr=False,
                 ) as live,
             ):
+                self.start_monitor()
                 period = 1.0 / self.fps
                 while True:
+                    if self.monitor is not None:
+                        self.monitor.ensure()
                     self._tick_jobs()
                     live.update(self.frame(), refresh=True)
                     deadline = time.monotonic() + period
@@ -449,18 +560,20 @@ class Dashboard:
                     if quit_now:
                         return 0
         finally:
-            if self.monitor is not None:
-                self.monitor.stop()
+            self.close()  # after the screen is restored: stopping may wait for a poll
 
     def print_once(self) -> int:
         """One static frame for a pipe or CI: refresh once if nobody else does, print, exit."""
         if self.run_monitor and monitor_label(self.ctx) == "":
             refresh_now(self.ctx, self.ctx.err)
-        self.console.print(self.frame(interactive=False))
+        try:
+            self.console.print(self.frame(interactive=False))
+        finally:
+            self.close()
         return 0
 
 
-def refresh_now(ctx: Any, err: Console) -> bool:
+def refresh_now(ctx: Context, err: Console) -> bool:
     """One `refresh_once` of every active run; a failure is one yellow line, not an exit."""
     try:
         from orchestrator.monitor.refresh import refresh_once

@@ -229,7 +229,9 @@ def _run_note(run: RunView, now: datetime) -> Text:
             parts.append("pulled")
         style = "red" if run.phase.is_bad else ""
         return Text(" · ".join(parts), style=style)
-    bits = [b for b in (run.worker_phase, run.reason or run.message) if b]
+    detail = run.reason or run.message
+    phase = "" if detail.startswith(run.worker_phase) else run.worker_phase
+    bits = [b for b in (phase, detail) if b]
     style = "yellow" if run.phase is Phase.HUNG else "dim"
     return Text(" ".join(bits), style=style)
 
@@ -296,7 +298,7 @@ def runs_table(
     for i, run in enumerate(shown, start=start):
         table.add_row(
             *(cells[c.key](run, i) for c in fitted),
-            style="reverse" if i == selected else None,
+            style="bold on grey27" if i == selected else None,
         )
     hidden = len(runs) - len(shown)
     more = [] if runs else ["no runs yet: orch launch STAGE"]

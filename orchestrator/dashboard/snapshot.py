@@ -317,23 +317,36 @@ def _instance_view(row: dict[str, Any]) -> InstanceView:
 _TERMINAL = tuple(sorted(p.value for p in TERMINAL_PHASES))
 
 
-def _load_runs(store: Store, include_all: bool, cutoff: datetime) -> tuple[list[RunRecord], int]:
+@lru_cache(maxsize=4096)
+def _cached_view(columns: tuple[str, ...], values: tuple[Any, ...], stale: float | None) -> RunView:
+    # Keyed by the whole row: an unchanged run (most of them, most frames) costs one lookup.
+    return run_view(RunRecord.model_validate(dict(zip(columns, values, strict=True))), stale)
+
+
+def _load_runs(
+    store: Store, cfg: OrchConfig, include_all: bool, cutoff: datetime
+) -> tuple[list[RunView], int]:
     """Active runs plus terminal runs that ended after `cutoff` (all with `include_all`)."""
     marks = ",".join("?" for _ in _TERMINAL)
     if include_all:
-        rows = store.query("SELECT * FROM runs ORDER BY created_at DESC, run_id DESC")
-        return [RunRecord.model_validate(dict(r)) for r in rows], 0
-    # Filter by string first (cheap, with a day of slack for odd offsets), exactly in Python.
-    loose = (cutoff - timedelta(days=1)).isoformat()
-    rows = store.query(
-        f"SELECT * FROM runs WHERE phase NOT IN ({marks}) OR updated_at >= ? "
-        "ORDER BY created_at DESC, run_id DESC",
-        (*_TERMINAL, loose),
-    )
-    total = store.query("SELECT COUNT(*) FROM runs")[0][0]
-    recs = [RunRecord.model_validate(dict(r)) for r in rows]
-    recs = [r for r in recs if not r.phase.is_terminal or _aware(r.updated_at) >= cutoff]
-    return recs, int(total) - len(recs)
+        rows = store.query("SELECT * FROM runs")
+    else:
+        # Filter by string first (cheap, with a day of slack for odd offsets), exactly below.
+        loose = (cutoff - timedelta(days=1)).isoformat()
+        rows = store.query(
+            f"SELECT * FROM runs WHERE phase NOT IN ({marks}) OR updated_at >= ?",
+            (*_TERMINAL, loose),
+        )
+    views = []
+    for row in rows:
+        target = row["target"]
+        stale = cfg.monitor_for(target).stale_after_s if target in cfg.targets else None
+        views.append(_cached_view(tuple(row.keys()), tuple(row), stale))
+    if include_all:
+        return views, 0
+    total = int(store.query("SELECT COUNT(*) FROM runs")[0][0])
+    views = [v for v in views if v.is_active or v.updated_at >= cutoff]
+    return views, total - len(views)
 
 
 def _sort_key(rec: RunView) -> tuple[int, float]:
@@ -355,11 +368,7 @@ def gather(
     """Read the store once into a `Snapshot` (runs, targets + instances, recent alerts)."""
     now = now or utcnow()
     cfg = config or OrchConfig()
-    recs, hidden = _load_runs(store, include_all, now - timedelta(seconds=keep_terminal_s))
-    runs = []
-    for rec in recs:
-        stale = cfg.monitor_for(rec.target).stale_after_s if rec.target in cfg.targets else None
-        runs.append(run_view(rec, stale))
+    runs, hidden = _load_runs(store, cfg, include_all, now - timedelta(seconds=keep_terminal_s))
     runs.sort(key=_sort_key)
 
     active_by_target: dict[str, int] = {}

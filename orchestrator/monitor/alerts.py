@@ -62,8 +62,13 @@ def expand_env(url: str, env: dict[str, str] | None = None) -> str:
     return ENV_RE.sub(sub, url)
 
 
-def url_problem(url: str) -> str | None:
-    """Why `url` is not a usable Apprise URL, or None. `${NAME}` parts are checked at send time."""
+def url_problem(url: str, *, deep: bool = False) -> str | None:
+    """Why `url` is not a usable Apprise URL, or None.
+
+    The quick check (config load) is syntax only: Apprise needs seconds to load its ~260 service
+    modules, which every `orch` command would pay. `deep=True` (the watcher's start) asks
+    Apprise itself; `${NAME}` parts are checked at send time.
+    """
     if not isinstance(url, str) or not url.strip():
         return "empty URL"
     m = _URL_RE.match(url.strip())
@@ -71,28 +76,23 @@ def url_problem(url: str) -> str | None:
         return "not a URL of the form scheme://... (see docs/alerts.md)"
     if "${" in ENV_RE.sub("", url):
         return "malformed ${NAME} reference (use ${NAME} with letters, digits and '_')"
-    scheme = m.group(1).lower()
-    from apprise import Apprise  # lazy: only configs that have alert URLs pay for the import
-
-    if ENV_RE.search(url):
-        from apprise.manager_plugins import NotificationManager
-
-        if scheme not in NotificationManager():
-            return f"unknown alert service {scheme!r} (see docs/alerts.md for the URL forms)"
+    if not deep:
         return None
-    if Apprise.instantiate(url) is None:
-        from apprise.manager_plugins import NotificationManager
+    scheme = m.group(1).lower()
+    from apprise import Apprise
+    from apprise.manager_plugins import NotificationManager
 
-        if scheme not in NotificationManager():
-            return f"unknown alert service {scheme!r} (see docs/alerts.md for the URL forms)"
+    if scheme not in NotificationManager():
+        return f"unknown alert service {scheme!r} (see docs/alerts.md for the URL forms)"
+    if not ENV_RE.search(url) and Apprise.instantiate(url) is None:
         return f"Apprise cannot parse this {scheme}:// URL (missing token or field?)"
     return None
 
 
-def check_urls(urls: list[str], key: str = "alerts.urls") -> None:
+def check_urls(urls: list[str], key: str = "alerts.urls", *, deep: bool = False) -> None:
     """ConfigError naming the key of the first malformed URL (the URL itself redacted)."""
     for i, url in enumerate(urls):
-        problem = url_problem(url)
+        problem = url_problem(url, deep=deep)
         if problem:
             raise ConfigError(f"{key}[{i}] {redact_url(url)!r}: {problem}")
 

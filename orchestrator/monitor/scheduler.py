@@ -127,6 +127,7 @@ class Watcher:
     # -- life ------------------------------------------------------------------------------------
     def start(self) -> None:
         """Resume: undelivered alerts are due now, unfinished actions retried, then schedule."""
+        alerts_mod.check_urls(self.ctx.config.alerts.urls, deep=True)  # a bad URL stops us here
         alerts_mod.reset_retry_schedule(self.ctx.store)
         common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": 3600}
         self.scheduler.add_job(

@@ -7,6 +7,7 @@ watch(ctx, stop_when_idle=True)    `orch launch ... --watch`: return once nothin
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Callable, Iterable
@@ -52,7 +53,9 @@ def watch(
     targets: Iterable[str] | None = None,
     stop_when_idle: bool = False,
 ) -> int:
-    """Watch runs; returns an exit code: 1 if a watched run ended (or is) in a bad state."""
+    """Watch runs and return an exit code. `once`: 1 if any run polled is in a bad state.
+    `stop_when_idle`: 1 if any run watched ended in a bad state. Otherwise runs until Ctrl-C or
+    SIGTERM and returns 0."""
     only = list(targets) if targets is not None else None
     for name in only or []:
         ctx.config.target(name)  # ConfigError naming an unknown target, before anything runs
@@ -66,6 +69,8 @@ def watch(
     if once:
         return _once(ctx, only, echo)
 
+    # "skipped: maximum number of running instances reached" is max_instances=1 doing its job.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     lock = WatcherLock(ctx.state_dir)
     lock.acquire()
     stop = threading.Event()
@@ -85,6 +90,8 @@ def watch(
         watcher.stop()
         lock.release()
         _restore_signal_handlers(old_handlers)
+    if not stop_when_idle:
+        return 0  # stopped by the user (Ctrl-C / SIGTERM): not a verdict on the runs
     finals = [ctx.store.get_run(sd, rid) for sd, rid in sorted(watched)]
     return 1 if any(r is not None and _bad(r) for r in finals) else 0
 

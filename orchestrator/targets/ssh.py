@@ -114,6 +114,7 @@ class SshTarget(Target):
         self._backoff = 0.0
         self._retry_at = 0.0
         self._agent: SshAgent | None = None
+        self._made_dirs: set[str] = set()
 
     def __repr__(self) -> str:
         return f"SshTarget({self.name!r}, {self.user}@{self.host}:{self.port})"
@@ -142,6 +143,12 @@ class SshTarget(Target):
 
     def path(self, p: str) -> str:
         return p if p.startswith("/") else posixpath.join(self.workdir, p)
+
+    def forget_host_key(self) -> int:
+        """Drop this box's pinned host key (a rebuilt box; the next connect pins the new one).
+        Returns how many pins went."""
+        self.close()
+        return hostkeys.forget_host_key(self.known_hosts, self.host, self.port)
 
     # -- connection -------------------------------------------------------------------------
     def _keys(self) -> list[paramiko.PKey]:
@@ -318,7 +325,9 @@ class SshTarget(Target):
                 if not data:
                     chan.shutdown_write()
                 while True:
-                    if pos < len(data) and chan.send_ready():
+                    if pos < len(data) and chan.exit_status_ready():
+                        pos = len(data)  # the command ended without reading all its input
+                    elif pos < len(data) and chan.send_ready():
                         pos += chan.send(data[pos : pos + 32768])
                         if pos >= len(data):
                             chan.shutdown_write()
@@ -333,7 +342,11 @@ class SshTarget(Target):
                     if dog.fired or not t.is_active():
                         raise EOFError("connection closed")
                     select.select([chan], [], [], 0.02)
-                if dog.fired or not chan.exit_status_ready() or (chan.exit_status == -1 and not t.is_active()):
+                if (
+                    dog.fired
+                    or not chan.exit_status_ready()
+                    or (chan.exit_status == -1 and not t.is_active())
+                ):
                     raise EOFError("connection closed before the command ended")
                 rc = chan.recv_exit_status()
             except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -418,12 +431,15 @@ class SshTarget(Target):
         """Mirror `local_dir` into `remote_dir` with rsync over ssh (same key, port, pins).
         With `filter_files` (relative paths) exactly those are mirrored."""
         dest = self.path(remote_dir)
-        # Connects (and pins the host key) first, so rsync's StrictHostKeyChecking=yes can pass.
-        self.run(
-            ["mkdir", "-p", "--", dest],
-            timeout=self.connect_timeout + self.command_timeout,
-            check=True,
-        )
+        # Connects (and pins the host key) first, so rsync's StrictHostKeyChecking=yes can pass;
+        # once a destination exists, a re-sync skips this round trip.
+        if dest not in self._made_dirs:
+            self.run(
+                ["mkdir", "-p", "--", dest],
+                timeout=self.connect_timeout + self.command_timeout,
+                check=True,
+            )
+            self._made_dirs.add(dest)
         with include_list_file(filter_files) as ff:
             argv = rsync_argv(
                 f"{Path(local_dir)}/",

@@ -48,6 +48,7 @@ PROVIDER = "vast"
 DEAD_STATES = frozenset({"exited", "offline", "unknown"})
 MAX_OFFERS = 3  # offers tried when one is gone (no_such_ask)
 MAX_BOOT_FAILURES = 2  # "destroy and try the next offer once"
+UNSEEN_GRACE_S = 30.0  # a new instance may not show up in `show` at once
 
 
 class ProvisionFailed(ProviderError):
@@ -182,12 +183,22 @@ def wait_running(
     interruptible: bool,
     on_status: Callable[[Instance], None] | None = None,
 ) -> Instance:
-    """Poll `show` until the instance runs with an ssh endpoint; ProvisionFailed otherwise."""
+    """Poll `show` until the instance runs with an ssh endpoint; ProvisionFailed otherwise.
+
+    A just-created instance may not be visible for a moment (`{"instances": null}`): that is
+    tolerated for `UNSEEN_GRACE_S`, after which it counts as gone.
+    """
     last = None
+    started = time.monotonic()
+    seen = False
     while True:
         inst = client.show_instance(iid)
         if inst is None:
-            raise ProvisionFailed(f"Vast instance {iid} disappeared while starting")
+            if seen or time.monotonic() - started >= UNSEEN_GRACE_S or time.monotonic() >= deadline:
+                raise ProvisionFailed(f"Vast instance {iid} disappeared while starting")
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+            continue
+        seen = True
         status = (inst.actual_status, inst.status_msg)
         if on_status is not None and status != last:
             on_status(inst)
@@ -310,25 +321,25 @@ def up(ctx: Context, name: str | None, *, keep: bool = False, bootstrap: bool = 
 
 
 def _reuse_live(ctx: Context, client: VastClient, name: str, cfg: VastConfig) -> Instance | None:
+    """The target's recorded instance if it can still serve (a stopped one is started again);
+    None after clearing it away when it is gone, outbid or broken."""
     row = ctx.store.live_instance_for(name)
     if row is None:
         return None
-    inst = client.show_instance(int(row["instance_id"]))
-    if inst is None or boot_problem(inst, interruptible=cfg.interruptible):
-        why = (
-            "gone" if inst is None else (boot_problem(inst, interruptible=cfg.interruptible) or "")
-        )
-        ctx.err.print(
-            f"[yellow]the recorded instance {row['instance_id']} of {name} is {why}; renting a new one[/]"
-        )
-        if inst is not None:
-            client.destroy_instance(inst.id)
-        ctx.store.upsert_instance(
-            PROVIDER, str(row["instance_id"]), name, state="gone", destroyed_at=now_iso()
-        )
-        ctx.store.upsert_target(name, PROVIDER, python="", bootstrap_hash="")
-        return None
-    return inst
+    iid = int(row["instance_id"])
+    inst = client.show_instance(iid)
+    outbid = inst is not None and inst.outbid and (cfg.interruptible or bool(inst.is_bid))
+    if inst is not None and inst.actual_status == "stopped" and not outbid:
+        # Stopped on purpose (idle_action = "stop", or in the console): its disk is intact.
+        ctx.console.print(f"starting the stopped instance {iid} of {name}")
+        client.start_instance(iid)
+        return client.show_instance(iid) or inst
+    problem = "is gone" if inst is None else boot_problem(inst, interruptible=cfg.interruptible)
+    if problem is None:
+        return inst
+    ctx.err.print(f"[yellow]the recorded instance {iid} of {name} {problem}; renting a new one[/]")
+    destroy_recorded(ctx, client, name, cfg, iid, "it can no longer serve")
+    return None
 
 
 def _create(

@@ -1,8 +1,9 @@
 """`orch dashboard` for real, inside tmux: the screen shows the store's runs and `q` exits cleanly.
 
-The store is filled through the Store API in a temp state dir (ORCH_STATE_DIR). The dashboard
-runs with `--no-monitor`: these runs exist only in the store, and polling the local target for
-them would (rightly) change their phases under the test.
+The store is filled through the Store API in a temp state dir (ORCH_STATE_DIR). The first two
+tests run it with `--no-monitor`: those runs exist only in the store, and polling the local target
+for them would (rightly) change their phases under the test. The last one launches a real run and
+lets the dashboard run the monitor itself.
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def tmux() -> Iterator[Tmux]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def start_dashboard(tmux: Tmux, tmp_path: Path, state_dir: Path, width: int, height: int) -> Path:
+def start_dashboard(
+    tmux: Tmux, tmp_path: Path, state_dir: Path, width: int, height: int, *, monitor: bool = False
+) -> Path:
     rc_file = tmp_path / "rc"
     stty_file = tmp_path / "stty"
     env = {
@@ -137,7 +140,9 @@ def start_dashboard(tmux: Tmux, tmp_path: Path, state_dir: Path, width: int, hei
         "PATH": os.environ.get("PATH", ""),
         "TERM": "xterm-256color",
     }
-    dash = [sys.executable, "-m", "orchestrator", "dashboard", "--no-monitor", "--fps", "4"]
+    dash = [sys.executable, "-m", "orchestrator", "dashboard", "--fps", "4"]
+    if not monitor:
+        dash.append("--no-monitor")
     script = (
         f"cd {shlex.quote(str(tmp_path))}; "
         f"env -i {' '.join(shlex.quote(f'{k}={v}') for k, v in env.items())} {shlex.join(dash)}; "
@@ -203,3 +208,60 @@ def test_dashboard_in_a_narrow_tmux_drops_columns_instead_of_wrapping(
     assert shown and all(r.phase.value in next(ln for ln in lines if r.run_id in ln) for r in shown)
     assert "recent loss" not in screen
     assert quit_and_wait(tmux, rc_file) == "0"
+
+
+# -- with a real run: the dashboard runs the monitor itself ----------------------------------
+def make_project(root: Path) -> Path:
+    """The repo's code (what codesync sends) + pyproject.toml + an orch.toml, in a temp dir."""
+    root.mkdir(parents=True)
+    for pkg in ("state", "worker", "jobs", "orchestrator"):
+        shutil.copytree(
+            REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    (root / "orch.toml").write_text(
+        '[targets.local]\nkind = "local"\n[monitor]\ninterval_s = 1.0\n'
+    )
+    return root
+
+
+def test_dashboard_runs_the_monitor_itself_and_sees_a_real_run_finish(
+    tmux: Tmux, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No `orch watch`: the dashboard polls the local target and shows the run succeed."""
+    require_tools("tmux", "rsync")
+    from jobs.spec import StageSpec
+    from orchestrator.context import Context
+    from orchestrator.launch import launch_stage
+    from orchestrator.monitor.lock import watcher_running
+    from state.models import WorkerTask
+
+    project = make_project(tmp_path / "proj")
+    state_dir = tmp_path / "state"
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("ORCH_STATE_DIR", str(state_dir))
+    ctx = Context()
+    stage = StageSpec(
+        name="dashdemo",
+        stage_dir="dashdemo_dir",
+        task=WorkerTask(
+            command="exec", args={"argv": [sys.executable, "-c", "import time; time.sleep(4)"]}
+        ),
+        timeout_s=300,
+    )
+    rec = launch_stage(ctx, stage, "local")
+    assert rec.phase is Phase.RUNNING
+    try:
+        rc_file = start_dashboard(tmux, project, state_dir, 160, 40, monitor=True)
+        screen = tmux.wait_for(rec.run_id)
+        assert "monitor: in-process" in tmux.wait_for("monitor: in-process")
+        assert watcher_running(ctx)  # it holds the watcher lock while it polls
+        screen = tmux.wait_for("succeeded", timeout=90)
+        line = next(ln for ln in screen.splitlines() if rec.run_id in ln)
+        assert "succeeded" in line and "exit 0" in line
+        assert quit_and_wait(tmux, rc_file) == "0"
+        assert not watcher_running(ctx)  # and lets go of it on exit
+        final = ctx.store.get_run(rec.stage_dir, rec.run_id)
+        assert final is not None and final.phase is Phase.SUCCEEDED
+    finally:
+        ctx.close()

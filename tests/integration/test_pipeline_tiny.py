@@ -42,7 +42,9 @@ REDUCED = [
 
 
 @pytest.fixture
-def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     require_tools("tmux", "rsync")
     pytest.importorskip("torch")
     root = tmp_path / "proj"
@@ -66,7 +68,9 @@ def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_facto
     return root
 
 
-def test_run_all_tiny_study_writes_the_report(tiny_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_all_tiny_study_writes_the_report(
+    tiny_project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ["run-all"]
     for item in REDUCED:
         args += ["--set", item]
@@ -76,11 +80,21 @@ def test_run_all_tiny_study_writes_the_report(tiny_project: Path, capsys: pytest
     ctx = Context()
     try:
         runs = {r.stage: r for r in ctx.store.list_runs()}
-        assert set(runs) == {"stage1", "stage2", "stage3a", "stage3b", "stage3b-leaky", "stage4", "stage4a"}
+        assert set(runs) == {
+            "stage1",
+            "stage2",
+            "stage3a",
+            "stage3b",
+            "stage3b-leaky",
+            "stage4",
+            "stage4a",
+        }
         assert all(r.phase == Phase.SUCCEEDED for r in runs.values())
         for stage, upstream in (("stage4", "stage3b"), ("stage4a", "stage3a")):
             spec = json.loads(runs[stage].spec_json)
-            assert spec["task"]["args"]["model"].endswith(f"{runs[upstream].run_dir}/checkpoints/final")
+            assert spec["task"]["args"]["model"].endswith(
+                f"{runs[upstream].run_dir}/checkpoints/final"
+            )
     finally:
         ctx.close()
 
@@ -108,10 +122,14 @@ def test_run_all_tiny_study_writes_the_report(tiny_project: Path, capsys: pytest
     leaky = stages["stage3b-leaky"]["probes"][-1]
     prefix = stages["stage3b"]["probes"][-1]
     assert leaky["ratio"] < 0.5 and prefix["ratio"] > 0.5
-    assert numbers["math"]["delta"] is not None and numbers["math"]["retention"]["value"] is not None
+    assert (
+        numbers["math"]["delta"] is not None and numbers["math"]["retention"]["value"] is not None
+    )
 
 
-def test_failed_upstream_stops_with_deps(tiny_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_failed_upstream_stops_with_deps(
+    tiny_project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # stage 3B's data names a tiny task that does not exist: the worker refuses it
     rc = main(["launch", "stage4", "--with-deps", "--set", "stage3b.data.source=tiny:no_such_task"])
     assert rc != 0
@@ -132,7 +150,10 @@ def test_bad_input_launches_nothing(tiny_project: Path, capsys: pytest.CaptureFi
         (["run-all", "--set", "maxsteps=3"], "takes the key 'maxsteps'"),
         (["run-all", "--profile", "huge"], "unknown experiment profile 'huge'"),
         (["run-all", "--targets", "local,nope"], "unknown target 'nope'"),
-        (["launch", "stage4", "--with-deps", "--set", "stage4.max_steps=3"], "does not take the key 'max_steps'"),
+        (
+            ["launch", "stage4", "--with-deps", "--set", "stage4.max_steps=3"],
+            "does not take the key 'max_steps'",
+        ),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()

@@ -47,6 +47,7 @@ class Env:
     sshd: SshServer
     box: Box
     remote: Path
+    capsys: pytest.CaptureFixture[str] | None = None
     outputs: list[str] = field(default_factory=list)
 
     def orch(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -60,6 +61,15 @@ class Env:
         )
         self.outputs += [res.stdout, res.stderr]
         return res
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the `orch` CLI in this process (cheaper than a process; same code path)."""
+        assert self.capsys is not None
+        self.capsys.readouterr()
+        rc = main(list(args))
+        out, err = self.capsys.readouterr()
+        self.outputs += [out, err]
+        return subprocess.CompletedProcess(["orch", *args], rc, out, err)
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -98,7 +108,11 @@ def toml(server: VastServer, sshd: SshServer, remote: Path, **extra: str) -> str
 
 @pytest.fixture
 def env(
-    fresh_sshd: SshServer, tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+    fresh_sshd: SshServer,
+    tmp_path: Path,
+    isolated_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> Iterator[Env]:
     box = Box(
         host=fresh_sshd.host,
@@ -123,7 +137,7 @@ def env(
     (root / "orch.toml").write_text(toml(server, fresh_sshd, remote))
     monkeypatch.chdir(root)
     try:
-        yield Env(root, server, fresh_sshd, box, remote)
+        yield Env(root, server, fresh_sshd, box, remote, capsys)
     finally:
         server.stop()
         with contextlib.suppress(Exception):  # runs this test started on the loopback "box"
@@ -242,9 +256,14 @@ def test_up_launch_down_end_to_end(env: Env) -> None:
             assert rec.target == "gpu" and rec.phase == Phase.RUNNING
             assert wait_exit(ctx, "gpu", rec) == 0
             assert "\nhi from vast\n" in (env.remote / rec.run_dir / "stdout.log").read_text()
+            from orchestrator.monitor.refresh import refresh_once
+
+            refresh_once(ctx, ["gpu"])
+            done = ctx.store.get_run(rec.stage_dir, rec.run_id)
+            assert done is not None and done.phase == Phase.SUCCEEDED and done.pulled_at is None
 
             # `orch instances`: ours with its target, the console's one marked.
-            listed = env.orch("instances")
+            listed = env.cli("instances")
             assert listed.returncode == 0, listed.stderr
             assert (
                 str(iid) in listed.stdout
@@ -253,18 +272,33 @@ def test_up_launch_down_end_to_end(env: Env) -> None:
             )
 
             # `orch up` again reuses the live instance: nothing new is rented.
-            again_up = env.orch("up")
+            again_up = env.cli("up")
             assert again_up.returncode == 0, again_up.stderr
             assert "already exists" in again_up.stdout and list(env.server.create_bodies) == [iid]
+            # A stopped (not outbid) instance is started again rather than replaced.
+            env.server.set_status(
+                iid, actual="stopped", cur="stopped", intended="stopped", next_="stopped"
+            )
+            restarted = env.cli("up")
+            assert restarted.returncode == 0, restarted.stderr
+            assert "starting the stopped instance" in restarted.stdout
+            assert env.server.instances[iid]["actual_status"] == "running"
+            assert list(env.server.create_bodies) == [iid]
 
             # down refuses while a run is active...
-            busy = launch_mod.launch_stage(ctx, stage("vt-sleep", "sleep", "120"), "gpu")
-            refused = env.orch("down")
+            busy = launch_mod.launch_stage(
+                ctx, stage("vt-sleep", "sleep", "120"), "gpu", sync=False
+            )
+            refused = env.cli("down")
             assert refused.returncode != 0 and "active run" in refused.stderr
             assert iid in env.server.instances
             # ...and --force destroys anyway, marking the run cancelled.
-            gone = env.orch("down", "--force")
+            gone = env.orch("down", "--force", "--pull")
             assert gone.returncode == 0, gone.stderr
+            # --pull fetched the finished run (verified against its manifest) before destroying.
+            assert (ctx.runs_dir / rec.stage_dir / rec.run_id / "manifest.json").is_file()
+            pulled = ctx.store.get_run(rec.stage_dir, rec.run_id)
+            assert pulled is not None and pulled.pulled_at is not None
             assert iid not in env.server.instances and foreign in env.server.instances
             after = ctx.store.get_run(busy.stage_dir, busy.run_id)
             assert after is not None and after.phase == Phase.CANCELLED
@@ -272,7 +306,7 @@ def test_up_launch_down_end_to_end(env: Env) -> None:
             assert not known.exists()  # the pinned key went with the instance
             with pytest.raises(TargetError, match="orch up gpu"):
                 make_target(ctx, "gpu")
-            again = env.orch("down")
+            again = env.cli("down")
             assert again.returncode == 0 and "nothing to destroy" in again.stdout
         finally:
             ctx.close()
@@ -292,7 +326,7 @@ def test_failure_after_create_destroys_and_tries_next_offer_once(env: Env) -> No
     first = env.server.add_offer(dph_total=0.2, boot="exited")
     second = env.server.add_offer(dph_total=0.3, boot="error_msg")
     env.server.add_offer(dph_total=0.4)  # never tried: one retry only
-    res = env.orch("up")
+    res = env.cli("up")
     assert res.returncode != 0
     assert "pull access denied" in res.stderr  # Vast's own status message
     assert f"offer {first}" in res.stdout and f"offer {second}" in res.stdout
@@ -314,14 +348,14 @@ def test_failure_after_running_destroys_unless_keep(env: Env) -> None:
         path=r"/ssh/$",
         method="POST",
     )
-    res = env.orch("up")
+    res = env.cli("up")
     assert res.returncode != 0 and "ssh key service down" in res.stderr
     assert env.server.instances == {} and "destroyed Vast instance" in res.stderr
 
     env.server.add_offer(boot="exited")
-    kept = env.orch("up", "--keep")
+    kept = env.cli("up", "--keep")
     assert kept.returncode != 0 and len(env.server.instances) == 1  # --keep: left for inspection
-    assert env.orch("down").returncode == 0 and env.server.instances == {}
+    assert env.cli("down").returncode == 0 and env.server.instances == {}
 
 
 def test_low_bid_that_creates_a_stopped_instance_is_destroyed(env: Env) -> None:
@@ -329,7 +363,7 @@ def test_low_bid_that_creates_a_stopped_instance_is_destroyed(env: Env) -> None:
         toml(env.server, env.sshd, env.remote, interruptible="true", bid_dph="0.05")
     )
     env.server.add_offer(min_bid=0.2)
-    res = env.orch("up")
+    res = env.cli("up")
     assert res.returncode != 0 and "bid" in res.stderr and "below the minimum" in res.stderr
     assert env.server.instances == {} and len(env.server.create_bodies) == 1
     assert next(iter(env.server.create_bodies.values()))["price"] == 0.05
@@ -361,7 +395,7 @@ def test_preemption_marks_runs_lost_with_an_alert(env: Env) -> None:
         toml(env.server, env.sshd, env.remote, interruptible="true")
     )
     env.server.add_offer(min_bid=0.15)
-    assert env.orch("up").returncode == 0
+    assert env.cli("up").returncode == 0
     ctx = Context()
     try:
         iid = int(live_row(ctx)["instance_id"])
@@ -400,16 +434,16 @@ def test_preemption_marks_runs_lost_with_an_alert(env: Env) -> None:
         assert live_row(ctx)["state"] == "outbid"
     finally:
         ctx.close()
-    assert env.orch("down").returncode == 0 and env.server.instances == {}
+    assert env.cli("down").returncode == 0 and env.server.instances == {}
 
 
 def test_up_without_key_or_vast_target_is_one_clear_error(env: Env, isolated_home: Path) -> None:
     (isolated_home / ".config" / "vastai" / "vast_api_key").unlink()
     env.server.add_offer()
-    res = env.orch("up")
+    res = env.cli("up")
     assert (
         res.returncode == 2 and "no Vast API key" in res.stderr and env.server.create_bodies == {}
     )
-    res = env.orch("up", "local")
+    res = env.cli("up", "local")
     assert res.returncode == 2 and "not 'vast'" in res.stderr
     assert main(["down", "nope"]) == 2

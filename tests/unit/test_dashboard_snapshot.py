@@ -217,4 +217,47 @@ def test_selection_moves_and_follows_the_run_and_store_changes_are_noticed() -> 
     assert app.selected_run().run_id == "20261125-090000"  # type: ignore[union-attr]
     assert app.handle("home") and app.selected_index() == 0
     assert not app.handle("quit")
+    app.close()
+    ctx.close()
+
+
+def test_monitor_log_lines_go_to_the_footer_not_the_screen(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    from orchestrator.dashboard.app import quiet_logs
+
+    seen: list[str] = []
+    with quiet_logs(seen.append):
+        logging.getLogger("orch.monitor.scheduler").warning("poll of box failed")
+        logging.getLogger("apscheduler.scheduler").warning("job missed")
+    assert seen == [
+        "orch.monitor.scheduler: poll of box failed",
+        "apscheduler.scheduler: job missed",
+    ]
+    assert "poll of box" not in capsys.readouterr().err
+    assert logging.getLogger("orch").propagate  # put back
+
+
+def test_in_process_monitor_defers_to_a_running_orch_watch() -> None:
+    from orchestrator.dashboard.app import InProcessMonitor
+    from orchestrator.monitor.lock import WatcherLock, watcher_running
+
+    ctx = Context()
+    other = WatcherLock(ctx.state_dir)  # what `orch watch` holds
+    other.acquire()
+    try:
+        mon = InProcessMonitor(ctx)
+        mon.ensure()
+        assert not mon.running and mon.label == "orch watch" and not mon.poke()
+    finally:
+        other.release()
+    mon = InProcessMonitor(ctx)
+    mon.ensure()
+    try:
+        assert mon.running and mon.label == "in-process" and watcher_running(ctx)
+    finally:
+        mon.stop()
+    assert not watcher_running(ctx)
     ctx.close()

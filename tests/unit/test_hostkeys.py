@@ -39,7 +39,9 @@ def test_first_use_pins_in_openssh_format(tmp_path: Path, keys) -> None:
     line = kh.read_text().strip()
     assert line == f"[127.0.0.1]:2222 ssh-ed25519 {keys['a'].get_base64()}"
     # OpenSSH itself finds the pin, so ssh/rsync with StrictHostKeyChecking=yes will accept it.
-    found = subprocess.run(["ssh-keygen", "-F", "[127.0.0.1]:2222", "-f", str(kh)], capture_output=True, text=True)
+    found = subprocess.run(
+        ["ssh-keygen", "-F", "[127.0.0.1]:2222", "-f", str(kh)], capture_output=True, text=True
+    )
     assert found.returncode == 0 and keys["a"].get_base64() in found.stdout
 
 

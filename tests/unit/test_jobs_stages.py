@@ -256,3 +256,26 @@ def test_scheduler_stops_after_a_failure() -> None:
     assert s.failed == ["stage3b"]
     assert s.not_launched() == ["stage4"]
     assert s.next_launches() == []
+
+
+def test_pipeline_specs_take_study_wide_overrides() -> None:
+    from orchestrator.pipeline_runner import resolve_specs
+
+    specs = resolve_specs(
+        ["stage1", "stage3a", "stage4", "report"],
+        "tiny",
+        {"max_steps": "5", "tasks.0.limit": "3"},
+        {"lr": 0.1},
+    )
+    assert specs["stage3a"].task.args["max_steps"] == 5 and specs["stage3a"].task.args["lr"] == 0.1
+    assert (
+        specs["stage1"].task.args["tasks"][0]["limit"] == 3
+        and "max_steps" not in specs["stage1"].task.args
+    )
+    assert specs["stage4"].task.args["tasks"][0]["limit"] == 3
+    assert specs["report"].local_only
+    with pytest.raises(ConfigError, match="max_stepz"):
+        resolve_specs(["stage3a"], "tiny", {"max_stepz": 5}, None)
+    # a key only eval stages take is a typo for a plan of training stages
+    with pytest.raises(ConfigError, match="tasks"):
+        resolve_specs(["stage3a", "stage3b"], "tiny", {"tasks.0.limit": 5}, None)

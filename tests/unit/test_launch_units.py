@@ -34,7 +34,10 @@ WRAPPER = Path(wrapper.__file__).with_name(wrapper.WRAPPER_RESOURCE)
 
 def run_wrapper(run_dir: Path, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["sh", str(WRAPPER), str(run_dir), "--", *argv], capture_output=True, text=True, timeout=timeout
+        ["sh", str(WRAPPER), str(run_dir), "--", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -45,7 +48,9 @@ def exit_code(run_dir: Path) -> str:
 # -- the wrapper script ---------------------------------------------------------------------------
 def test_wrapper_records_exit_code_pid_and_output(tmp_path):
     rd = tmp_path / "run"
-    res = run_wrapper(rd, sys.executable, "-c", "import os; print('out', os.getpid()); import sys; sys.exit(3)")
+    res = run_wrapper(
+        rd, sys.executable, "-c", "import os; print('out', os.getpid()); import sys; sys.exit(3)"
+    )
     assert res.returncode == 3
     assert exit_code(rd) == "3"
     log = (rd / names.STDOUT).read_text()
@@ -60,7 +65,9 @@ def test_wrapper_records_exit_code_pid_and_output(tmp_path):
 
 def test_wrapper_records_128_plus_signal_when_the_command_is_killed(tmp_path):
     rd = tmp_path / "run"
-    res = run_wrapper(rd, sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    res = run_wrapper(
+        rd, sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    )
     assert res.returncode == 137
     assert exit_code(rd) == "137"
 
@@ -68,7 +75,9 @@ def test_wrapper_records_128_plus_signal_when_the_command_is_killed(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
 def test_wrapper_signalled_stops_the_command_and_records_exit_code(tmp_path, sig):
     rd = tmp_path / "run"
-    proc = subprocess.Popen(["sh", str(WRAPPER), str(rd), "--", sys.executable, "-c", "import time; time.sleep(60)"])
+    proc = subprocess.Popen(
+        ["sh", str(WRAPPER), str(rd), "--", sys.executable, "-c", "import time; time.sleep(60)"]
+    )
     deadline = time.monotonic() + 20
     while not (rd / names.PID).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -85,7 +94,7 @@ def test_wrapper_signalled_stops_the_command_and_records_exit_code(tmp_path, sig
 def test_wrapper_sources_secrets_then_deletes_them(tmp_path):
     rd = tmp_path / "run"
     rd.mkdir()
-    tricky = "it's a $SECRET `with` \"quotes\"\nand a newline; rm -rf /"
+    tricky = 'it\'s a $SECRET `with` "quotes"\nand a newline; rm -rf /'
     (rd / wrapper.SECRETS_FILE).write_text(wrapper.secrets_env_text({"MY_TOKEN": tricky}))
     os.chmod(rd / wrapper.SECRETS_FILE, 0o600)
     code = "import os, sys; sys.stdout.write(os.environ['MY_TOKEN'])"
@@ -102,10 +111,16 @@ def test_wrapper_missing_program_still_writes_exit_code(tmp_path):
 
 # -- command building -----------------------------------------------------------------------------
 _env_names = st.from_regex(r"[A-Z_][A-Z0-9_]{0,10}", fullmatch=True)
-_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30)
+_text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30
+)
 
 
-@given(env=st.dictionaries(_env_names, _text, max_size=4), argv=st.lists(_text, min_size=1, max_size=5), path=_text)
+@given(
+    env=st.dictionaries(_env_names, _text, max_size=4),
+    argv=st.lists(_text, min_size=1, max_size=5),
+    path=_text,
+)
 def test_wrapper_command_splits_back_to_the_same_argv(env, argv, path):
     cmd = wrapper.wrapper_command(wrapper_path="/w/run.sh", run_dir_abs=path, argv=argv, env=env)
     expected = ["env", *(f"{k}={v}" for k, v in env.items()), "sh", "/w/run.sh", path, "--", *argv]
@@ -113,9 +128,21 @@ def test_wrapper_command_splits_back_to_the_same_argv(env, argv, path):
 
 
 def test_run_env_puts_orch_variables_last_and_rejects_bad_names():
-    spec = RunSpec(run_id="20260101-000000", stage="s", stage_dir="d", task=WorkerTask(command="exec", args={"argv": ["true"]}))
-    env = wrapper.run_env(code_dir="/w/code", run_dir_abs="/w/runs/d/r", spec=spec, extra={"PYTHONPATH": "/evil", "A": "1"})
-    assert env["PYTHONPATH"] == "/w/code" and env["A"] == "1" and env["ORCH_RUN_DIR"] == "/w/runs/d/r"
+    spec = RunSpec(
+        run_id="20260101-000000",
+        stage="s",
+        stage_dir="d",
+        task=WorkerTask(command="exec", args={"argv": ["true"]}),
+    )
+    env = wrapper.run_env(
+        code_dir="/w/code",
+        run_dir_abs="/w/runs/d/r",
+        spec=spec,
+        extra={"PYTHONPATH": "/evil", "A": "1"},
+    )
+    assert (
+        env["PYTHONPATH"] == "/w/code" and env["A"] == "1" and env["ORCH_RUN_DIR"] == "/w/runs/d/r"
+    )
     for bad in ("A;B", "1A", "A B", "", "A=B"):
         with pytest.raises(ConfigError, match="environment variable"):
             wrapper.check_env_name(bad)
@@ -168,7 +195,10 @@ def test_worker_requirements_reads_base_and_worker_extra(tmp_path):
     (tmp_path / "pyproject.toml").write_text(
         '[project]\nname="x"\ndependencies=["pydantic>=2"]\n[project.optional-dependencies]\nworker=["torch==2.13.0"]\ndev=["pytest"]\n'
     )
-    assert bootstrap.worker_requirements(tmp_path / "pyproject.toml") == ["pydantic>=2", "torch==2.13.0"]
+    assert bootstrap.worker_requirements(tmp_path / "pyproject.toml") == [
+        "pydantic>=2",
+        "torch==2.13.0",
+    ]
     with pytest.raises(ConfigError, match="not found"):
         bootstrap.worker_requirements(tmp_path / "missing.toml")
 
@@ -193,10 +223,14 @@ def test_resolve_inputs_picks_latest_succeeded_run_on_the_same_target(tmp_path):
             name="down", stage_dir="down_dir", task=WorkerTask(command="eval"),
             inputs=[InputRef(stage="up", artifact="checkpoints/final", arg="model")],
         )  # fmt: skip
-        assert launch.resolve_inputs(ctx, stage, "local") == {"model": "runs/up_dir/20260101-000002/checkpoints/final"}
+        assert launch.resolve_inputs(ctx, stage, "local") == {
+            "model": "runs/up_dir/20260101-000002/checkpoints/final"
+        }
         with pytest.raises(StageError, match="needs a succeeded run of up on target 'other'"):
             launch.resolve_inputs(ctx, stage, "other")
-        bad = stage.model_copy(update={"inputs": [InputRef(stage="up", artifact="../../etc/passwd")]})
+        bad = stage.model_copy(
+            update={"inputs": [InputRef(stage="up", artifact="../../etc/passwd")]}
+        )
         with pytest.raises(StageError, match="invalid artifact path"):
             launch.resolve_inputs(ctx, bad, "local")
     finally:
@@ -261,7 +295,14 @@ def test_stage_row():
         task=WorkerTask(command="eval", args={"mask": "prefix"}),
         inputs=[InputRef(stage="stage3b")], timeout_s=9 * 3600,
     )  # fmt: skip
-    assert stages_cmd.stage_row(s) == ["stage4", "stage4_post_ft_ablation_eval", "eval", "prefix", "stage3b", "9h"]
+    assert stages_cmd.stage_row(s) == [
+        "stage4",
+        "stage4_post_ft_ablation_eval",
+        "eval",
+        "prefix",
+        "stage3b",
+        "9h",
+    ]
     assert stages_cmd.format_timeout(90) == "1.5m" and stages_cmd.format_timeout(5) == "5s"
 
 
@@ -270,7 +311,31 @@ def test_lock_file_probe_program_is_valid_python(tmp_path):
     venv = tmp_path / "venv"
     venv.mkdir()
     (venv / bootstrap.LOCK_FILE).write_text(json.dumps({"hash": "abc", "python": "3.11.7"}))
-    out = subprocess.run([sys.executable, "-c", bootstrap._PROBE, str(venv)], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-c", bootstrap._PROBE, str(venv)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     raw = json.loads(out.stdout)
     assert raw["lock"]["hash"] == "abc" and raw["venv_python"] is False
-    assert raw["version"] == "%d.%d.%d" % sys.version_info[:3]
+    assert raw["version"] == ".".join(str(v) for v in sys.version_info[:3])
+
+
+def test_insert_new_run_survives_a_same_second_clash(tmp_path):
+    """Two launches of one stage in one second (run-all's threads) get distinct rows."""
+    ctx = Context(cwd=tmp_path)
+    try:
+        stage = StageSpec(
+            name="s", stage_dir="s_dir", task=WorkerTask(command="exec", args={"argv": ["true"]})
+        )
+        a = launch._insert_new_run(ctx, stage, "local", "20260101-000000", fixed=False)
+        b = launch._insert_new_run(ctx, stage, "local", "20260101-000000", fixed=False)
+        assert a.run_id == "20260101-000000" and b.run_id != a.run_id and names.is_run_id(b.run_id)
+        assert b.session == f"orch-s-{b.run_id}" and b.run_dir == f"runs/s_dir/{b.run_id}"
+        from state.errors import LaunchError
+
+        with pytest.raises(LaunchError, match="already exists"):
+            launch._insert_new_run(ctx, stage, "local", "20260101-000000", fixed=True)
+    finally:
+        ctx.close()

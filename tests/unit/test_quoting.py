@@ -77,7 +77,9 @@ def test_quote_argv_splits_back_in_a_real_shell(argv: list[str]) -> None:
 
 
 def test_nasty_argv_in_a_real_shell() -> None:
-    out = subprocess.run(["sh", "-c", quote_argv(["printf", "%s\\0", *NASTY])], capture_output=True, check=True)
+    out = subprocess.run(
+        ["sh", "-c", quote_argv(["printf", "%s\\0", *NASTY])], capture_output=True, check=True
+    )
     assert _nul_split(out.stdout) == NASTY
 
 
@@ -120,7 +122,9 @@ def test_nasty_argv_round_trips_through_real_ssh(sshd_server, tmp_path: Path) ->
 
 
 def test_ssh_options_are_strict(tmp_path: Path) -> None:
-    ep = SshEndpoint(host="h", port=2222, user="u", known_hosts=tmp_path / "kh", identity_file=tmp_path / "k")
+    ep = SshEndpoint(
+        host="h", port=2222, user="u", known_hosts=tmp_path / "kh", identity_file=tmp_path / "k"
+    )
     opts = ssh_options(ep)
     joined = " ".join(opts)
     for needed in (
@@ -162,12 +166,24 @@ def test_parse_rsync_stats_from_real_rsync(tmp_path: Path) -> None:
     (src / "f.bin").write_bytes(b"x" * 123_456)
     (src / "g.txt").write_text("hello")
     argv = rsync_argv(f"{src}/", f"{dst}/")
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"},
+    )
     stats = parse_rsync_stats(out.stdout)
     assert stats.files_transferred == 2
     assert stats.total_size == 123_456 + 5
     assert stats.literal_bytes == 123_456 + 5
-    again = subprocess.run(argv, capture_output=True, text=True, check=True, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"})
+    again = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"},
+    )
     noop = parse_rsync_stats(again.stdout)
     assert noop.files_transferred == 0 and noop.literal_bytes == 0
     assert noop.total_size == stats.total_size
