@@ -174,6 +174,8 @@ def parse_rsync_stats(text: str) -> SyncStats:
     )
 
 
+_NOT_FOUND = re.compile(r"command not found|: not found|No such file or directory")
+
 #: rsync exit codes that mean "the other side went away" rather than "the command was wrong".
 _UNREACHABLE_CODES = {10, 12, 30, 35, 255}
 
@@ -206,6 +208,14 @@ def run_rsync(argv: list[str], *, timeout: float | None, what: str) -> SyncStats
         or "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr
     ):
         raise HostKeyError(f"{what}: ssh refused the host key: {_tail(stderr)}")
+    if rc != 0 and "(0 bytes received so far)" in stderr and _NOT_FOUND.search(stderr):
+        # The remote shell could not run rsync: a missing package, not a dead box.
+        raise RemoteCommandError(
+            f"{what}: rsync could not start on the other side: {_tail(stderr.splitlines()[0])}",
+            returncode=rc,
+            stderr=stderr,
+            hint="install it there (apt-get install -y rsync)",
+        )
     if rc in _UNREACHABLE_CODES or rc < 0:
         raise UnreachableError(f"{what}: connection lost (rsync exit {rc}): {_tail(stderr)}")
     if rc not in (0, 24):

@@ -33,10 +33,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rich.console import Console  # noqa: E402
+from rich.panel import Panel  # noqa: E402
+from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
 
 from orchestrator.config import OrchConfig  # noqa: E402
-from orchestrator.dashboard.render import render, runs_table  # noqa: E402
-from orchestrator.dashboard.snapshot import gather  # noqa: E402
+from orchestrator.dashboard.render import (  # noqa: E402
+    fmt_duration,
+    fmt_loss,
+    fmt_rate,
+    phase_text,
+    progress_text,
+    render,
+    runs_table,
+    sparkline,
+)
+from orchestrator.dashboard.snapshot import Snapshot, gather  # noqa: E402
 from state.models import GpuStat, RunRecord, RunStatus, TargetObservation  # noqa: E402
 from state.phases import Phase  # noqa: E402
 from state.store import Store  # noqa: E402
@@ -118,6 +130,46 @@ def populate(state_dir: Path) -> None:
     store.close()
 
 
+def rich_table_panel(snap: Snapshot, now: datetime, rows: int) -> Panel:
+    """The runs panel built the obvious way, with a rich `Table` (the baseline for the ratio)."""
+    table = Table(box=None, padding=(0, 1, 0, 0), header_style="bold")
+    for header in (
+        "stage",
+        "run id",
+        "target",
+        "phase",
+        "progress",
+        "step",
+        "loss",
+        "recent loss",
+        "step/s",
+        "tok/s",
+        "ETA",
+        "elapsed",
+        "beat",
+        "exit / reason",
+    ):
+        table.add_column(header, no_wrap=True, overflow="ellipsis")
+    for r in snap.runs[:rows]:
+        table.add_row(
+            r.stage,
+            r.run_id,
+            r.target,
+            phase_text(r),
+            progress_text(r.step, r.total_steps, 10),
+            f"{r.step}/{r.total_steps}",
+            fmt_loss(r.loss),
+            Text(sparkline(r.losses, 12), style="cyan"),
+            fmt_rate(r.steps_per_s),
+            fmt_rate(r.tokens_per_s),
+            fmt_duration(r.remaining_s()),
+            fmt_duration(r.elapsed_s(now)),
+            Text(fmt_duration(r.heartbeat_age_s(now))),
+            r.reason,
+        )
+    return Panel(table, padding=0)
+
+
 def frame_times(state_dir: Path, frames: int) -> dict[str, list[float]]:
     store = Store(state_dir / "state.db")
     cfg = OrchConfig()
@@ -131,6 +183,8 @@ def frame_times(state_dir: Path, frames: int) -> dict[str, list[float]]:
         "frame": [],
         "frame_cached": [],
         "status_200": [],
+        "panel_fixed": [],
+        "panel_rich_table": [],
     }
     snap = gather(store, cfg)
     for _ in range(frames):
@@ -150,6 +204,15 @@ def frame_times(state_dir: Path, frames: int) -> dict[str, list[float]]:
         store.query("PRAGMA data_version")
         console.print(render(snap, 160, datetime.now(timezone.utc), height=50, selected=3))
         out["frame_cached"].append(time.perf_counter() - t3)
+        console.file = io.StringIO()
+        now = datetime.now(timezone.utc)
+        t5 = time.perf_counter()
+        console.print(Panel(runs_table(snap, 158, now, selected=3, max_rows=40), padding=0))
+        t6 = time.perf_counter()
+        console.print(rich_table_panel(snap, now, 40))
+        t7 = time.perf_counter()
+        out["panel_fixed"].append(t6 - t5)
+        out["panel_rich_table"].append(t7 - t6)
         console.file = io.StringIO()
         t4 = time.perf_counter()
         console.print(runs_table(snap, 160, datetime.now(timezone.utc)))
@@ -263,6 +326,11 @@ def main() -> int:
             f"frame, CPU time only        {ms(t['frame_cpu'])}   (wall time above includes waiting for a core)"
         )
         print(f"frame, store unchanged      {ms(t['frame_cached'])}")
+        fixed, naive = statistics.median(t["panel_fixed"]), statistics.median(t["panel_rich_table"])
+        print(f"runs panel, 40 rows         {ms(t['panel_fixed'])}")
+        print(
+            f"same with a rich Table      {ms(t['panel_rich_table'])}   ({naive / fixed:.1f}x slower)"
+        )
         print(f"orch status table, 200 rows {ms(t['status_200'])}")
         if shutil.which("tmux"):
             quiet = measure_cpu(state_dir, args.cpu_seconds, writer=False)

@@ -248,6 +248,36 @@ def bench_pull(t: SshTarget, server, mb: int, n: int, local_root: Path) -> dict[
     }
 
 
+def render(result: dict) -> str:  # type: ignore[type-arg]
+    """The Markdown lines for docs/BENCHMARKS.md."""
+    p, r, q = result["poll"], result["resync"], result["pull"]
+    load0, load1 = result["load_avg_1m_start_end"]
+    mib = q.get("mib", q.get("mb", 0) * 1e6 / 2**20)
+    return "\n".join(
+        [
+            f"machine: {result['machine']}; {result['ssh']}; {result['rsync']}; "
+            f"load average (1 min) {load0:.1f} at start, {load1:.1f} at end",
+            "",
+            "| measure | orch | baseline | ratio | target |",
+            "|---|---|---|---|---|",
+            f"| status poll (`observe` of 3 runs), median (p90) | {p['agent_ms']:.2f} ms ({p['agent_p90_ms']:.2f}) "
+            "on the persistent agent channel "
+            f"| {p['fresh_ssh_ms']:.0f} ms fresh `ssh` process; {p['new_channel_ms']:.0f} ms new channel on "
+            f"the open connection | {p['ratio_fresh_over_agent']:.0f}x faster | <= 25 ms |",
+            f"| no-op re-sync of the repo ({r['files']} files), median of {r['n']} | {r['sync_code_ms']:.0f} ms, "
+            f"{r['literal_bytes_max']} B file data | {r['bare_rsync_ms']:.0f} ms bare `rsync -a` "
+            f"| {r['ratio']:.2f}x | ~0 B, <= 1.5x |",
+            f"| pull of a {mib:.0f} MiB artifact, median of {q['n']} | {q['sync_down_MBps']:.1f} MB/s `sync_down` "
+            f"| {q['bare_rsync_MBps']:.1f} MB/s bare `rsync -a` | {q['ratio']:.2f}x | >= 0.8x |",
+            f"| pull cut mid-way (sshd child SIGKILLed at {q['cut_at_bytes'] / 2**20:.0f} MiB) "
+            f"| interrupted={q['cut_interrupted']}, {q['partial_kept_bytes'] / 2**20:.0f} MiB kept in "
+            f".rsync-partial; resume sent {q['resume_literal_bytes'] / 2**20:.0f} MiB, reused "
+            f"{q['resume_matched_bytes'] / 2**20:.0f} MiB, {q['resume_s']:.1f} s; sha256 ok={q['resume_sha256_ok']} "
+            "| | | resumes, verifies |",
+        ]
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=200, help="artifact size in MB")
@@ -255,7 +285,11 @@ def main() -> int:
     ap.add_argument("--fresh-polls", type=int, default=20)
     ap.add_argument("--syncs", type=int, default=7)
     ap.add_argument("--pulls", type=int, default=3)
+    ap.add_argument("--render", type=Path, help="only print the table of a saved result JSON")
     args = ap.parse_args()
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return 0
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
         root = Path(tmp)
@@ -293,33 +327,8 @@ def main() -> int:
     out = REPO / ".bench" / "transport.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    p, r, q = poll, resync, pull
-    print(
-        f"machine: {result['machine']}; {result['ssh']}; {result['rsync']}; "
-        f"load average (1 min) {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end"
-    )
-    print("| measure | orch | baseline | ratio | target |")
-    print("|---|---|---|---|---|")
-    print(
-        f"| status poll, median (p90) | {p['agent_ms']:.2f} ms ({p['agent_p90_ms']:.2f}) on the persistent agent channel "
-        f"| {p['fresh_ssh_ms']:.0f} ms fresh `ssh` process; {p['new_channel_ms']:.0f} ms new channel on open connection "
-        f"| {p['ratio_fresh_over_agent']:.0f}x faster | <= 25 ms |"
-    )
-    print(
-        f"| no-op re-sync of the repo ({r['files']} files), median | {r['sync_code_ms']:.0f} ms, "
-        f"{r['literal_bytes_max']} B file data | {r['bare_rsync_ms']:.0f} ms bare `rsync -a` | {r['ratio']:.2f}x | ~0 B, <= 1.5x |"
-    )
-    print(
-        f"| pull {q['mb']:.0f} MB artifact, median | {q['sync_down_MBps']:.0f} MB/s `sync_down` "
-        f"| {q['bare_rsync_MBps']:.0f} MB/s bare `rsync -a` | {q['ratio']:.2f}x | >= 0.8x |"
-    )
-    print(
-        f"| pull cut mid-way (sshd child SIGKILLed at {q['cut_at_bytes'] / 1e6:.0f} MB) | "
-        f"interrupted={q['cut_interrupted']}, kept {q['partial_kept_bytes'] / 1e6:.0f} MB partial; resume sent "
-        f"{q['resume_literal_bytes'] / 1e6:.0f} MB, reused {q['resume_matched_bytes'] / 1e6:.0f} MB in {q['resume_s']:.1f} s; "
-        f"sha256 ok={q['resume_sha256_ok']} | | | resumes, verifies |"
-    )
-    return 0 if q["resume_sha256_ok"] else 1
+    print(render(result))
+    return 0 if pull["resume_sha256_ok"] else 1
 
 
 if __name__ == "__main__":

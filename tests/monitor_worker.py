@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from state import names  # noqa: E402
-from state.models import RunComplete, RunFailed, RunStatus  # noqa: E402
-from state.protocol import atomic_write_json, build_manifest  # noqa: E402
+from state import names
+from state.models import RunComplete, RunFailed, RunStatus
+from state.protocol import atomic_write_json, build_manifest
 
 
 def main() -> int:
@@ -36,12 +36,24 @@ def main() -> int:
     t_end = time.monotonic() + args.seconds
     while args.outcome == "forever" or time.monotonic() < t_end:
         seq += 1
-        atomic_write_json(rd / names.STATUS, RunStatus(
-            run_id=run_id, stage="mon", seq=seq, pid=os.getpid(), step=seq, total_steps=1000,
-            loss=round(2.0 / seq, 4), phase="training"))
+        atomic_write_json(
+            rd / names.STATUS,
+            RunStatus(
+                run_id=run_id,
+                stage="mon",
+                seq=seq,
+                pid=os.getpid(),
+                step=seq,
+                total_steps=1000,
+                loss=round(2.0 / seq, 4),
+                phase="training",
+            ),
+        )
         time.sleep(args.every)
     if args.outcome == "fail":
-        atomic_write_json(rd / names.RUN_FAILED, RunFailed(run_id=run_id, reason="synthetic failure: bad batch"))
+        atomic_write_json(
+            rd / names.RUN_FAILED, RunFailed(run_id=run_id, reason="synthetic failure: bad batch")
+        )
         return 1
     atomic_write_json(rd / names.METRICS, {"macro_acc": 0.5, "steps": seq})
     (rd / "predictions.txt").write_text("a\nb\n" * 100)

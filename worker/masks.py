@@ -123,10 +123,11 @@ def allowed_matrix(
                 idx.view(1, t) < start + prompt_lens.view(bsz, 1)
             )
             allowed = allowed | (in_prompt.view(bsz, t, 1) & in_prompt.view(bsz, 1, t))
+    # padded query rows see exactly one key, themselves: never an empty softmax row (NaN)
     pad_q = ~am
     if bool(pad_q.any()):
         eye = torch.eye(t, dtype=torch.bool, device=am.device).view(1, t, t)
-        allowed = allowed | (pad_q.view(bsz, t, 1) & eye)
+        allowed = (allowed & am.view(bsz, t, 1)) | (pad_q.view(bsz, t, 1) & eye)
     return allowed
 
 

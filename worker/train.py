@@ -375,6 +375,9 @@ class Trainer:
         self.status.event("info", f"structural leakage check passed for mask {self.mode.value}")
 
     def resume(self) -> None:
+        if self.ctx.is_main and self.ckdir.is_dir():
+            for stale in self.ckdir.glob(".*.tmp"):  # a save cut short by a kill
+                shutil.rmtree(stale, ignore_errors=True)
         found = checkpoint_dirs(self.ckdir)
         if not found:
             return

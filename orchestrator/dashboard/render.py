@@ -8,13 +8,15 @@ rich's Console honours `NO_COLOR` itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.panel import Panel
-from rich.text import Text
+from rich.style import Style
+from rich.text import Span, Text
 
 from orchestrator.dashboard.snapshot import AlertView, RunView, Snapshot, TargetView
 from state.phases import Phase
@@ -179,15 +181,18 @@ class FixedTable:
         self.header = self._line(header)
 
     def _line(self, cells: Sequence[Text | str], style: str | None = None) -> Text:
-        line = Text(no_wrap=True, overflow="crop", end="")
+        parts: list[str] = []
+        spans: list[Span] = []
+        pos = 0  # in characters, as rich's spans count
         for i, (col, value) in enumerate(zip(self.cols, cells, strict=True)):
-            cell = value.copy() if isinstance(value, Text) else Text(value)
-            cell.no_wrap = True
-            cell.truncate(col.width, overflow="ellipsis")
-            cell.align(col.justify, col.width)  # type: ignore[arg-type]
             if i:
-                line.append(" ")
-            line.append_text(cell)
+                parts.append(" ")
+                pos += 1
+            plain, inner = _fit_cell(value, col.width, col.justify)
+            spans.extend(Span(pos + sp.start, pos + sp.end, sp.style) for sp in inner)
+            parts.append(plain)
+            pos += len(plain)
+        line = Text("".join(parts), no_wrap=True, overflow="crop", end="", spans=spans)
         if style:
             line.stylize(style)
         return line
@@ -204,6 +209,45 @@ class FixedTable:
         if self.caption:
             lines.append(Text(self.caption, style="dim", no_wrap=True, overflow="ellipsis", end=""))
         yield Text("\n", no_wrap=True, overflow="crop").join(lines)
+
+
+#: Control characters (newlines, tabs, ESC from a worker's message) become spaces: one cell
+#: each, and nothing from a box can move the cursor or recolour the screen.
+_CONTROL = {c: " " for c in (*range(0x20), 0x7F)}
+_ANSI_RE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+
+
+def clean_log_line(line: str) -> str:
+    """A log line as a terminal would leave it: colour codes dropped, only the text after the
+    last carriage return (progress bars redraw with \\r), other control characters blanked."""
+    line = _ANSI_RE.sub("", line)
+    line = line.rstrip("\r").rsplit("\r", 1)[-1]
+    return line.translate(_CONTROL)
+
+
+def _fit_cell(value: Text | str, width: int, justify: str) -> tuple[str, list[Span]]:
+    """A cell cut to `width` with an ellipsis and padded: its text and its style spans.
+
+    Plain ASCII text (most cells) is cut with string slicing; anything else goes through rich's
+    cell-width-aware `Text.truncate`/`align`."""
+    base: str | Style
+    if isinstance(value, str):
+        plain, base, inner = value, "", []
+    else:
+        plain, base, inner = value.plain, value.style, value.spans
+    plain = plain.translate(_CONTROL)  # 1:1, so spans still line up
+    if not inner and plain.isascii():
+        if len(plain) > width:
+            plain = plain[: max(0, width - 1)] + "…"
+        pad = " " * (width - len(plain))
+        start = len(pad) if justify == "right" else 0
+        text = pad + plain if justify == "right" else plain + pad
+        return text, [Span(start, start + len(plain), base)] if base else []
+    cell = Text(plain, style=base, spans=list(inner), no_wrap=True)
+    cell.truncate(width, overflow="ellipsis")
+    cell.align(justify, width)  # type: ignore[arg-type]
+    spans = [Span(0, len(cell.plain), base), *cell.spans] if base else cell.spans
+    return cell.plain, spans
 
 
 def _table(cols: Sequence[Col]) -> FixedTable:
@@ -500,9 +544,8 @@ def render(
         targets_table(snapshot, inner, now), title="[b]Targets[/b]", title_align="left", padding=0
     )
     if log_lines is not None:
-        body = Text(
-            "\n".join(log_lines[-log_rows:]) or "(empty log)", no_wrap=True, overflow="ellipsis"
-        )
+        shown = [clean_log_line(ln) for ln in log_lines[-log_rows:]]
+        body = Text("\n".join(shown) or "(empty log)", no_wrap=True, overflow="ellipsis")
         lower = Panel(
             body, title=f"[b]Log[/b] {log_title}  (l to close)", title_align="left", padding=0
         )

@@ -199,9 +199,16 @@ def format_alert(payload: dict[str, Any]) -> tuple[str, str]:
     kind = payload["kind"]
     word = _WORDS.get(kind, kind)
     if kind == "unreachable":
+        runs = payload.get("runs") or []
         title = f"orch: target {payload['target']} {word}"
-    else:
-        title = f"orch: {payload['stage']} {word} on {payload['target']}"
+        lines = [
+            f"target: {payload['target']}   {payload.get('reason', '')}",
+            f"runs on it: {', '.join(runs)}",
+            "not a crash: the runs are judged again as soon as the box answers",
+            "see: orch status",
+        ]
+        return title, "\n".join(lines)
+    title = f"orch: {payload['stage']} {word} on {payload['target']}"
     lines = [
         f"stage: {payload['stage']}   run: {payload['stage_dir']}/{payload['run_id']}",
         f"target: {payload['target']}   phase: {payload['phase']}",

@@ -187,9 +187,10 @@ class Poller:
         return obs
 
     # -- polling ----------------------------------------------------------------------------------
-    def poll_target(self, name: str) -> list[RunRecord]:
+    def poll_target(self, name: str, *, collect: bool = True) -> list[RunRecord]:
         """Poll one target: observe all its active runs in one request, apply the state machine,
-        store, then deliver alerts and run completion hooks. Returns the runs after the poll."""
+        store, then deliver alerts and run completion hooks. Returns the polled runs as stored
+        after the poll (nothing when `collect` is off: the watcher does not need them)."""
         link = self._link(name)
         with link.lock:
             pairs = ledger.load_states(self.ctx.store, targets=[name])
@@ -252,7 +253,10 @@ class Poller:
                     self.on_final(rec)
                 except Exception as exc:  # actions report their own errors; never stop polling
                     log.warning("completion action for %s failed: %s", rec.key, exc)
-        return self.ctx.store.list_runs(target=name)
+        if not collect:
+            return []
+        out = [self.ctx.store.get_run(rec.stage_dir, rec.run_id) for rec, _ in pairs]
+        return [r for r in out if r is not None]
 
     def _save_unreachable(self, name: str, items: list[tuple[RunState, RunState, Alert]]) -> None:
         """A silent box is one alert for the target, not one per run on it."""
@@ -365,7 +369,8 @@ def _with_text(
 
 def refresh_once(ctx: Context, targets: list[str] | None = None) -> list[RunRecord]:
     """One poll of every target with active runs (or only `targets`): store phase changes and
-    alerts, deliver alerts. Returns the runs of the polled targets as the store now holds them."""
+    alerts, deliver alerts. Returns the runs that were polled (those active before the poll) as
+    the store now holds them."""
     poller = Poller(ctx)
     try:
         return poller.poll(targets)

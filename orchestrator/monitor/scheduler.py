@@ -15,6 +15,7 @@ Nothing contacts a target that has no active run.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ from orchestrator.monitor.actions import Actions
 from orchestrator.monitor.lock import WatcherLock
 from orchestrator.monitor.refresh import Poller
 from orchestrator.monitor.statemachine import RunState
+from state.models import RunRecord
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
@@ -56,9 +58,14 @@ class Watcher:
         self.only = set(targets) if targets is not None else None
         self.lock = lock
         self.actions = Actions(ctx, echo=echo)
+        # Pulls can take minutes: they run on their own thread, so the target keeps being polled.
+        self._finals: queue.Queue[RunRecord | None] = queue.Queue()
+        self._actions_thread = threading.Thread(
+            target=self._run_actions, name="orch-actions", daemon=True
+        )
         self.poller = Poller(
             ctx,
-            on_final=self.actions.on_final,
+            on_final=self._finals.put,
             provider_verdict=self.actions.provider_verdict,
             on_change=on_change,
         )
@@ -71,7 +78,7 @@ class Watcher:
     # -- jobs ----------------------------------------------------------------------------------
     def _poll(self, target: str) -> None:
         try:
-            self.poller.poll_target(target)
+            self.poller.poll_target(target, collect=False)
             self.polls += 1
         except Exception:  # one bad poll must not end the job
             log.exception("poll of %s failed", target)
@@ -108,9 +115,18 @@ class Watcher:
                     del self._polling[t]
         if self.lock is not None:
             try:
-                self.lock.beat(targets=active, polls=self.polls)
+                self.lock.beat(
+                    targets=active, polls=self.polls, round_trips=self.poller.round_trips
+                )
             except OSError as exc:
                 log.warning("heartbeat: %s", exc)
+
+    def _run_actions(self) -> None:
+        while (rec := self._finals.get()) is not None:
+            try:
+                self.actions.on_final(rec)
+            except Exception:
+                log.exception("completion actions for %s failed", rec.key)
 
     def _deliver(self) -> None:
         try:
@@ -151,6 +167,7 @@ class Watcher:
             next_run_time=datetime.now(timezone.utc),
             **common,
         )
+        self._actions_thread.start()
         self.scheduler.start()
 
     @property
@@ -166,9 +183,14 @@ class Watcher:
             "SELECT 1 FROM alerts WHERE delivered_at IS NULL AND gave_up = 0 LIMIT 1"
         )
 
-    def stop(self) -> None:
+    def stop(self, actions_grace_s: float = 5.0) -> None:
+        """Stop polling; give a running action a moment (an interrupted pull resumes on the
+        next start: the action ledger still lists it as not done)."""
         try:
             self.scheduler.shutdown(wait=True)
         except Exception as exc:  # already stopped
             log.debug("scheduler shutdown: %s", exc)
+        self._finals.put(None)
+        if self._actions_thread.is_alive():
+            self._actions_thread.join(actions_grace_s)
         self.poller.close()

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from orchestrator.monitor import ledger
 from orchestrator.monitor.actions import Actions
-from orchestrator.monitor.lock import WatcherLock
+from orchestrator.monitor.lock import WatcherBusyError, WatcherLock, watcher_running
 from orchestrator.monitor.refresh import Poller
 from orchestrator.monitor.scheduler import Watcher
 from orchestrator.monitor.statemachine import RunState
@@ -72,7 +73,17 @@ def watch(
     # "skipped: maximum number of running instances reached" is max_instances=1 doing its job.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     lock = WatcherLock(ctx.state_dir)
-    lock.acquire()
+    try:
+        lock.acquire()
+    except WatcherBusyError:
+        if not stop_when_idle:
+            raise
+        # `orch launch --watch` beside a running `orch watch`: that one polls and alerts; we
+        # only follow the store until our runs end.
+        ctx.console.print(
+            "another `orch watch` is polling; following the store", style="dim", markup=False
+        )
+        return _follow_store(ctx, only)
     stop = threading.Event()
     watched: set[tuple[str, str]] = set()
     old_handlers = _install_signal_handlers(stop)
@@ -93,6 +104,19 @@ def watch(
     if not stop_when_idle:
         return 0  # stopped by the user (Ctrl-C / SIGTERM): not a verdict on the runs
     finals = [ctx.store.get_run(sd, rid) for sd, rid in sorted(watched)]
+    return 1 if any(r is not None and _bad(r) for r in finals) else 0
+
+
+def _follow_store(ctx: Context, only: list[str] | None, every_s: float = 2.0) -> int:
+    keys = {(rec.stage_dir, rec.run_id) for rec, _ in ledger.load_states(ctx.store, targets=only)}
+    while watcher_running(ctx) and ledger.load_states(ctx.store, targets=only):
+        time.sleep(every_s)
+    finals = [ctx.store.get_run(sd, rid) for sd, rid in sorted(keys)]
+    for r in finals:
+        if r is not None:
+            ctx.console.print(
+                f"{r.key} on {r.target}: {r.phase.value}", markup=False, highlight=False
+            )
     return 1 if any(r is not None and _bad(r) for r in finals) else 0
 
 

@@ -16,14 +16,12 @@ Why it is built this way (see /work/shared/reference/reliability-notes.md):
 
 from __future__ import annotations
 
-import json
 import posixpath
 import select
 import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import paramiko
 
@@ -52,7 +50,7 @@ _PUT_SCRIPT = (
 )
 
 
-class _Watchdog:
+class Watchdog:
     """Closes `transport` when `deadline` passes, so a blocked paramiko call returns."""
 
     def __init__(self, transport: paramiko.Transport, deadline: float) -> None:
@@ -65,7 +63,7 @@ class _Watchdog:
         self.fired = True
         self._transport.close()
 
-    def __enter__(self) -> _Watchdog:
+    def __enter__(self) -> Watchdog:
         self._timer.start()
         return self
 
@@ -113,8 +111,9 @@ class SshTarget(Target):
         self._lock = threading.RLock()
         self._backoff = 0.0
         self._retry_at = 0.0
-        self._agent: SshAgent | None = None
+        self._agent: Agent | None = None
         self._made_dirs: set[str] = set()
+        self._ssh_agent: paramiko.Agent | None = None
 
     def __repr__(self) -> str:
         return f"SshTarget({self.name!r}, {self.user}@{self.host}:{self.port})"
@@ -169,7 +168,9 @@ class SshTarget(Target):
                 raise ConfigError(
                     f"target {self.name}: cannot read identity_file {self.identity_file}: {exc}"
                 ) from exc
-        keys: list[paramiko.PKey] = list(paramiko.Agent().get_keys())
+        if self._ssh_agent is None:  # kept open: agent keys sign through it
+            self._ssh_agent = paramiko.Agent()
+        keys: list[paramiko.PKey] = list(self._ssh_agent.get_keys())
         for n in _DEFAULT_KEYS:
             p = Path.home() / ".ssh" / n
             if p.is_file():
@@ -204,7 +205,7 @@ class SshTarget(Target):
         t = paramiko.Transport(sock)
         t.banner_timeout = t.handshake_timeout = t.auth_timeout = max(0.1, left)
         self._prefer_pinned_types(t)
-        with _Watchdog(t, deadline) as dog:
+        with Watchdog(t, deadline) as dog:
             try:
                 t.start_client(timeout=max(0.1, deadline - time.monotonic()))
                 hostkeys.check_or_pin(
@@ -274,12 +275,20 @@ class SshTarget(Target):
     def _where(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def current_transport(self) -> paramiko.Transport | None:
+        """The connection in use now (None when not connected)."""
+        return self._transport
+
     def transport(self, deadline: float) -> paramiko.Transport:
         """The live connection, connecting (or reconnecting) within `deadline`."""
         with self._lock:
             if self._transport is None or not self._transport.is_active():
                 self._drop()
-                self._transport = self._connect(deadline)
+                # connecting never takes longer than connect_timeout, whatever the call allows
+                self._transport = self._connect(
+                    min(deadline, time.monotonic() + self.connect_timeout)
+                )
             return self._transport
 
     def _drop(self) -> None:
@@ -287,7 +296,8 @@ class SshTarget(Target):
         if t is not None:
             t.close()
 
-    def _open_channel(self, deadline: float) -> tuple[paramiko.Transport, paramiko.Channel]:
+    def open_channel(self, deadline: float) -> tuple[paramiko.Transport, paramiko.Channel]:
+        """A new session channel on the live connection (reconnecting once if it was dead)."""
         for attempt in (0, 1):
             t = self.transport(deadline)
             try:
@@ -314,11 +324,11 @@ class SshTarget(Target):
     ) -> tuple[int, bytes, bytes]:
         """Run one shell command line; returns (exit code, stdout, stderr) within `timeout`."""
         deadline = time.monotonic() + timeout
-        t, chan = self._open_channel(deadline)
+        t, chan = self.open_channel(deadline)
         out, err = bytearray(), bytearray()
         data = stdin or b""
         pos = 0
-        with _Watchdog(t, deadline) as dog:
+        with Watchdog(t, deadline) as dog:
             try:
                 chan.settimeout(0.0)
                 chan.exec_command(command)
@@ -350,7 +360,7 @@ class SshTarget(Target):
                     raise EOFError("connection closed before the command ended")
                 rc = chan.recv_exit_status()
             except (paramiko.SSHException, OSError, EOFError) as exc:
-                self._after_failure(t)
+                self.after_failure(t)
                 if dog.fired or time.monotonic() >= deadline:
                     raise UnreachableError(
                         f"target {self.name}: `{_short(command)}` did not finish within {timeout:g}s "
@@ -363,7 +373,8 @@ class SshTarget(Target):
                 chan.close()
         return rc, bytes(out), bytes(err)
 
-    def _after_failure(self, t: paramiko.Transport) -> None:
+    def after_failure(self, t: paramiko.Transport) -> None:
+        """Drop connection `t` after a failure on it; the next call reconnects (with backoff)."""
         with self._lock:
             if self._transport is t:
                 self._drop()
@@ -476,6 +487,8 @@ class SshTarget(Target):
 
     def agent(self) -> Agent:
         if self._agent is None:
+            from orchestrator.targets.ssh_agent import SshAgent
+
             self._agent = SshAgent(self)
         return self._agent
 
@@ -497,130 +510,6 @@ class SshTarget(Target):
             self._agent = None
         with self._lock:
             self._drop()
-
-
-class SshAgent(Agent):
-    """The poll agent on a channel that stays open; restarted after a timeout or EOF."""
-
-    def __init__(self, target: SshTarget, start_timeout: float = 30.0) -> None:
-        self.target = target
-        self.start_timeout = start_timeout
-        self._chan: paramiko.Channel | None = None
-        self._buf = b""
-        self._lock = threading.Lock()
-
-    def _start(self, deadline: float) -> None:
-        command = quote_argv(self.target.agent_argv())
-        t, chan = self.target._open_channel(deadline)
-        with _Watchdog(t, deadline):
-            try:
-                chan.exec_command(command)
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                self.target._after_failure(t)
-                raise UnreachableError(
-                    f"target {self.target.name}: cannot start the agent: {exc}"
-                ) from exc
-        chan.settimeout(0.0)
-        self._chan, self._buf = chan, b""
-        ready = self._read_line(deadline, starting=True)
-        if not ready.get("ready"):
-            self.close()
-            raise TargetError(
-                f"target {self.target.name}: the agent sent {ready!r} instead of ready"
-            )
-
-    def request(self, payload: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-        with self._lock:
-            if (
-                self._chan is None
-                or self._chan.closed
-                or self._chan.get_transport() is not self.target._transport
-            ):
-                self.close()
-                self._start(time.monotonic() + max(timeout, self.start_timeout))
-            assert self._chan is not None
-            deadline = time.monotonic() + timeout
-            line = json.dumps(payload).encode() + b"\n"
-            try:
-                self._chan.settimeout(max(0.01, timeout))
-                self._chan.sendall(line)
-                self._chan.settimeout(0.0)
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                self._fail()
-                raise UnreachableError(
-                    f"target {self.target.name}: the agent channel broke: {exc}"
-                ) from exc
-            return self._read_line(deadline)
-
-    def _read_line(self, deadline: float, *, starting: bool = False) -> dict[str, Any]:
-        chan = self._chan
-        assert chan is not None
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._fail()
-                raise UnreachableError(
-                    f"target {self.target.name}: the agent did not answer in time"
-                )
-            if chan.recv_ready():
-                try:
-                    chunk = chan.recv(65536)
-                except (OSError, paramiko.SSHException, EOFError) as exc:
-                    self._fail()
-                    raise UnreachableError(
-                        f"target {self.target.name}: the agent channel broke: {exc}"
-                    ) from exc
-                if chunk:
-                    self._buf += chunk
-                    continue
-            if chan.eof_received or chan.closed or not chan.get_transport().is_active():
-                self._agent_gone(chan, starting)
-            select.select([chan], [], [], min(left, 0.05))
-        line, _, self._buf = self._buf.partition(b"\n")
-        try:
-            answer = json.loads(line)
-        except ValueError as exc:
-            self.close()
-            raise TargetError(
-                f"target {self.target.name}: the agent sent a bad line: {line[:200]!r}"
-            ) from exc
-        if not isinstance(answer, dict):
-            raise TargetError(f"target {self.target.name}: the agent sent {answer!r}")
-        return answer
-
-    def _agent_gone(self, chan: paramiko.Channel, starting: bool) -> None:
-        err = b""
-        while chan.recv_stderr_ready():
-            err += chan.recv_stderr(65536)
-        text = " ".join(err.decode("utf-8", "replace").split())[-500:]
-        rc = chan.exit_status if chan.exit_status_ready() else -1
-        transport_ok = chan.get_transport().is_active()
-        self.close()
-        if starting and transport_ok:
-            raise RemoteCommandError(
-                f"target {self.target.name}: the agent failed to start (exit {rc}): {text or '(no stderr)'}",
-                returncode=rc,
-                stderr=text,
-                hint="check the target's `python` and that the code is synced (orch launch does)",
-            )
-        if not transport_ok:
-            self.target._after_failure(chan.get_transport())
-        raise UnreachableError(
-            f"target {self.target.name}: the agent channel closed: {text or 'EOF'}"
-        )
-
-    def _fail(self) -> None:
-        """A timed-out or broken agent means a frozen or gone box: drop the whole connection."""
-        chan = self._chan
-        self.close()
-        if chan is not None:
-            self.target._after_failure(chan.get_transport())
-
-    def close(self) -> None:
-        chan, self._chan = self._chan, None
-        self._buf = b""
-        if chan is not None:
-            chan.close()
 
 
 def _short(s: str, n: int = 120) -> str:

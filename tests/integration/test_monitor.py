@@ -56,12 +56,18 @@ def hook() -> Iterator[Webhook]:
     h.close()
 
 
-def _project(tmp_path: Path, server: SshServer, hook: Webhook, **monitor: object) -> tuple[Context, Target]:
-    root = write_project(tmp_path / "project", server.toml("box", workdir=tmp_path / "box-work"),
-                         hook_url=hook.url, monitor={**FAST, **monitor})
+def _project(
+    tmp_path: Path, server: SshServer, hook: Webhook, *, sync: bool = True, **monitor: object
+) -> tuple[Context, Target]:
+    root = write_project(
+        tmp_path / "project",
+        server.toml("box", workdir=tmp_path / "box-work"),
+        hook_url=hook.url,
+        monitor={**FAST, **monitor},
+    )
     ctx = Context(cwd=root)
     target = make_target(ctx, "box")
-    prepare_target(target)
+    prepare_target(target, sync=sync)
     return ctx, target
 
 
@@ -73,11 +79,14 @@ def _phase(ctx: Context, key: str) -> Phase:
 
 
 def _start_watcher(root: Path, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(orch_argv("watch"), cwd=root, stdout=open(log, "ab"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        orch_argv("watch"), cwd=root, stdout=open(log, "ab"), stderr=subprocess.STDOUT
+    )
 
 
-def test_watch_end_to_end_with_restart(tmp_path: Path, sshd_server: SshServer, hook: Webhook) -> None:
+def test_watch_end_to_end_with_restart(
+    tmp_path: Path, sshd_server: SshServer, hook: Webhook
+) -> None:
     ctx, target = _project(tmp_path, sshd_server, hook)
     root = ctx.project_root
     log = tmp_path / "watch.log"
@@ -108,8 +117,11 @@ def test_watch_end_to_end_with_restart(tmp_path: Path, sshd_server: SshServer, h
 
         # Success: alert, then pulled into the project's runs/ and verified against the manifest.
         hook.wait_for("succeeded", ok.run_id)
-        rec = wait_until(lambda: (r := ctx.store.get_run(ok.stage_dir, ok.run_id)) and r.pulled_at and r, 30,
-                         what="pull after success")
+        rec = wait_until(
+            lambda: (r := ctx.store.get_run(ok.stage_dir, ok.run_id)) and r.pulled_at and r,
+            30,
+            what="pull after success",
+        )
         local = root / "runs" / ok.stage_dir / ok.run_id
         manifest = read_model(local / names.MANIFEST, Manifest).value
         assert manifest is not None and rec.phase is Phase.SUCCEEDED
@@ -119,14 +131,23 @@ def test_watch_end_to_end_with_restart(tmp_path: Path, sshd_server: SshServer, h
         # watcher is killed, and a crash happens while nobody watches.
         hook.fail_with = 500
         failing = start_run(ctx, target, outcome="fail", seconds=0.5)
-        row = wait_until(lambda: [a for a in ctx.store.recent_alerts(50)
-                                  if a["run_id"] == failing.run_id and a["attempts"] >= 1], 20,
-                         what="failed alert attempted")[0]
+        row = wait_until(
+            lambda: [
+                a
+                for a in ctx.store.recent_alerts(50)
+                if a["run_id"] == failing.run_id and a["attempts"] >= 1
+            ],
+            20,
+            what="failed alert attempted",
+        )[0]
         assert row["delivered_at"] is None and "500" in row["last_error"] or row["last_error"]
         late = start_run(ctx, target)
         lpid = worker_pid(target, late)
-        wait_until(lambda: (r := ctx.store.get_run(late.stage_dir, late.run_id)) and r.last_seq, 15,
-                   what="watcher saw the late run")
+        wait_until(
+            lambda: (r := ctx.store.get_run(late.stage_dir, late.run_id)) and r.last_seq,
+            15,
+            what="watcher saw the late run",
+        )
         watcher.kill()
         watcher.wait(10)
         signal_pid(lpid, signal.SIGKILL)
@@ -135,7 +156,7 @@ def test_watch_end_to_end_with_restart(tmp_path: Path, sshd_server: SshServer, h
         watcher = _start_watcher(root, log)
         hook.wait_for("FAILED", failing.run_id)  # retried on restart: not lost
         hook.wait_for("CRASHED", late.run_id)  # happened while no watcher ran: not missed
-        time.sleep(2.0)  # a few more polls: nothing may repeat
+        time.sleep(1.0)  # a few more polls: nothing may repeat
         assert len(hook.matching("CRASHED", crash.run_id)) == 1
         assert len(hook.matching("FAILED", failing.run_id)) == 1
         assert len(hook.matching("CRASHED", late.run_id)) == 1
@@ -149,7 +170,9 @@ def test_watch_end_to_end_with_restart(tmp_path: Path, sshd_server: SshServer, h
         res = subprocess.run(orch_argv("watch", "--once"), cwd=root, capture_output=True, text=True)
         assert res.returncode == 0, res.stdout + res.stderr
         signal_pid(hpid, signal.SIGKILL)
-        wait_until((Path(target.workdir) / hang.run_dir / names.EXIT_CODE).exists, 10, what="exit code")
+        wait_until(
+            (Path(target.workdir) / hang.run_dir / names.EXIT_CODE).exists, 10, what="exit code"
+        )
         res = subprocess.run(orch_argv("watch", "--once"), cwd=root, capture_output=True, text=True)
         assert res.returncode == 1, res.stdout + res.stderr
         assert f"{hang.key} on box: crashed" in res.stdout
@@ -166,28 +189,40 @@ def test_watch_end_to_end_with_restart(tmp_path: Path, sshd_server: SshServer, h
 
 
 def test_unreachable_is_never_a_crash(tmp_path: Path, fresh_sshd: SshServer, hook: Webhook) -> None:
-    ctx, target = _project(tmp_path, fresh_sshd, hook)
+    # Same machine: the box's code dir may be a link to this checkout (the sync is tested above).
+    ctx, target = _project(
+        tmp_path, fresh_sshd, hook, sync=False, connect_timeout_s=1.0, command_timeout_s=1.0
+    )
     run = start_run(ctx, target)
     pid = worker_pid(target, run)
     watcher = Watcher(ctx)
     watcher.start()
     listener = fresh_sshd.proc.pid if fresh_sshd.proc else 0
     try:
-        wait_until(lambda: (r := ctx.store.get_run(run.stage_dir, run.run_id)) and r.last_seq, 15,
-                   what="first poll")
+        wait_until(
+            lambda: (r := ctx.store.get_run(run.stage_dir, run.run_id)) and r.last_seq,
+            15,
+            what="first poll",
+        )
         # A frozen box: the connection child and the listener stop answering (SIGSTOP).
         fresh_sshd.signal_connections(signal.SIGSTOP)
         signal_pid(listener, signal.SIGSTOP)
-        wait_until(lambda: ctx.store.get_run(run.stage_dir, run.run_id).unreachable_since, 15,  # type: ignore[union-attr]
-                   what="unreachable overlay")
+        wait_until(
+            lambda: ctx.store.get_run(run.stage_dir, run.run_id).unreachable_since,
+            15,  # type: ignore[union-attr]
+            what="unreachable overlay",
+        )
         hook.wait_for("unreachable", "box", timeout=20)
         assert _phase(ctx, run.key) is Phase.RUNNING
         assert hook.matching("CRASHED") == []
         # It answers again: back to running, overlay cleared, still no crash.
         signal_pid(listener, signal.SIGCONT)
         fresh_sshd.signal_connections(signal.SIGCONT)
-        wait_until(lambda: ctx.store.get_run(run.stage_dir, run.run_id).unreachable_since is None, 30,  # type: ignore[union-attr]
-                   what="recovery")
+        wait_until(
+            lambda: ctx.store.get_run(run.stage_dir, run.run_id).unreachable_since is None,
+            30,  # type: ignore[union-attr]
+            what="recovery",
+        )
         assert _phase(ctx, run.key) is Phase.RUNNING
         # The box goes away entirely and the job dies meanwhile: once the box answers again
         # the crash is seen and reported, exactly once.
@@ -207,4 +242,3 @@ def test_unreachable_is_never_a_crash(tmp_path: Path, fresh_sshd: SshServer, hoo
         watcher.stop()
         kill_session(target, run)
         target.close()
-

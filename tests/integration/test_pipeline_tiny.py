@@ -10,6 +10,7 @@ before anything downstream is launched.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -55,10 +56,17 @@ def tiny_project(
     shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
     # The tiny model is built once per cache dir; the runs get it through the target's env
     # (a tmux server started elsewhere would not pass this process's environment on).
-    cache = tmp_path_factory.getbasetemp() / "orch-cache"
+    # ORCH_CACHE_DIR, when set (CI may keep it between jobs), saves rebuilding the tiny model.
+    cache = Path(os.environ.get("ORCH_CACHE_DIR") or tmp_path_factory.getbasetemp() / "orch-cache")
     (root / "orch.toml").write_text(
         "[targets.local]\n"
         'kind = "local"\n'
+        f'python = "{sys.executable}"\n'
+        f'env = {{ ORCH_CACHE_DIR = "{cache}" }}\n'
+        # a second box (another local workdir): independent stages run on both at once
+        "[targets.second]\n"
+        'kind = "local"\n'
+        f'workdir = "{tmp_path / "second"}"\n'
         f'python = "{sys.executable}"\n'
         f'env = {{ ORCH_CACHE_DIR = "{cache}" }}\n'
         "[experiment]\n"
@@ -71,7 +79,7 @@ def tiny_project(
 def test_run_all_tiny_study_writes_the_report(
     tiny_project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["run-all"]
+    args = ["run-all", "--targets", "local,second"]
     for item in REDUCED:
         args += ["--set", item]
     assert main(args) == 0, capsys.readouterr().err

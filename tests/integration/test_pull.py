@@ -101,19 +101,18 @@ def test_pull_all_latest_and_unfinished_runs(local_project, capsys):
     ctx = Context()
     try:
         ok1 = launch_mod.launch_stage(ctx, exec_stage("t-a", sys.executable, "-c", WRITE_BIG))
-        ok2 = launch_mod.launch_stage(ctx, exec_stage("t-b", sys.executable, "-c", WRITE_BIG))
         bad = launch_mod.launch_stage(
             ctx, exec_stage("t-c", sys.executable, "-c", "raise SystemExit(5)")
         )
-        for rec in (ok1, ok2, bad):
+        for rec in (ok1, bad):
             wait_exit(ctx, rec)
         assert settle(ctx, bad).phase == Phase.FAILED
         capsys.readouterr()
         assert main(["pull", "--all"]) == 0
         out = capsys.readouterr().out
-        assert ok1.run_dir.split("/", 1)[1] in out and ok2.run_dir.split("/", 1)[1] in out
+        assert ok1.run_dir.split("/", 1)[1] in out
         assert "t-c_dir" not in out  # --all takes succeeded runs only
-        for rec in (ok1, ok2):
+        for rec in (ok1,):
             assert (ctx.runs_dir / rec.stage_dir / rec.run_id / "big.bin").stat().st_size == BIG
             assert ctx.store.get_run(rec.stage_dir, rec.run_id).pulled_at is not None
         assert main(["pull", "--all"]) == 0

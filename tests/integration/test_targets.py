@@ -48,15 +48,9 @@ def ssh_target(server: SshServer, tmp: Path, name: str = "box", **kw) -> SshTarg
         identity_file=kw.pop("identity_file", server.client_key),
         known_hosts=kw.pop("known_hosts", tmp / "known_hosts"),
         workdir=kw.pop("workdir", str(tmp / "wd")),
-        python=kw.pop("python", None) or _python(),
+        python=kw.pop("python", None) or sys.executable,
         **kw,
     )
-
-
-def _python() -> str:
-    import sys
-
-    return sys.executable
 
 
 @pytest.fixture(params=["local", "ssh"])
@@ -201,6 +195,17 @@ def test_sync_down_copies_and_never_deletes_locally(target: Target, tmp_path: Pa
     assert not (local / "checkpoints").exists()
     assert (local / "mine.txt").read_text() == "keep"
     assert stats.files_transferred == 1 and stats.literal_bytes == 5000
+
+
+def test_rsync_missing_on_the_box_is_not_unreachable(
+    sshd_server: SshServer, tmp_path: Path
+) -> None:
+    t = ssh_target(sshd_server, tmp_path)
+    t.put_bytes(b"x", "a/f")
+    t.rsync_extra = ["--rsync-path=rsync-not-installed-here"]  # what a box without rsync answers
+    with pytest.raises(RemoteCommandError, match="rsync could not start on the other side"):
+        t.sync_down("a", tmp_path / "down", timeout=60)
+    t.close()
 
 
 def test_sync_down_missing_dir_is_an_error(target: Target, tmp_path: Path) -> None:
@@ -372,6 +377,7 @@ def test_sync_down_resumes_after_the_link_is_cut(fresh_sshd: SshServer, tmp_path
     )
     assert stats.extra["matched_bytes"] > 0  # the partial file was reused, not re-sent
     assert stats.literal_bytes < len(data)
+    assert not (local / PARTIAL_DIR).exists()  # rsync drops the emptied partial dir
     t.close()
 
 
@@ -419,3 +425,28 @@ def test_factory_vast_without_vast_support(tmp_path: Path, monkeypatch: pytest.M
     ctx = _ctx(tmp_path, '[targets.gpu]\nkind = "vast"\n')
     with pytest.raises(ConfigError, match="vast support is not installed"):
         make_target(ctx, "gpu")
+
+
+def test_no_identity_file_uses_ssh_agent(
+    sshd_server: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without identity_file both paramiko and rsync's ssh log in with the user's ssh-agent."""
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        subprocess.run(
+            ["ssh-add", "-q", str(sshd_server.client_key)], check=True, capture_output=True
+        )
+        t = ssh_target(sshd_server, tmp_path, identity_file=None)
+        assert t.run(["echo", "agent"], timeout=20).stdout == "agent\n"
+        t.put_bytes(b"x" * 10, "a/f.bin")
+        assert t.sync_down("a", tmp_path / "down", timeout=60).files_transferred == 1
+        t.close()
+    finally:
+        agent.terminate()
+        agent.wait(5)

@@ -345,3 +345,18 @@ def test_keys_are_parsed_from_raw_terminal_input() -> None:
     assert parse_keys(b"\x1b[A\x1b[Bq") == ["up", "down", "quit"]
     assert parse_keys(b"rpl") == ["refresh", "pull", "log"]
     assert parse_keys(b"\x1b[5~x\x1bOB") == ["pageup", "down"]
+
+
+def test_text_from_a_box_cannot_move_the_cursor_or_recolour_the_screen() -> None:
+    from orchestrator.dashboard.render import clean_log_line
+
+    run = make_run(0, Phase.FAILED, reason="boom\x1b[2J\x1b[31mred\nsecond line\ttab")
+    text = to_text(runs_table(snap([run]), 160, NOW), 160)
+    assert "\x1b" not in text and "\t" not in text
+    assert len(lines_of(text)) == 2  # the newline did not start a new row
+    assert clean_log_line("\x1b[32mok\x1b[0m") == "ok"
+    assert clean_log_line("10%|##   \r55%|#####  \r") == "55%|#####  "
+    log = to_text(
+        render(snap([run]), 120, NOW, height=30, selected=0, log_lines=["\x1b]0;t\x07hi"]), 120
+    )
+    assert "hi" in log and "\x1b" not in log

@@ -1,0 +1,149 @@
+"""The poll agent over ssh: one `python -m state.agent` on a channel that stays open.
+
+A poll is one JSON line each way on that channel (about a millisecond on loopback) instead of a
+new channel and a new remote Python (hundreds of ms). A request that times out, or a channel that
+closes, drops the whole connection (a frozen box looks exactly like that) and raises
+UnreachableError; the next request reconnects and starts a new agent.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import paramiko
+
+from orchestrator.sshcmd import quote_argv
+from orchestrator.targets.base import Agent
+from orchestrator.targets.ssh import Watchdog
+from state.errors import RemoteCommandError, TargetError, UnreachableError
+
+if TYPE_CHECKING:
+    from orchestrator.targets.ssh import SshTarget
+
+
+class SshAgent(Agent):
+    """The poll agent on a channel that stays open; restarted after a timeout or EOF."""
+
+    def __init__(self, target: SshTarget, start_timeout: float = 30.0) -> None:
+        self.target = target
+        self.start_timeout = start_timeout
+        self._chan: paramiko.Channel | None = None
+        self._buf = b""
+        self._lock = threading.Lock()
+
+    def _start(self, deadline: float) -> None:
+        command = quote_argv(self.target.agent_argv())
+        t, chan = self.target.open_channel(deadline)
+        with Watchdog(t, deadline):
+            try:
+                chan.exec_command(command)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                self.target.after_failure(t)
+                raise UnreachableError(
+                    f"target {self.target.name}: cannot start the agent: {exc}"
+                ) from exc
+        chan.settimeout(0.0)
+        self._chan, self._buf = chan, b""
+        ready = self._read_line(deadline, starting=True)
+        if not ready.get("ready"):
+            self.close()
+            raise TargetError(
+                f"target {self.target.name}: the agent sent {ready!r} instead of ready"
+            )
+
+    def request(self, payload: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        with self._lock:
+            if (
+                self._chan is None
+                or self._chan.closed
+                or self._chan.get_transport() is not self.target.current_transport
+            ):
+                self.close()
+                self._start(time.monotonic() + max(timeout, self.start_timeout))
+            assert self._chan is not None
+            deadline = time.monotonic() + timeout
+            line = json.dumps(payload).encode() + b"\n"
+            try:
+                self._chan.settimeout(max(0.01, timeout))
+                self._chan.sendall(line)
+                self._chan.settimeout(0.0)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                self._fail()
+                raise UnreachableError(
+                    f"target {self.target.name}: the agent channel broke: {exc}"
+                ) from exc
+            return self._read_line(deadline)
+
+    def _read_line(self, deadline: float, *, starting: bool = False) -> dict[str, Any]:
+        chan = self._chan
+        assert chan is not None
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._fail()
+                raise UnreachableError(
+                    f"target {self.target.name}: the agent did not answer in time"
+                )
+            if chan.recv_ready():
+                try:
+                    chunk = chan.recv(65536)
+                except (OSError, paramiko.SSHException, EOFError) as exc:
+                    self._fail()
+                    raise UnreachableError(
+                        f"target {self.target.name}: the agent channel broke: {exc}"
+                    ) from exc
+                if chunk:
+                    self._buf += chunk
+                    continue
+            if chan.eof_received or chan.closed or not chan.get_transport().is_active():
+                self._agent_gone(chan, starting)
+            select.select([chan], [], [], min(left, 0.05))
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            answer = json.loads(line)
+        except ValueError as exc:
+            self.close()
+            raise TargetError(
+                f"target {self.target.name}: the agent sent a bad line: {line[:200]!r}"
+            ) from exc
+        if not isinstance(answer, dict):
+            raise TargetError(f"target {self.target.name}: the agent sent {answer!r}")
+        return answer
+
+    def _agent_gone(self, chan: paramiko.Channel, starting: bool) -> None:
+        err = b""
+        while chan.recv_stderr_ready():
+            err += chan.recv_stderr(65536)
+        text = " ".join(err.decode("utf-8", "replace").split())[-500:]
+        rc = chan.exit_status if chan.exit_status_ready() else -1
+        transport_ok = chan.get_transport().is_active()
+        self.close()
+        if starting and transport_ok:
+            raise RemoteCommandError(
+                f"target {self.target.name}: the agent failed to start (exit {rc}): {text or '(no stderr)'}",
+                returncode=rc,
+                stderr=text,
+                hint="check the target's `python` and that the code is synced (orch launch does)",
+            )
+        if not transport_ok:
+            self.target.after_failure(chan.get_transport())
+        raise UnreachableError(
+            f"target {self.target.name}: the agent channel closed: {text or 'EOF'}"
+        )
+
+    def _fail(self) -> None:
+        """A timed-out or broken agent means a frozen or gone box: drop the whole connection."""
+        chan = self._chan
+        self.close()
+        if chan is not None:
+            self.target.after_failure(chan.get_transport())
+
+    def close(self) -> None:
+        chan, self._chan = self._chan, None
+        self._buf = b""
+        if chan is not None:
+            chan.close()
