@@ -120,6 +120,10 @@ class VastTarget(_TargetBase):
 TargetConfig = Annotated[LocalTarget | SshTarget | VastTarget, Field(discriminator="kind")]
 
 
+def _default_targets() -> dict[str, LocalTarget | SshTarget | VastTarget]:
+    return {"local": LocalTarget()}
+
+
 class ExperimentSettings(_Section):
     profile: str = "tiny"
     overrides: dict[str, Any] = Field(default_factory=dict, description="per-key overrides for every stage")
@@ -155,12 +159,29 @@ class AlertSettings(_Section):
 
 class OrchConfig(_Section):
     default_target: str = "local"
-    targets: dict[str, TargetConfig] = Field(default_factory=lambda: {"local": LocalTarget()})
+    targets: dict[str, TargetConfig] = Field(default_factory=lambda: _default_targets())
     experiment: ExperimentSettings = Field(default_factory=ExperimentSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     #: Where the config came from (None = embedded default); the project root is its folder.
     source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, data: Any) -> Any:
+        # `[targets.local]` needs no fields: a table named "local" without `kind` is local.
+        if isinstance(data, dict) and isinstance(data.get("targets"), dict):
+            targets = dict(data["targets"])
+            for name, t in targets.items():
+                if isinstance(t, dict) and "kind" not in t:
+                    if name == "local":
+                        targets[name] = {**t, "kind": "local"}
+                    else:
+                        raise ValueError(
+                            f"targets.{name}: missing `kind` (one of \"local\", \"ssh\", \"vast\")"
+                        )
+            data = {**data, "targets": targets}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> OrchConfig:

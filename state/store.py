@@ -367,7 +367,7 @@ class Store:
                 "VALUES (?,?,?,?,?,?,?,?)",
                 (dedup_key, stage_dir, run_id, target, kind, title, body, now_iso()),
             )
-            return int(cur.lastrowid) if cur.rowcount else None
+            return int(cur.lastrowid) if cur.rowcount and cur.lastrowid is not None else None
 
     def undelivered_alerts(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.query("SELECT * FROM alerts WHERE delivered_at IS NULL ORDER BY id")]

@@ -80,3 +80,10 @@ def test_unknown_target_error(tmp_path: Path) -> None:
     cfg = load_config(cwd=tmp_path)
     with pytest.raises(ConfigError, match="unknown target 'gpu'.*known targets: local"):
         cfg.target("gpu")
+
+
+def test_local_target_needs_no_fields(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[targets.local]\n"))
+    assert isinstance(cfg.targets["local"], LocalTarget)
+    with pytest.raises(ConfigError, match=r"targets\.box: missing `kind`"):
+        load_config(write(tmp_path, "[targets.box]\nhost = 'h'\n"))

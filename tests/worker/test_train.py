@@ -34,14 +34,14 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tiny.ensure_built(SMALL, root=tmp_path_factory.getbasetemp() / "tiny-cache"))
 
 
-def random_sft(path: Path, n: int, seed: int, resp_words: int = 6) -> dict[str, Any]:
+def random_sft(path: Path, n: int, seed: int, resp_words: int = 4, prompt_words: int = 1) -> dict[str, Any]:
     """Prompt/response rows whose responses are random words: unpredictable causally, trivial
-    to copy for a mask that shows them (the leak's signature). Returns the TaskSource."""
+    to read off for a mask that shows them (the leak's signature). Returns the TaskSource."""
     rng = random.Random(seed)
     words = tiny.task_words()
     with path.open("w") as f:
         for _ in range(n):
-            prompt = "count : " + " ".join(rng.choice(words) for _ in range(4))
+            prompt = "count : " + " ".join(rng.choice(words) for _ in range(prompt_words))
             response = " " + " ".join(rng.choice(words) for _ in range(resp_words))
             f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
     return {"name": path.stem, "source": str(path), "format": "sft"}
