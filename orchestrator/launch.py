@@ -83,7 +83,9 @@ def secret_values(
 ) -> tuple[dict[str, str], list[str]]:
     """(values found in the environment, names missing) for a target's `forward_env`."""
     env = os.environ if environ is None else environ
-    found = {wrapper.check_env_name(k): env[k] for k in forward if k in env}
+    for k in forward:
+        wrapper.check_env_name(k)
+    found = {k: env[k] for k in forward if k in env}
     return found, [k for k in forward if k not in env]
 
 
@@ -228,7 +230,9 @@ def launch_stage(
     return final
 
 
-def _insert_new_run(ctx: Context, stage: StageSpec, tname: str, rid: str, *, fixed: bool) -> RunRecord:
+def _insert_new_run(
+    ctx: Context, stage: StageSpec, tname: str, rid: str, *, fixed: bool
+) -> RunRecord:
     """Record the run as `pending`. Two launches of one stage in the same second (run-all's
     threads) get distinct ids: on a clash a fresh suffixed id is tried."""
     for _ in range(8):
@@ -257,8 +261,11 @@ def _insert_new_run(ctx: Context, stage: StageSpec, tname: str, rid: str, *, fix
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OrchError):
+        return text or type(exc).__name__
+    # Not one of ours (an OSError, a bug): keep the type, it is the useful half of the message.
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _set_phase(ctx: Context, rec: RunRecord, phase: Phase) -> None:
@@ -374,15 +381,47 @@ def session_alive(target: Target, session: str) -> bool:
 
 def read_remote_exit_code(target: Target, rec: RunRecord) -> int | None:
     """The run's `exit_code` on the target, or None while it has none (or it is partial)."""
-    res = target.run(
-        ["cat", _abs(target, f"{rec.run_dir}/{names.EXIT_CODE}")], timeout=QUICK_TIMEOUT_S
-    )
-    if res.returncode != 0:
-        return None
-    try:
-        return int(res.stdout.strip())
-    except ValueError:
-        return None
+    return _end_probe(target, rec)[0]
+
+
+# One round trip: the exit code (if written) and whether the wrapper ever started the command.
+_END_PROBE = 'cat -- "$1" 2>/dev/null; echo; if [ -e "$2" ]; then echo has-pid; fi'
+
+
+def _end_probe(target: Target, rec: RunRecord) -> tuple[int | None, bool]:
+    rd = _abs(target, rec.run_dir)
+    argv = ["sh", "-c", _END_PROBE, "sh", f"{rd}/{names.EXIT_CODE}", f"{rd}/{names.PID}"]
+    res = target.run(argv, timeout=QUICK_TIMEOUT_S)
+    lines = res.stdout.splitlines()
+    code: int | None = None
+    with contextlib.suppress(ValueError, IndexError):
+        code = int(lines[0].strip())
+    return code, "has-pid" in lines[1:]
+
+
+def _wait_for_exit_code(target: Target, rec: RunRecord, wait_s: float) -> int | None:
+    """Wait for the wrapper to record the exit code after its session was killed.
+
+    A wrapper hung up before it could set its traps (a stop right after launch) never started
+    the command (no pid file) and never writes the file: after a short grace we write what it
+    would have (128 + SIGHUP), so every ended run has an exit code.
+    """
+    deadline = time.monotonic() + wait_s
+    no_pid_since: float | None = None
+    while True:
+        code, has_pid = _end_probe(target, rec)
+        now = time.monotonic()
+        if code is not None or now >= deadline:
+            return code
+        if has_pid:
+            no_pid_since = None
+        elif no_pid_since is None:
+            no_pid_since = now
+        elif now - no_pid_since >= 2.0:
+            code = 128 + 1
+            target.put_bytes(f"{code}\n".encode(), _abs(target, f"{rec.run_dir}/{names.EXIT_CODE}"))
+            return code
+        time.sleep(0.2)
 
 
 def stop_run(ctx: Context, rec: RunRecord, *, wait_s: float = 15.0) -> RunRecord:
@@ -403,11 +442,11 @@ def stop_run(ctx: Context, rec: RunRecord, *, wait_s: float = 15.0) -> RunRecord
     request_cancel(ctx.store, rec.stage_dir, rec.run_id)
     try:
         killed = kill_session(target, rec.session)
-        code = read_remote_exit_code(target, rec)
-        deadline = time.monotonic() + wait_s
-        while killed and code is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-            code = read_remote_exit_code(target, rec)
+        code = (
+            _wait_for_exit_code(target, rec, wait_s)
+            if killed
+            else read_remote_exit_code(target, rec)
+        )
     finally:
         with contextlib.suppress(Exception):
             target.close()

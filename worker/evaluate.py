@@ -81,7 +81,9 @@ def prepare(
     return out, truncated
 
 
-def _pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(
+    rows: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     am = torch.zeros((len(rows), width), dtype=torch.long)
@@ -109,7 +111,11 @@ def score_shared(
     allowed = masks.allowed_matrix(ctx_am, n_ctx, ctx_mode)
     kw = {masks.cache_kwarg(model): _new_cache(model), "use_cache": True}
     out = masks.run_with_mask(
-        model, ctx_ids, masks.to_impl_form(allowed, impl, dtype), masks.position_ids_for(ctx_am), **kw
+        model,
+        ctx_ids,
+        masks.to_impl_form(allowed, impl, dtype),
+        masks.position_ids_for(ctx_am),
+        **kw,
     )
     counter.positions += ctx_ids.numel()
     counter.tokens += int(ctx_am.sum())
@@ -120,7 +126,9 @@ def score_shared(
     conts = [c for q in qs for c in q.conts]
     scores = [float(last[qi, c[0]]) for qi, c in zip(owner, conts, strict=True)]
     if max(len(c) for c in conts) > 1:
-        scores = _continuations(model, cache, owner, conts, n_ctx, ctx_am.shape[1], pad_id, scores, counter)
+        scores = _continuations(
+            model, cache, owner, conts, n_ctx, ctx_am.shape[1], pad_id, scores, counter
+        )
     out_scores: list[list[float]] = [[] for _ in qs]
     for qi, s in zip(owner, scores, strict=True):
         out_scores[qi].append(s)
@@ -156,14 +164,16 @@ def _continuations(
     r_len = ids.shape[1]
     own = torch.tensor(owner, device=device)
     cache.reorder_cache(own)  # one copy of the context's keys/values per choice
-    ctx_real = (torch.arange(ctx_width, device=device)[None, :] < n_ctx[own][:, None])  # (R, Tc)
+    ctx_real = torch.arange(ctx_width, device=device)[None, :] < n_ctx[own][:, None]  # (R, Tc)
     j = torch.arange(r_len, device=device)
     causal = j[None, :, None] >= j[None, None, :]  # (1, Tr, Tr)
     cont_part = causal & am.bool()[:, None, :]
     allowed = torch.cat([ctx_real[:, None, :].expand(-1, r_len, -1), cont_part], dim=2)
     # padded continuation rows see their own slot (no all-masked softmax row)
     pad_q = ~am.bool()
-    allowed[:, :, ctx_width:] |= pad_q[:, :, None] & torch.eye(r_len, dtype=torch.bool, device=device)[None]
+    allowed[:, :, ctx_width:] |= (
+        pad_q[:, :, None] & torch.eye(r_len, dtype=torch.bool, device=device)[None]
+    )
     pos = n_ctx[own][:, None] + j[None, :]
     kw = {masks.cache_kwarg(model): cache, "use_cache": True}
     out = masks.run_with_mask(
@@ -202,7 +212,9 @@ def score_naive(
     return out
 
 
-def accuracy(scores: list[list[float]], labels: list[int], char_lens: list[list[int]]) -> dict[str, float]:
+def accuracy(
+    scores: list[list[float]], labels: list[int], char_lens: list[list[int]]
+) -> dict[str, float]:
     """acc (argmax of log-likelihood) and acc_norm (argmax of log-likelihood per character);
     ties go to the first choice, as numpy.argmax does in lm-eval."""
     if not scores:
@@ -212,7 +224,9 @@ def accuracy(scores: list[list[float]], labels: list[int], char_lens: list[list[
         return max(range(len(xs)), key=lambda i: (xs[i], -i))
 
     acc = sum(argmax(s) == y for s, y in zip(scores, labels, strict=True)) / len(scores)
-    norm = [[x / n for x, n in zip(s, ls, strict=True)] for s, ls in zip(scores, char_lens, strict=True)]
+    norm = [
+        [x / n for x, n in zip(s, ls, strict=True)] for s, ls in zip(scores, char_lens, strict=True)
+    ]
     acc_norm = sum(argmax(s) == y for s, y in zip(norm, labels, strict=True)) / len(scores)
     return {"acc": acc, "acc_norm": acc_norm, "n": len(scores)}
 
@@ -276,7 +290,10 @@ def evaluate(
         qs, truncated = prepare(load_mc_task(t), tok, args.max_length)
         prepared[t.name] = qs
         if truncated:
-            emit("warning", {"message": f"{t.name}: {truncated} contexts left-truncated to max_length"})
+            emit(
+                "warning",
+                {"message": f"{t.name}: {truncated} contexts left-truncated to max_length"},
+            )
     total = sum(len(q) for q in prepared.values())
     done = 0
     if on_progress:
@@ -293,7 +310,16 @@ def evaluate(
     results: dict[str, dict[str, Any]] = {}
     for t in args.tasks:
         qs = prepared[t.name]
-        scores = score_task(model, qs, mode, tok.pad_token_id, args.batch_size, args.shared_context, counter, on_batch)
+        scores = score_task(
+            model,
+            qs,
+            mode,
+            tok.pad_token_id,
+            args.batch_size,
+            args.shared_context,
+            counter,
+            on_batch,
+        )
         res = accuracy(scores, [q.label for q in qs], [q.char_lens for q in qs])
         results[t.name] = {**res, "source": t.source, "format": t.format}
         emit("eval", {"task": t.name, **res})

@@ -51,14 +51,10 @@ def _choices(rng: random.Random, answer: str, pool: list[str]) -> tuple[list[str
     return others, label
 
 
-_RECALL_SEP = os.environ.get("TINY_RECALL_SEP", " , ")
-_RECALL_KV = os.environ.get("TINY_RECALL_KV", " = ")
-
-
 def _recall(rng: random.Random) -> Row:
     keys = rng.sample(range(N_KEYS), 4)
     vals = rng.sample(range(N_KEYS), 4)
-    pairs = _RECALL_SEP.join(f"k{k}{_RECALL_KV}v{v}" for k, v in zip(keys, vals, strict=True))
+    pairs = " , ".join(f"k{k} = v{v}" for k, v in zip(keys, vals, strict=True))
     i = rng.randrange(4)
     answer = f"v{vals[i]}"
     # distractors are the other values in the context: copying any value is not enough
@@ -232,7 +228,7 @@ def build_tokenizer(texts: Iterator[str] | list[str]) -> Any:
     specials = ["<unk>", "<pad>", "<s>", "</s>"]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     trainer = trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1)
     tok.train_from_iterator(texts, trainer=trainer)
     bos = tok.token_to_id("<s>")
@@ -252,7 +248,6 @@ def build_tokenizer(texts: Iterator[str] | list[str]) -> Any:
 def build(spec: TinySpec, dest: Path) -> None:
     """Build, pre-train and save the tiny model into `dest` (deterministic for a spec)."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
 
     t0 = time.monotonic()
     threads = torch.get_num_threads()
@@ -288,9 +283,7 @@ def _train_and_save(spec: TinySpec, dest: Path, t0: float) -> None:
     )
     model = MistralForCausalLM(config)
     rows = [
-        r
-        for task in spec.train_tasks
-        for r in sft_rows(task, "train", spec.train_rows, spec.seed)
+        r for task in spec.train_tasks for r in sft_rows(task, "train", spec.train_rows, spec.seed)
     ]
     enc = tokenizer([r["prompt"] for r in rows], add_special_tokens=True)["input_ids"]
     width = max(len(e) for e in enc) + 2

@@ -5,7 +5,8 @@ All configurable in `[monitor]` (per target), costly ones off by default:
     pull_on_success = true     pull + verify the run's artifacts (orchestrator.pull.pull_run)
     pull_on_failure = false    also pull failed/crashed/timed-out runs (logs, partial results)
     stop_on_timeout = false    kill the tmux session of a run past its stage timeout
-    launch_next_stage = false  launch the stages that were waiting for this one (same target)
+    launch_next_stage = false  launch the stages that were waiting for this one (same target,
+                               not waited on: the watcher picks the new run up)
     idle instances             `[targets.X] idle_action` of a vast target (alert/stop/destroy)
 
 Each action is recorded in the store's `run_monitor.actions_done`, so a restarted watcher
@@ -116,18 +117,28 @@ class Actions:
         self._say(f"{rec.key}: pulled to {res.local_dir} ({what})")
 
     def _do_next(self, rec: RunRecord) -> None:
+        """Launch (without waiting) every stage that takes this one's output and whose other
+        inputs have a succeeded run on the same target; the watcher then watches it too."""
         from jobs.pipeline import dependency_graph
-        from orchestrator.pipeline_runner import run_stages
+        from jobs.stages import get_stage
+        from orchestrator.launch import launch_stage
 
         graph = dependency_graph()
-        children = [s for s, deps in graph.items() if rec.stage in deps]
-        if not children:
-            return
-        launched = run_stages(
-            self.ctx, children, targets=[rec.target], overrides=None, with_deps=False
-        )
-        for r in launched:
-            self._say(f"{rec.key}: launched next stage {r.stage} as {r.key}")
+        exp = self.ctx.config.experiment
+        succeeded = {
+            r.stage
+            for r in self.ctx.store.list_runs(target=rec.target)
+            if r.phase is Phase.SUCCEEDED
+        }
+        running = {r.stage for r in self.ctx.store.list_runs(active_only=True, target=rec.target)}
+        for child, deps in graph.items():
+            if rec.stage not in deps or child in running or not set(deps) <= succeeded:
+                continue
+            spec = get_stage(child, exp.profile, shared=exp.overrides)
+            if spec.local_only:
+                continue
+            new = launch_stage(self.ctx, spec, rec.target, profile=exp.profile)
+            self._say(f"{rec.key}: launched next stage {child} as {new.key}")
 
     # -- instances ---------------------------------------------------------------------------
     def check_idle(self, target: str) -> None:

@@ -79,6 +79,7 @@ def url_problem(url: str, *, deep: bool = False) -> str | None:
     if not deep:
         return None
     scheme = m.group(1).lower()
+    logging.getLogger("apprise").propagate = False  # its log lines hold full URLs
     from apprise import Apprise
     from apprise.manager_plugins import NotificationManager
 

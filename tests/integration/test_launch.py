@@ -163,8 +163,13 @@ def _launch_run_pull(
     finally:
         target.close()
 
-    # orch logs shows the run's own output.
+    # orch status shows it (the dashboard engineer's command, fed by what launch recorded).
     capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    status = capsys.readouterr().out
+    assert rec.run_id in status and "succeeded" in status
+
+    # orch logs shows the run's own output.
     assert main(["logs", rec.run_id]) == 0
     out = capsys.readouterr().out
     assert "hello from the run" in out and "secret: s3cr3t-value" in out
@@ -288,6 +293,16 @@ def test_stop_kills_session_and_records_cancelled(local_project, capsys):
             raise AssertionError("the worker outlived its stopped session")
         assert main(["stop", rec.run_id]) == 0  # already ended: a no-op
         assert "already ended" in capsys.readouterr().out
+
+        # Stopped at once, maybe before the wrapper could even set its traps: still an exit code.
+        quick = launch_mod.launch_stage(
+            ctx, exec_stage("t-stop", sys.executable, "-c", "import time; time.sleep(120)")
+        )
+        final = launch_mod.stop_run(ctx, quick)
+        assert (
+            final.phase == Phase.CANCELLED and final.exit_code is not None and final.exit_code > 128
+        )
+        assert quick.session not in tmux_sessions()
     finally:
         ctx.close()
 

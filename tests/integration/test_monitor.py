@@ -39,8 +39,8 @@ from tests.sshd import SshServer
 pytestmark = pytest.mark.integration
 
 FAST = {
-    "interval_s": 0.5,
-    "jitter_s": 0.2,
+    "interval_s": 0.3,
+    "jitter_s": 0.1,
     "connect_timeout_s": 2.0,
     "command_timeout_s": 2.0,
     "unreachable_alert_after_s": 2.0,
@@ -57,7 +57,7 @@ def hook() -> Iterator[Webhook]:
 
 
 def _project(
-    tmp_path: Path, server: SshServer, hook: Webhook, *, sync: bool = True, **monitor: object
+    tmp_path: Path, server: SshServer, hook: Webhook, **monitor: object
 ) -> tuple[Context, Target]:
     root = write_project(
         tmp_path / "project",
@@ -67,7 +67,8 @@ def _project(
     )
     ctx = Context(cwd=root)
     target = make_target(ctx, "box")
-    prepare_target(target, sync=sync)
+    # Same machine: the box's code dir links to this checkout (code sync has its own tests).
+    prepare_target(target, sync=False)
     return ctx, target
 
 
@@ -91,7 +92,7 @@ def test_watch_end_to_end_with_restart(
     root = ctx.project_root
     log = tmp_path / "watch.log"
     crash = start_run(ctx, target)
-    hang = start_run(ctx, target, stale_after_s=2.0)
+    hang = start_run(ctx, target, stale_after_s=3.0)
     slow = start_run(ctx, target, timeout_s=4.0)
     ok = start_run(ctx, target, outcome="succeed", seconds=1.5)
     watcher = _start_watcher(root, log)
@@ -140,7 +141,7 @@ def test_watch_end_to_end_with_restart(
             20,
             what="failed alert attempted",
         )[0]
-        assert row["delivered_at"] is None and "500" in row["last_error"] or row["last_error"]
+        assert row["delivered_at"] is None and row["last_error"]  # recorded, to be retried
         late = start_run(ctx, target)
         lpid = worker_pid(target, late)
         wait_until(
@@ -189,10 +190,7 @@ def test_watch_end_to_end_with_restart(
 
 
 def test_unreachable_is_never_a_crash(tmp_path: Path, fresh_sshd: SshServer, hook: Webhook) -> None:
-    # Same machine: the box's code dir may be a link to this checkout (the sync is tested above).
-    ctx, target = _project(
-        tmp_path, fresh_sshd, hook, sync=False, connect_timeout_s=1.0, command_timeout_s=1.0
-    )
+    ctx, target = _project(tmp_path, fresh_sshd, hook, connect_timeout_s=1.0, command_timeout_s=1.0)
     run = start_run(ctx, target)
     pid = worker_pid(target, run)
     watcher = Watcher(ctx)

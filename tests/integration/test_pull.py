@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,11 @@ def test_pull_all_latest_and_unfinished_runs(local_project, capsys):
         live = launch_mod.launch_stage(
             ctx, exec_stage("t-live", sys.executable, "-c", "import time; time.sleep(60)")
         )
+        pid = make_target(ctx, "local").path(f"{live.run_dir}/{names.PID}")
+        for _ in range(300):  # the command is running once the wrapper wrote its pid
+            if pid.exists():
+                break
+            time.sleep(0.1)
         try:
             assert main(["pull", "latest"]) == 0
             assert "not verified" in capsys.readouterr().out

@@ -279,3 +279,97 @@ def test_pipeline_specs_take_study_wide_overrides() -> None:
     # a key only eval stages take is a typo for a plan of training stages
     with pytest.raises(ConfigError, match="tasks"):
         resolve_specs(["stage3a", "stage3b"], "tiny", {"tasks.0.limit": 5}, None)
+
+
+# --- the ministral-3b profile's data, through the worker's real loaders -----------------------
+# One row per data set in its hub schema (as `datasets` yields it), written to a local file:
+# nothing here touches the network, and a profile whose `format` does not fit its data fails.
+REAL_ROWS = {
+    "arc_easy": {
+        "id": "Mercury_7175875",
+        "question": "An astronomer observes that a planet rotates faster after a meteorite impact. Which is the most likely effect of this increase in rotation?",
+        "choices": {
+            "text": [
+                "Planetary density will decrease.",
+                "Planetary years will become longer.",
+                "Planetary days will become shorter.",
+                "Planetary gravity will become stronger.",
+            ],
+            "label": ["A", "B", "C", "D"],
+        },
+        "answerKey": "C",
+    },
+    "hellaswag": {
+        "ind": 24,
+        "activity_label": "Roof shingle removal",
+        "ctx_a": "A man is sitting on a roof.",
+        "ctx_b": "he",
+        "ctx": "A man is sitting on a roof. he",
+        "endings": [
+            "is using wrap to wrap a pair of skis.",
+            "is ripping level tiles off.",
+            "is holding a rubik's cube.",
+            "starts pulling up roofing on a roof.",
+        ],
+        "source_id": "activitynet~v_-JhWjGDPHMY",
+        "split": "val",
+        "split_type": "indomain",
+        "label": "3",
+    },
+    "piqa": {
+        "goal": "How do I ready a guinea pig cage for it's new occupants?",
+        "sol1": "Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips.",
+        "sol2": "Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans material.",
+        "label": 0,
+    },
+    "boolq": {
+        "question": "do iran and afghanistan speak the same language",
+        "answer": True,
+        "passage": "Persian language -- Persian is a pluricentric language predominantly spoken in Iran, Afghanistan and Tajikistan.",
+    },
+    "no_robots": {
+        "prompt": "Write a haiku about autumn.",
+        "prompt_id": "abc123",
+        "messages": [
+            {"content": "Write a haiku about autumn.", "role": "user"},
+            {
+                "content": "Leaves drift on cold wind\nthe maple lets go of red\nsoft rain keeps the time",
+                "role": "assistant",
+            },
+        ],
+        "category": "Generation",
+    },
+}
+
+
+def test_ministral_profile_formats_fit_the_real_schemas(tmp_path) -> None:
+    import json as _json
+
+    from jobs.profiles import MINISTRAL_3B
+    from worker import data
+
+    def local(src, row_key):
+        path = tmp_path / f"{src.name}.jsonl"
+        path.write_text(_json.dumps(REAL_ROWS[row_key]) + "\n")
+        return src.model_copy(update={"source": str(path)})
+
+    answers = {}
+    for src in MINISTRAL_3B.eval_tasks:
+        assert src.source.startswith("hf:") and src.format in {"arc", "hellaswag", "piqa", "boolq"}
+        key = "arc_easy" if src.format == "arc" else src.format
+        (ex,) = data.load_mc_task(local(src, key))
+        answers[src.name] = ex.choices[ex.label]
+    assert answers["arc_easy"].strip() == "Planetary days will become shorter."
+    assert answers["hellaswag"].strip().startswith("starts pulling up roofing")
+    assert (
+        answers["piqa"]
+        .strip()
+        .startswith(
+            "Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper"
+        )
+    )
+    assert answers["boolq"].strip().lower() == "yes"
+    for src in (MINISTRAL_3B.train_data, MINISTRAL_3B.train_eval_data):
+        assert src is not None and src.format == "sft"
+        (ex,) = data.load_sft(local(src, "no_robots"))
+        assert ex.prompt == "Write a haiku about autumn." and ex.response.startswith("Leaves drift")

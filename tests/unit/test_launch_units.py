@@ -171,6 +171,8 @@ def test_wrapper_path_is_content_addressed():
 def test_secret_values_reports_missing_names():
     found, missing = launch.secret_values(["HF_TOKEN", "WANDB_API_KEY"], {"HF_TOKEN": "x"})
     assert found == {"HF_TOKEN": "x"} and missing == ["WANDB_API_KEY"]
+    with pytest.raises(ConfigError, match="environment variable"):
+        launch.secret_values(["HF_TOKEN", "BAD;NAME"], {"HF_TOKEN": "x"})
 
 
 # -- bootstrap ------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 
-
-
 @pytest.fixture(scope="session")
 def orch_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # the same dir tests/integration/test_pipeline_tiny.py uses: one tiny build per session
@@ -44,7 +42,7 @@ def tiny_model_dir(orch_cache_dir: Path) -> Iterator[Path]:
     yield path
 
 
-def _load(model_dir: Path, impl: str):  # noqa: ANN202
+def _load(model_dir: Path, impl: str):
     from state.worker_config import EvalArgs
     from worker import modeling
 
@@ -54,16 +52,16 @@ def _load(model_dir: Path, impl: str):  # noqa: ANN202
 
 
 @pytest.fixture(scope="session")
-def tiny_sdpa(tiny_model_dir: Path):  # noqa: ANN201
+def tiny_sdpa(tiny_model_dir: Path):
     """modeling.Loaded for the tiny model with sdpa attention (shared: do not train it)."""
     return _load(tiny_model_dir, "sdpa")
 
 
 @pytest.fixture(scope="session")
-def tiny_eager(tiny_model_dir: Path):  # noqa: ANN201
+def tiny_eager(tiny_model_dir: Path):
     return _load(tiny_model_dir, "eager")
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_sdpa):  # noqa: ANN001, ANN201
+def tiny_tokenizer(tiny_sdpa):
     return tiny_sdpa.tokenizer

@@ -17,7 +17,10 @@ ARC = [
     {
         "id": "Mercury_1",
         "question": "Which gas do plants absorb?",
-        "choices": {"text": ["Oxygen", "Carbon dioxide", "Helium", "Neon"], "label": ["A", "B", "C", "D"]},
+        "choices": {
+            "text": ["Oxygen", "Carbon dioxide", "Helium", "Neon"],
+            "label": ["A", "B", "C", "D"],
+        },
         "answerKey": "B",
     },
     {
@@ -34,12 +37,24 @@ HELLASWAG = [
         "ctx_a": "Then, the man writes over the snow covering the window of a car.",
         "ctx_b": "then",
         "ctx": "Then, the man writes over the snow covering the window of a car. then",
-        "endings": [", the man adds wax to the windshield.", ", a person board a ski lift.", ", the man puts on a christmas coat.", ", the man continues removing the snow [title] on his car."],
+        "endings": [
+            ", the man adds wax to the windshield.",
+            ", a person board a ski lift.",
+            ", the man puts on a christmas coat.",
+            ", the man continues removing the snow [title] on his car.",
+        ],
         "label": "3",
         "split": "val",
     }
 ]
-PIQA = [{"goal": "To make ice cubes", "sol1": "freeze water in a tray", "sol2": "boil water in a pot", "label": 0}]
+PIQA = [
+    {
+        "goal": "To make ice cubes",
+        "sol1": "freeze water in a tray",
+        "sol2": "boil water in a pot",
+        "label": 0,
+    }
+]
 BOOLQ = [
     {"question": "is the sky blue", "passage": "The sky appears blue by day.", "answer": True},
     {"question": "is ice hot", "passage": "Ice is frozen water.", "answer": False},
@@ -52,7 +67,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _src(path: Path | str, fmt: str, **kw) -> TaskSource:  # noqa: ANN003
+def _src(path: Path | str, fmt: str, **kw) -> TaskSource:
     return TaskSource(name="t", source=str(path), format=fmt, **kw)
 
 
@@ -69,7 +84,10 @@ def test_hellaswag_parquet(tmp_path: Path) -> None:
     path = tmp_path / "hs.parquet"
     datasets.Dataset.from_list(HELLASWAG).to_parquet(str(path))
     (ex,) = data.load_mc_task(_src(path, "hellaswag"))
-    assert ex.context == "Removing ice from car: Then, the man writes over the snow covering the window of a car. Then"
+    assert (
+        ex.context
+        == "Removing ice from car: Then, the man writes over the snow covering the window of a car. Then"
+    )
     assert ex.label == 3
     assert ex.choices[3] == " , the man continues removing the snow. on his car."
 
@@ -106,10 +124,14 @@ def test_hf_source_through_load_dataset_on_a_local_repo_dir(tmp_path: Path) -> N
 
 def test_schema_mismatch_names_field_and_file(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "piqa.jsonl", PIQA)
-    with pytest.raises(WorkerError, match=r"piqa\.jsonl: row 0 has no field 'question' required by schema 'arc'") as e:
+    with pytest.raises(
+        WorkerError, match=r"piqa\.jsonl: row 0 has no field 'question' required by schema 'arc'"
+    ) as e:
         data.load_mc_task(_src(path, "arc"))
     assert "format" in str(e.value)
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"context": "x", "choices": ["a", "b"], "label": 5}])
+    bad = _write_jsonl(
+        tmp_path / "bad.jsonl", [{"context": "x", "choices": ["a", "b"], "label": 5}]
+    )
     with pytest.raises(WorkerError, match="label 5, outside"):
         data.load_mc_task(_src(bad, "mc"))
 
@@ -145,7 +167,9 @@ def test_tiny_sources_are_deterministic_and_split() -> None:
     assert all(len(e.choices) == 4 and e.choices[e.label].strip() in e.context for e in a)
     train = data.load_mc_task(src.model_copy(update={"split": "train"}))
     assert {e.context for e in train}.isdisjoint({e.context for e in a}) or train != a
-    sft = data.load_sft(TaskSource(name="s", source="tiny:arith", format="sft", split="train", limit=20))
+    sft = data.load_sft(
+        TaskSource(name="s", source="tiny:arith", format="sft", split="train", limit=20)
+    )
     assert all(s.response.startswith(" ") for s in sft)
     assert all(int(s.response) == sum(int(w) for w in s.prompt.split() if w.isdigit()) for s in sft)
     with pytest.raises(WorkerError, match="unknown tiny task"):
@@ -155,9 +179,12 @@ def test_tiny_sources_are_deterministic_and_split() -> None:
 # --- SFT -------------------------------------------------------------------------------------
 
 
-def test_sft_tokenization_and_collate(tiny_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+def test_sft_tokenization_and_collate(tiny_tokenizer, tmp_path: Path) -> None:
     tok = tiny_tokenizer
-    rows = [{"prompt": "sum : 3 plus 4 is", "response": " 7"}, {"prompt": "count : 1 2 next ", "response": "3"}]
+    rows = [
+        {"prompt": "sum : 3 plus 4 is", "response": " 7"},
+        {"prompt": "count : 1 2 next ", "response": "3"},
+    ]
     src = _src(_write_jsonl(tmp_path / "sft.jsonl", rows), "sft")
     tk = data.load_sft(src, tok, max_length=32)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -177,17 +204,17 @@ def test_sft_tokenization_and_collate(tiny_tokenizer, tmp_path: Path) -> None:  
     assert data.collate_sft(tk, tok, "left")["attention_mask"][1, 0] == 0
 
 
-def test_prompt_longer_than_max_length(tiny_tokenizer) -> None:  # noqa: ANN001
+def test_prompt_longer_than_max_length(tiny_tokenizer) -> None:
     ex = [data.SftExample("recall : k1 = v2 , k3 = v4 . k1 ?", " v2")]
     with pytest.raises(WorkerError, match="longer than max_length 8"):
         data.tokenize_sft(ex, tiny_tokenizer, 8)
     (t,) = data.tokenize_sft(ex, tiny_tokenizer, 8, truncate="prompt_left")
     assert len(t) == 8 and t.prompt_ids[0] == tiny_tokenizer.bos_token_id
     assert t.response_ids[-1] == tiny_tokenizer.eos_token_id
-    assert tiny_tokenizer.decode(t.prompt_ids[1:]) == ". k1 ?"
+    assert tiny_tokenizer.convert_ids_to_tokens(t.prompt_ids[1:]) == ["=", "v4", ".", "k1", "?"]
 
 
-def test_messages_rows_with_a_chat_template(tiny_tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+def test_messages_rows_with_a_chat_template(tiny_tokenizer, tmp_path: Path) -> None:
     import copy
 
     tok = copy.deepcopy(tiny_tokenizer)
@@ -195,10 +222,21 @@ def test_messages_rows_with_a_chat_template(tiny_tokenizer, tmp_path: Path) -> N
         "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
         "{% if add_generation_prompt %}assistant : {% endif %}"
     )
-    rows = [{"messages": [{"role": "user", "content": "sum : 1 plus 1 is"}, {"role": "assistant", "content": "2"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "sum : 1 plus 1 is"},
+                {"role": "assistant", "content": "2"},
+            ]
+        }
+    ]
     sft = data.load_sft(_src(_write_jsonl(tmp_path / "chat.jsonl", rows), "sft"))
     (t,) = data.tokenize_sft(sft, tok, 64)
-    assert tok.convert_ids_to_tokens(t.prompt_ids)[-3:] == [".", "<unk>", ":"]  # "assistant" is not in the tiny vocab
+    assert tok.convert_ids_to_tokens(t.prompt_ids)[-3:] == [
+        ".",
+        "<unk>",
+        ":",
+    ]  # "assistant" is not in the tiny vocab
     assert tok.decode(t.response_ids) == "2 ."
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(WorkerError, match="ending with an assistant turn"):

@@ -12,10 +12,12 @@ from worker import evaluate as ev
 from worker.data import McExample, encode_pair
 
 
-def test_trailing_space_moves_to_the_continuation(tiny_tokenizer) -> None:  # noqa: ANN001
+def test_trailing_space_moves_to_the_continuation(tiny_tokenizer) -> None:
     tok = tiny_tokenizer
     ctx, cont = encode_pair(tok, "sum : 3 plus 4 is ", "7")
-    assert ctx == [tok.bos_token_id] + tok("sum : 3 plus 4 is", add_special_tokens=False)["input_ids"]
+    assert (
+        ctx == [tok.bos_token_id] + tok("sum : 3 plus 4 is", add_special_tokens=False)["input_ids"]
+    )
     assert cont == tok(" 7", add_special_tokens=False)["input_ids"]
     assert encode_pair(tok, "sum : 3 plus 4 is", " 7") == (ctx, cont)
 
@@ -33,13 +35,17 @@ def test_acc_and_acc_norm_by_hand() -> None:
     assert ev.accuracy([[-1.0, -1.0]], [0], [[1, 1]])["acc"] == 1.0  # ties: first choice
 
 
-def test_char_lengths_exclude_the_delimiter_space(tiny_tokenizer) -> None:  # noqa: ANN001
-    (q,), _ = ev.prepare([McExample("sum : 1 plus 1 is", [" 2", " 11", " 3"], 0)], tiny_tokenizer, 64)
+def test_char_lengths_exclude_the_delimiter_space(tiny_tokenizer) -> None:
+    (q,), _ = ev.prepare(
+        [McExample("sum : 1 plus 1 is", [" 2", " 11", " 3"], 0)], tiny_tokenizer, 64
+    )
     assert q.char_lens == [1, 2, 1]
 
 
 EXAMPLES = [
-    McExample("recall : k1 = v2 , k3 = v4 . k1 ?", [" v2 v4", " v4", " v2 , k3", " k1 = v2 . ?"], 0),
+    McExample(
+        "recall : k1 = v2 , k3 = v4 . k1 ?", [" v2 v4", " v4", " v2 , k3", " k1 = v2 . ?"], 0
+    ),
     McExample("sum : 3 plus", [" 4 is 7", " 5"], 1),
     McExample("count : 1 2 3 4 5 6 next", [" 7", " 8", " 9 10"], 0),
 ]
@@ -47,7 +53,9 @@ EXAMPLES = [
 
 @pytest.mark.parametrize("mode", [MaskMode.CAUSAL, MaskMode.PREFIX])
 @pytest.mark.parametrize("loaded", ["tiny_sdpa", "tiny_eager"])
-def test_shared_context_scores_equal_per_choice_scores(mode: MaskMode, loaded: str, request: pytest.FixtureRequest) -> None:
+def test_shared_context_scores_equal_per_choice_scores(
+    mode: MaskMode, loaded: str, request: pytest.FixtureRequest
+) -> None:
     lm = request.getfixturevalue(loaded)
     qs, _ = ev.prepare(EXAMPLES, lm.tokenizer, 64)
     shared_count, naive_count = ev.Counter(), ev.Counter()
@@ -59,33 +67,43 @@ def test_shared_context_scores_equal_per_choice_scores(mode: MaskMode, loaded: s
     # and each choice scored alone, unbatched, gives the same numbers again
     for q, row in zip(qs, shared, strict=True):
         for j, cont in enumerate(q.conts):
-            alone = ev.score_naive(lm.model, [ev.Question(q.ctx, [cont], 0, [1])], mode, 0, ev.Counter())
+            alone = ev.score_naive(
+                lm.model, [ev.Question(q.ctx, [cont], 0, [1])], mode, 0, ev.Counter()
+            )
             assert alone[0][0] == pytest.approx(row[j], abs=1e-4)
 
 
-def test_prefix_mode_changes_the_scores(tiny_sdpa) -> None:  # noqa: ANN001
+def test_prefix_mode_changes_the_scores(tiny_sdpa) -> None:
     qs, _ = ev.prepare(EXAMPLES, tiny_sdpa.tokenizer, 64)
     causal = ev.score_shared(tiny_sdpa.model, qs, MaskMode.CAUSAL, 1, ev.Counter())
     prefix = ev.score_shared(tiny_sdpa.model, qs, MaskMode.PREFIX, 1, ev.Counter())
     assert causal[0] != pytest.approx(prefix[0], abs=1e-3)
 
 
-def test_long_contexts_are_left_truncated(tiny_tokenizer) -> None:  # noqa: ANN001
+def test_long_contexts_are_left_truncated(tiny_tokenizer) -> None:
     ex = McExample("count : " + " ".join(str(i % 19) for i in range(40)) + " next", [" 1", " 2"], 0)
     (q,), truncated = ev.prepare([ex], tiny_tokenizer, 16)
     assert truncated == 1 and len(q.ctx) + 1 == 16 and q.ctx[0] == tiny_tokenizer.bos_token_id
     assert tiny_tokenizer.decode(q.ctx[-2:]) == "0 next"
 
 
-def _args(**kw) -> EvalArgs:  # noqa: ANN003
-    tasks = [TaskSource(name=t, source=f"tiny:{t}", split="test", limit=120) for t in ("arith", "succ", "recall")]
+def _args(**kw) -> EvalArgs:
+    tasks = [
+        TaskSource(name=t, source=f"tiny:{t}", split="test", limit=120)
+        for t in ("arith", "succ", "recall")
+    ]
     return EvalArgs(tasks=tasks, device="cpu", dtype="float32", batch_size=32, **kw)
 
 
-def test_tiny_model_end_to_end_well_above_chance(tiny_sdpa) -> None:  # noqa: ANN001
+def test_tiny_model_end_to_end_well_above_chance(tiny_sdpa) -> None:
     seen: list[tuple[int, int]] = []
     events: list[tuple[str, dict]] = []
-    res = ev.evaluate(_args(), lambda d, t: seen.append((d, t)), lambda k, d: events.append((k, d)), loaded=tiny_sdpa)
+    res = ev.evaluate(
+        _args(),
+        lambda d, t: seen.append((d, t)),
+        lambda k, d: events.append((k, d)),
+        loaded=tiny_sdpa,
+    )
     assert set(res["tasks"]) == {"arith", "succ", "recall"}
     for name in ("arith", "succ"):
         assert res["tasks"][name]["acc"] >= 0.6, res["tasks"]  # chance is 0.25
@@ -97,7 +115,7 @@ def test_tiny_model_end_to_end_well_above_chance(tiny_sdpa) -> None:  # noqa: AN
     assert [k for k, _ in events] == ["eval", "eval", "eval"]
 
 
-def test_shared_and_naive_evaluate_agree_with_fewer_tokens(tiny_sdpa) -> None:  # noqa: ANN001
+def test_shared_and_naive_evaluate_agree_with_fewer_tokens(tiny_sdpa) -> None:
     args = _args(mask=MaskMode.PREFIX)
     args.tasks = args.tasks[:1]
     shared = ev.evaluate(args, loaded=tiny_sdpa)
@@ -106,7 +124,7 @@ def test_shared_and_naive_evaluate_agree_with_fewer_tokens(tiny_sdpa) -> None:  
     assert naive["tokens_forwarded"] >= 2 * shared["tokens_forwarded"]
 
 
-def test_bad_eval_args(tiny_sdpa) -> None:  # noqa: ANN001
+def test_bad_eval_args(tiny_sdpa) -> None:
     with pytest.raises(WorkerError, match="causal' or 'prefix"):
         ev.evaluate(_args(mask=MaskMode.FULL_BIDIR), loaded=tiny_sdpa)
     with pytest.raises(WorkerError, match="no tasks"):

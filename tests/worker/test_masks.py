@@ -107,8 +107,12 @@ def test_structural_check_catches_padding_visible() -> None:
 # --- on the real tiny model -------------------------------------------------------------------
 
 
-def _batch(tok, side: str = "right"):  # noqa: ANN001, ANN202
-    prompts = ["recall : k1 = v2 , k3 = v4 , k5 = v6 . k3 ?", "sum : 3 plus 4 is", "count : 4 5 6 next"]
+def _batch(tok, side: str = "right"):
+    prompts = [
+        "recall : k1 = v2 , k3 = v4 , k5 = v6 . k3 ?",
+        "sum : 3 plus 4 is",
+        "count : 4 5 6 next",
+    ]
     responses = [" v4 v2 v6", " 7 7", " 7 8 9 10"]
     rows = []
     for p, r in zip(prompts, responses, strict=True):
@@ -127,14 +131,16 @@ def _batch(tok, side: str = "right"):  # noqa: ANN001, ANN202
     return ids, am, plens, starts
 
 
-def _logits(loaded, ids, am, plens, mode):  # noqa: ANN001, ANN202
+def _logits(loaded, ids, am, plens, mode):
     with torch.no_grad():
         return masks.forward(loaded.model, ids, am, plens, mode)
 
 
 @pytest.mark.parametrize("mode", ["causal", "prefix"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_changing_response_tokens_never_reaches_earlier_positions(tiny_sdpa, mode: str, side: str) -> None:  # noqa: ANN001
+def test_changing_response_tokens_never_reaches_earlier_positions(
+    tiny_sdpa, mode: str, side: str
+) -> None:
     ids, am, plens, starts = _batch(tiny_sdpa.tokenizer, side)
     base = _logits(tiny_sdpa, ids, am, plens, mode)
     for b in range(ids.shape[0]):
@@ -151,7 +157,9 @@ def test_changing_response_tokens_never_reaches_earlier_positions(tiny_sdpa, mod
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_later_prompt_tokens_reach_earlier_prompt_positions_in_prefix_only(tiny_sdpa, side: str) -> None:  # noqa: ANN001
+def test_later_prompt_tokens_reach_earlier_prompt_positions_in_prefix_only(
+    tiny_sdpa, side: str
+) -> None:
     ids, am, plens, starts = _batch(tiny_sdpa.tokenizer, side)
     pert = ids.clone()
     for b in range(ids.shape[0]):
@@ -167,7 +175,7 @@ def test_later_prompt_tokens_reach_earlier_prompt_positions_in_prefix_only(tiny_
 
 
 @pytest.mark.parametrize("mode", ["causal", "prefix", "full_bidir"])
-def test_eager_and_sdpa_agree_with_padding_on_both_sides(tiny_sdpa, tiny_eager, mode: str) -> None:  # noqa: ANN001
+def test_eager_and_sdpa_agree_with_padding_on_both_sides(tiny_sdpa, tiny_eager, mode: str) -> None:
     for side in ("right", "left"):
         ids, am, plens, _ = _batch(tiny_sdpa.tokenizer, side)
         a = _logits(tiny_sdpa, ids, am, plens, mode)
@@ -178,7 +186,7 @@ def test_eager_and_sdpa_agree_with_padding_on_both_sides(tiny_sdpa, tiny_eager, 
 
 
 @pytest.mark.parametrize("mode", ["causal", "prefix"])
-def test_left_and_right_padding_give_the_same_logits(tiny_sdpa, mode: str) -> None:  # noqa: ANN001
+def test_left_and_right_padding_give_the_same_logits(tiny_sdpa, mode: str) -> None:
     r_ids, r_am, plens, _ = _batch(tiny_sdpa.tokenizer, "right")
     l_ids, l_am, _, _ = _batch(tiny_sdpa.tokenizer, "left")
     right = _logits(tiny_sdpa, r_ids, r_am, plens, mode)[r_am.bool()]
@@ -187,7 +195,9 @@ def test_left_and_right_padding_give_the_same_logits(tiny_sdpa, mode: str) -> No
 
 
 @pytest.mark.parametrize("loaded", ["tiny_sdpa", "tiny_eager"])
-def test_causal_mode_equals_the_models_own_forward(loaded: str, request: pytest.FixtureRequest) -> None:
+def test_causal_mode_equals_the_models_own_forward(
+    loaded: str, request: pytest.FixtureRequest
+) -> None:
     lm = request.getfixturevalue(loaded)
     ids, am, plens, _ = _batch(lm.tokenizer, "right")
     ours = _logits(lm, ids, am, plens, "causal")
@@ -197,7 +207,7 @@ def test_causal_mode_equals_the_models_own_forward(loaded: str, request: pytest.
     masks.verify_mask_path(lm.model)  # the one-off runtime check passes on a healthy model
 
 
-def test_a_dropped_mask_is_caught_not_silently_causal(tiny_model_dir) -> None:  # noqa: ANN001
+def test_a_dropped_mask_is_caught_not_silently_causal(tiny_model_dir) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
@@ -206,7 +216,7 @@ def test_a_dropped_mask_is_caught_not_silently_causal(tiny_model_dir) -> None:  
     am = torch.ones_like(ids)
     masks.forward(model, ids, am, torch.tensor([3]), "prefix")  # fine before the sabotage
 
-    def drop_mask(module, args, kwargs):  # noqa: ANN001, ANN202
+    def drop_mask(module, args, kwargs):
         kwargs["attention_mask"] = None  # what a model that rebuilds its own mask amounts to
         return args, kwargs
 
@@ -217,7 +227,7 @@ def test_a_dropped_mask_is_caught_not_silently_causal(tiny_model_dir) -> None:  
         masks.verify_mask_path(model)
 
 
-def test_mask_built_for_another_implementation_is_refused(tiny_sdpa) -> None:  # noqa: ANN001
+def test_mask_built_for_another_implementation_is_refused(tiny_sdpa) -> None:
     ids, am, plens, _ = _batch(tiny_sdpa.tokenizer)
     with pytest.raises(WorkerError, match="runs 'sdpa'"):
         masks.forward(tiny_sdpa.model, ids, am, plens, "prefix", impl="eager")
@@ -228,7 +238,7 @@ def test_block_mask_matches_the_dense_mask() -> None:
     dense bool mask (the compiled CPU kernel is what check_impl refuses)."""
     fa = pytest.importorskip("torch.nn.attention.flex_attention")
     torch.manual_seed(0)
-    ids, am, plens, _ = torch.zeros(2, 10), AM[:, :8], PLENS, None
+    am, plens = AM, PLENS
     for mode in ("causal", "prefix", "full_bidir"):
         built = masks.build_mask(am, plens, mode, "sdpa")
         block = masks.to_impl_form(built.allowed, "flex_attention")

@@ -12,13 +12,20 @@ import pytest
 import torch
 
 from state.errors import WorkerError
-from state.worker_config import EvalArgs, TrainArgs, TaskSource
+from state.worker_config import EvalArgs, TaskSource, TrainArgs
 from worker import modeling, tiny
 
 REPO = Path(__file__).resolve().parents[2]
 MINI = tiny.TinySpec(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=1, train_tasks=("arith",), train_rows=200, steps=4, batch_size=8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    train_tasks=("arith",),
+    train_rows=200,
+    steps=4,
+    batch_size=8,
 )
 
 
@@ -30,7 +37,11 @@ def test_tiny_default_is_a_normal_pretrained_dir(tiny_model_dir: Path) -> None:
     config = AutoConfig.from_pretrained(tiny_model_dir)
     assert config.model_type == "mistral" and config.sliding_window is None
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert tok.pad_token_id is not None and tok.bos_token_id is not None and tok.eos_token_id is not None
+    assert (
+        tok.pad_token_id is not None
+        and tok.bos_token_id is not None
+        and tok.eos_token_id is not None
+    )
     assert tok.convert_ids_to_tokens(tok("k3 = v7")["input_ids"]) == ["<s>", "k3", "=", "v7"]
     assert tiny.resolve("tiny://default") == tiny_model_dir  # cached: no rebuild
 
@@ -67,19 +78,29 @@ def test_unloadable_models_are_clear_errors(tmp_path: Path, tiny_model_dir: Path
         modeling.load(EvalArgs(model="no-such-org/no-such-model"))  # hub id, offline
     with pytest.raises(WorkerError, match="unknown tiny model"):
         modeling.load(EvalArgs(model="tiny://huge"))
-    with pytest.raises(WorkerError, match="no CUDA GPU") if not torch.cuda.is_available() else pytest.raises(WorkerError, match="CUDA"):
-        modeling.load(EvalArgs(device="cuda", attn_implementation="flex_attention")) if torch.cuda.is_available() else modeling.pick_device("cuda")
+    with (
+        pytest.raises(WorkerError, match="no CUDA GPU")
+        if not torch.cuda.is_available()
+        else pytest.raises(WorkerError, match="CUDA")
+    ):
+        modeling.load(
+            EvalArgs(device="cuda", attn_implementation="flex_attention")
+        ) if torch.cuda.is_available() else modeling.pick_device("cuda")
     with pytest.raises(WorkerError, match="flex_attention needs a CUDA"):
         modeling.load(EvalArgs(attn_implementation="flex_attention", device="cpu"))
 
 
-def test_checkpoint_from_a_different_config_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_checkpoint_from_a_different_config_is_refused(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     other = json.loads((tiny_model_dir / "config.json").read_text())
     with pytest.raises(WorkerError, match="hidden_size: 64 != expected 128"):
         modeling.load(EvalArgs(), expected_config={**other, "hidden_size": 128})
     modeling.load(EvalArgs(), expected_config=other)  # same architecture: fine
     with pytest.raises(WorkerError, match="num_hidden_layers"):
-        modeling.check_config_matches(other, {**other, "num_hidden_layers": 7}, "checkpoint step 10")
+        modeling.check_config_matches(
+            other, {**other, "num_hidden_layers": 7}, "checkpoint step 10"
+        )
 
 
 def test_training_load_keeps_fp32_weights() -> None:
@@ -106,7 +127,9 @@ def test_concurrent_builds_do_not_race(tmp_path: Path) -> None:
         "print(tiny.ensure_built(MINI, Path(sys.argv[1])))"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300)[0].strip() for p in procs]

@@ -1,0 +1,74 @@
+"""Per-target and per-stage monitor settings: thresholds a run is judged by, and the actions
+the config asks for when it ends."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from orchestrator.context import Context
+from orchestrator.monitor.actions import wanted_actions
+from orchestrator.monitor.refresh import limits_for
+from state.models import RunRecord
+from state.phases import Phase
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+TOML = """
+[monitor]
+interval_s = 4
+unreachable_alert_after_s = 90
+
+[targets.box]
+kind = "ssh"
+host = "127.0.0.1"
+
+[targets.box.monitor]
+stale_after_s = 42
+interval_s = 10
+stop_on_timeout = true
+pull_on_failure = true
+launch_next_stage = true
+"""
+
+
+def _ctx(tmp_path: Path) -> Context:
+    (tmp_path / "orch.toml").write_text(TOML)
+    return Context(cwd=tmp_path)
+
+
+def _rec(target: str, phase: Phase = Phase.RUNNING, **spec: float) -> RunRecord:
+    return RunRecord(
+        run_id="20260101-000000",
+        stage="stage1",
+        stage_dir="s1",
+        target=target,
+        phase=phase,
+        session="orch-stage1-20260101-000000",
+        run_dir="runs/s1/20260101-000000",
+        created_at=T0,
+        updated_at=T0,
+        spec_json=json.dumps(spec),
+    )
+
+
+def test_limits_come_from_the_stage_spec_and_the_target(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    local = limits_for(ctx, _rec("local", timeout_s=1234, stale_after_s=77))
+    assert (local.timeout_s, local.stale_after_s, local.unreachable_alert_after_s) == (1234, 77, 90)
+    assert local.exit_grace_s == 6.0  # 1.5 polls of 4 s
+    box = limits_for(ctx, _rec("box", timeout_s=1234, stale_after_s=77))
+    assert box.stale_after_s == 42  # the target's [monitor] overrides the stage's heartbeat limit
+    assert box.exit_grace_s == 15.0
+    assert limits_for(ctx, _rec("local")).timeout_s == 9 * 3600  # no spec: the seed's 9 h
+
+
+def test_actions_follow_the_config(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    assert wanted_actions(ctx, _rec("local", Phase.SUCCEEDED)) == ["pull"]  # the default
+    assert wanted_actions(ctx, _rec("local", Phase.CRASHED)) == []
+    assert wanted_actions(ctx, _rec("local", Phase.TIMED_OUT)) == []
+    assert wanted_actions(ctx, _rec("box", Phase.SUCCEEDED)) == ["pull", "next"]
+    assert wanted_actions(ctx, _rec("box", Phase.CRASHED)) == ["pull"]
+    assert wanted_actions(ctx, _rec("box", Phase.TIMED_OUT)) == ["stop", "pull"]
+    assert wanted_actions(ctx, _rec("box", Phase.CANCELLED)) == []
