@@ -1,4 +1,4 @@
-"""Save a screenshot of the dashboard, as the store holds it now, to SVG and PNG.
+"""Save a screenshot of the dashboard, as the store holds it now, as a PNG (and SVG).
 
     .venv/bin/pip install cairosvg       # once: SVG -> PNG
     ORCH_STATE_DIR=... .venv/bin/python scripts/dashboard_screenshot.py docs/img/dashboard.png
@@ -33,6 +33,7 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=150)
     parser.add_argument("--height", type=int, default=30)
     parser.add_argument("--monitor", default="in-process", help="the footer's monitor label")
+    parser.add_argument("--svg", action="store_true", help="also keep the SVG beside the PNG")
     args = parser.parse_args()
     ctx = Context()
     snap = gather(ctx.store, ctx.config, monitor=args.monitor)
@@ -54,7 +55,8 @@ def main() -> int:
         "font-family: Fira Code, monospace", "font-family: DejaVu Sans Mono, monospace"
     )
     args.png.parent.mkdir(parents=True, exist_ok=True)
-    args.png.with_suffix(".svg").write_text(svg, encoding="utf-8")
+    if args.svg:
+        args.png.with_suffix(".svg").write_text(svg, encoding="utf-8")
     try:
         import cairosvg
     except ImportError:
@@ -63,7 +65,7 @@ def main() -> int:
     cairosvg.svg2png(
         bytestring=svg.encode("utf-8"), write_to=str(args.png), output_width=args.width * 12
     )
-    print(f"wrote {args.png} and {args.png.with_suffix('.svg')}")
+    print(f"wrote {args.png}" + (f" and {args.png.with_suffix('.svg')}" if args.svg else ""))
     ctx.close()
     return 0
 

@@ -325,7 +325,7 @@ def pull_selected(ctx: Context, run: RunView) -> str:
     checked = (
         f"{result.verified} files verified" if result.verified is not None else "no manifest yet"
     )
-    return f"pulled {run.key} into {result.local_dir} ({checked})"
+    return f"pulled {run.key}: {checked}"
 
 
 # -- the app ---------------------------------------------------------------------------------

@@ -501,8 +501,8 @@ def footer(snapshot: Snapshot, now: datetime, message: str = "") -> Text:
     if snapshot.monitor:
         text.append(f"   monitor: {snapshot.monitor}", style="dim")
     text.append(f"   read {age} ago", style="dim")
-    if message:
-        text.append(f"   {message}", style="yellow")
+    if message:  # its own line above the keys, so a long one is not lost off the edge
+        text = Text.assemble((message.translate(_CONTROL), "yellow"), "\n", text)
     text.no_wrap = True
     text.overflow = "ellipsis"
     return text
@@ -533,7 +533,7 @@ def render(
     max_rows = None
     if height is not None:
         # borders (2) + header (1) per panel, + caption line, + footer line
-        max_rows = max(1, height - (n_targets + 3) - bottom - 3 - 2)
+        max_rows = max(1, height - (n_targets + 3) - bottom - 3 - 2 - (1 if message else 0))
     runs = Panel(
         runs_table(snapshot, inner, now, selected=selected, max_rows=max_rows),
         title="[b]Runs[/b]",

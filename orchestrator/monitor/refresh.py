@@ -126,7 +126,9 @@ class Poller:
         if time.monotonic() < link.next_try:
             return None
         mon = self.ctx.config.monitor_for(name)
-        deadline = mon.connect_timeout_s + mon.command_timeout_s
+        # A backstop over the transport's own deadlines: connect, start the agent (a new remote
+        # Python, itself a command) and answer. The transport normally gives up first.
+        deadline = mon.connect_timeout_s + 2 * mon.command_timeout_s
         result: dict[str, Any] = {}
         guard = threading.Lock()
         abandoned = [False]

@@ -69,6 +69,9 @@ class Watcher:
             provider_verdict=self.actions.provider_verdict,
             on_change=on_change,
         )
+        # "skipped: maximum number of running instances reached" is max_instances=1 doing its
+        # job (a slow box is never polled twice at once), not something to warn about.
+        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
         self.scheduler = BackgroundScheduler(timezone=timezone.utc)
         self._polling: dict[str, float] = {}  # target -> interval of its job
         self._mutex = threading.Lock()

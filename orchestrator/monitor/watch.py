@@ -7,7 +7,6 @@ watch(ctx, stop_when_idle=True)    `orch launch ... --watch`: return once nothin
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 import time
@@ -70,8 +69,6 @@ def watch(
     if once:
         return _once(ctx, only, echo)
 
-    # "skipped: maximum number of running instances reached" is max_instances=1 doing its job.
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     lock = WatcherLock(ctx.state_dir)
     try:
         lock.acquire()

@@ -190,7 +190,7 @@ def test_watch_end_to_end_with_restart(
 
 
 def test_unreachable_is_never_a_crash(tmp_path: Path, fresh_sshd: SshServer, hook: Webhook) -> None:
-    ctx, target = _project(tmp_path, fresh_sshd, hook, connect_timeout_s=1.0, command_timeout_s=1.0)
+    ctx, target = _project(tmp_path, fresh_sshd, hook, connect_timeout_s=1.0, command_timeout_s=1.5)
     run = start_run(ctx, target)
     pid = worker_pid(target, run)
     watcher = Watcher(ctx)
@@ -202,6 +202,20 @@ def test_unreachable_is_never_a_crash(tmp_path: Path, fresh_sshd: SshServer, hoo
             15,
             what="first poll",
         )
+        # A frozen connection (its sshd child SIGSTOPped; the box itself fine): the poll's
+        # deadline passes, the connection is dropped and rebuilt, polling goes on.
+        frozen = set(fresh_sshd.signal_connections(signal.SIGSTOP))
+        assert frozen
+        seq0 = ctx.store.get_run(run.stage_dir, run.run_id).last_seq  # type: ignore[union-attr]
+        wait_until(lambda: set(fresh_sshd.connection_pids()) - frozen, 20, what="a new connection")
+        wait_until(
+            lambda: ctx.store.get_run(run.stage_dir, run.run_id).last_seq != seq0,
+            20,  # type: ignore[union-attr]
+            what="polls on the new connection",
+        )
+        for pid in frozen:
+            signal_pid(pid, signal.SIGCONT)
+        assert _phase(ctx, run.key) is Phase.RUNNING and hook.matching("CRASHED") == []
         # A frozen box: the connection child and the listener stop answering (SIGSTOP).
         fresh_sshd.signal_connections(signal.SIGSTOP)
         signal_pid(listener, signal.SIGSTOP)

@@ -360,3 +360,14 @@ def test_text_from_a_box_cannot_move_the_cursor_or_recolour_the_screen() -> None
         render(snap([run]), 120, NOW, height=30, selected=0, log_lines=["\x1b]0;t\x07hi"]), 120
     )
     assert "hi" in log and "\x1b" not in log
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_footer_message_gets_its_own_line_and_the_screen_still_fits(width: int) -> None:
+    runs = [make_run(i) for i in range(100)]
+    msg = "pulled stage3b_prefix/20261125-190000: 12 files verified"
+    text = to_text(render(snap(runs), width, NOW, height=40, selected=0, message=msg), width)
+    lines = text.splitlines()
+    assert len(lines) <= 40
+    assert lines[-2].startswith(msg[:40])
+    assert lines[-1].startswith("q quit")
