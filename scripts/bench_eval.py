@@ -4,8 +4,9 @@
     .venv/bin/python scripts/bench_eval.py --quick    # fewer questions
     .venv/bin/python scripts/bench_eval.py --drop-only  # tiny model: causal vs prefix accuracy
 
-Each (config, mask, strategy) runs in a fresh subprocess so peak memory is its own: peak RSS
-growth over the loaded model on CPU (ru_maxrss), torch.cuda.max_memory_allocated on CUDA.
+Each (config, mask, strategy) runs in a fresh subprocess so peak memory is its own: on CPU the
+growth of peak RSS (ru_maxrss) over the process with torch and the model loaded, on CUDA
+torch.cuda.max_memory_allocated.
 Configs:
   tiny   tiny://default on tiny:recall (4 choices, 1-token continuations)
   larger a random-init Mistral (hidden 256, 4 layers) on a synthetic 4-choice task with long
@@ -96,10 +97,11 @@ def child(spec: dict) -> dict:
         max_length=256,
     )
     loaded = modeling.load(args)
-    # warm-up on a few questions so one-off costs (allocator, first kernels) are not timed
-    warm = args.model_copy(update={"tasks": [args.tasks[0].model_copy(update={"limit": 8})]})
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # torch + model, no eval yet
+    # warm-up on one question so one-off costs (first kernels) are not timed; one question
+    # keeps its own memory far below the measured run's
+    warm = args.model_copy(update={"tasks": [args.tasks[0].model_copy(update={"limit": 1})]})
     evaluate.evaluate(warm, loaded=loaded)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -115,6 +117,7 @@ def child(spec: dict) -> dict:
         "tokens": res["tokens_forwarded"],
         "positions": res["positions_forwarded"],
         "peak_mib": peak,
+        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "acc": res["macro_acc"],
         "device": str(loaded.device),
     }
@@ -185,8 +188,10 @@ def main() -> None:
         },
     }
     print(f"# bench_eval  threads={a.threads}  cpu_count={os.cpu_count()}  work={work}")
-    print("| config | mask | strategy | tokens fwd | positions fwd | wall s | peak MiB | acc |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| config | mask | strategy | tokens fwd | positions fwd | wall s | peak MiB (growth) | peak RSS MiB | acc |"
+    )
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     ratios = []
     for name, cfg in configs.items():
         for mask in ("causal", "prefix"):
@@ -196,7 +201,7 @@ def main() -> None:
                 m = r[shared]
                 print(
                     f"| {name} | {mask} | {'shared' if shared else 'naive'} | {m['tokens']} | "
-                    f"{m['positions']} | {m['wall_s']:.2f} | {m['peak_mib']:.1f} | {m['acc']:.3f} |"
+                    f"{m['positions']} | {m['wall_s']:.2f} | {m['peak_mib']:.1f} | {m['rss_mib']:.0f} | {m['acc']:.3f} |"
                 )
             ratios.append(
                 (

@@ -9,7 +9,7 @@ Masks: `causal`, or `prefix` = the context is bidirectional, the continuation ca
 context and itself.
 
 Shared context (default): the context is encoded ONCE per question and shared by its choices:
-  1. context pass over the (right-padded) contexts, under the mode's mask, filling a KV cache;
+  1. context pass over the (left-padded) contexts, under the mode's mask, filling a KV cache;
      its last real position gives the log-probs of every choice's first token;
   2. the cache is repeated per choice (`Cache.reorder_cache`) and each continuation (minus its
      last token) runs causally on top, with a mask over [context slots | continuation slots]
@@ -82,14 +82,15 @@ def prepare(
 
 
 def _pad(
-    rows: list[list[int]], pad_id: int, device: torch.device
+    rows: list[list[int]], pad_id: int, device: torch.device, left: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     am = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        am[i, : len(r)] = 1
+        s = width - len(r) if left else 0
+        ids[i, s : s + len(r)] = torch.tensor(r, dtype=torch.long)
+        am[i, s : s + len(r)] = 1
     return ids.to(device), am.to(device)
 
 
@@ -105,11 +106,13 @@ def score_shared(
     device = next(model.parameters()).device
     impl = masks.model_impl(model)
     dtype = _model_dtype(model)
-    ctx_ids, ctx_am = _pad([q.ctx for q in qs], pad_id, device)
+    # Left padding: every context ends at the last slot, so only that slot's logits are needed
+    # (logits_to_keep=1: a (B, T, vocab) tensor would dominate memory on a 131k vocab).
+    ctx_ids, ctx_am = _pad([q.ctx for q in qs], pad_id, device, left=True)
     n_ctx = ctx_am.sum(dim=1)
     ctx_mode = MaskMode.CAUSAL if mode is MaskMode.CAUSAL else MaskMode.PREFIX
     allowed = masks.allowed_matrix(ctx_am, n_ctx, ctx_mode)
-    kw = {masks.cache_kwarg(model): _new_cache(model), "use_cache": True}
+    kw = {masks.cache_kwarg(model): _new_cache(model), "use_cache": True, **_keep_last(model)}
     out = masks.run_with_mask(
         model,
         ctx_ids,
@@ -120,19 +123,24 @@ def score_shared(
     counter.positions += ctx_ids.numel()
     counter.tokens += int(ctx_am.sum())
     cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
-    last = out.logits[torch.arange(len(qs), device=device), n_ctx - 1].float().log_softmax(-1)
+    last = out.logits[:, -1].float().log_softmax(-1)
 
     owner = [qi for qi, q in enumerate(qs) for _ in q.conts]
     conts = [c for q in qs for c in q.conts]
     scores = [float(last[qi, c[0]]) for qi, c in zip(owner, conts, strict=True)]
     if max(len(c) for c in conts) > 1:
-        scores = _continuations(
-            model, cache, owner, conts, n_ctx, ctx_am.shape[1], pad_id, scores, counter
-        )
+        scores = _continuations(model, cache, owner, conts, ctx_am, pad_id, scores, counter)
     out_scores: list[list[float]] = [[] for _ in qs]
     for qi, s in zip(owner, scores, strict=True):
         out_scores[qi].append(s)
     return out_scores
+
+
+def _keep_last(model: Any) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(masks.unwrap(model).forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def _new_cache(model: Any) -> Any:
@@ -149,14 +157,15 @@ def _continuations(
     cache: Any,
     owner: list[int],
     conts: list[list[int]],
-    n_ctx: torch.Tensor,
-    ctx_width: int,
+    ctx_am: torch.Tensor,
     pad_id: int,
     scores: list[float],
     counter: Counter,
 ) -> list[float]:
     """Second pass: every continuation but its last token, causally on top of its context."""
-    device = n_ctx.device
+    device = ctx_am.device
+    ctx_width = ctx_am.shape[1]
+    n_ctx = ctx_am.sum(dim=1)
     impl = masks.model_impl(model)
     rows = [c[:-1] for c in conts]
     ids, am = _pad([r or [pad_id] for r in rows], pad_id, device)
@@ -164,7 +173,7 @@ def _continuations(
     r_len = ids.shape[1]
     own = torch.tensor(owner, device=device)
     cache.reorder_cache(own)  # one copy of the context's keys/values per choice
-    ctx_real = torch.arange(ctx_width, device=device)[None, :] < n_ctx[own][:, None]  # (R, Tc)
+    ctx_real = ctx_am.bool()[own]  # (R, Tc): the real context slots of each choice's question
     j = torch.arange(r_len, device=device)
     causal = j[None, :, None] >= j[None, None, :]  # (1, Tr, Tr)
     cont_part = causal & am.bool()[:, None, :]

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from collections.abc import Callable
 
 from orchestrator.context import Context
 from orchestrator.dashboard.render import runs_table, targets_table
@@ -49,13 +52,13 @@ def should_refresh(ctx: Context, flag: bool | None) -> bool:
     """`--refresh`/`--no-refresh` decide; by default refresh unless a watcher keeps it fresh."""
     if flag is not None:
         return flag
-    from orchestrator.dashboard.app import monitor_label
+    from orchestrator.dashboard.inprocess import monitor_label
 
     return monitor_label(ctx) != "orch watch"
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
-    from orchestrator.dashboard.app import monitor_label, refresh_now
+    from orchestrator.dashboard.inprocess import monitor_label, refresh_now
 
     ctx.config  # noqa: B018 - a bad orch.toml fails here, before anything is polled
     if should_refresh(ctx, args.refresh):
@@ -89,11 +92,24 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
                 for t in snap.targets
             ],
         }
-        print(json.dumps(doc, indent=2))
-        return 0
+        return _emit(lambda: print(json.dumps(doc, indent=2), flush=True))
     width = ctx.console.width
-    ctx.console.print(runs_table(snap, width, now))
-    if any(t.instance is not None or t.reachable is False for t in snap.targets):
-        ctx.console.print()
-        ctx.console.print(targets_table(snap, width, now))
+
+    def table() -> None:
+        ctx.console.print(runs_table(snap, width, now))
+        if any(t.instance is not None or t.reachable is False for t in snap.targets):
+            ctx.console.print()
+            ctx.console.print(targets_table(snap, width, now))
+        sys.stdout.flush()
+
+    return _emit(table)
+
+
+def _emit(write: Callable[[], None]) -> int:
+    """Write to stdout; a reader that went away (`orch status --json | head`) is not an error."""
+    try:
+        write()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush is quiet too
     return 0

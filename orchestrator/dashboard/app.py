@@ -3,29 +3,40 @@
 The loop only gathers a snapshot and calls `render.render`; everything it shows comes from the
 store. When no `orch watch` is running it runs the monitor itself (the monitor's `Watcher`:
 APScheduler poll jobs, alert delivery, completion actions, under the same lock `orch watch`
-takes), so one command is enough. Keys are read in cbreak
-mode on a TTY and the terminal is restored on every exit path; without a TTY on stdout it prints
-one static frame and exits.
+takes), so one command is enough. Keys are read in cbreak mode on a TTY and the terminal is
+restored on every exit path; without a TTY on stdout it prints one static frame and exits.
+
+    app.py        the loop, selection, background pull / log-tail jobs
+    inprocess.py  the monitor run inside the dashboard, log capture, one-shot refresh
+    keys.py       cbreak mode and key parsing
+    snapshot.py   store -> Snapshot (the only store reads)
+    render.py     Snapshot -> rich renderable (pure)
+    table.py      fixed-width, never-wrapping tables (pure)
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import select
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
 
+from orchestrator.dashboard.inprocess import (
+    InProcessMonitor,
+    monitor_label,
+    quiet_logs,
+    refresh_now,
+)
+from orchestrator.dashboard.keys import cbreak, read_keys
 from orchestrator.dashboard.render import render
 from orchestrator.dashboard.snapshot import KEEP_TERMINAL_S, RunView, Snapshot, gather, utcnow
 from state import names
@@ -36,190 +47,11 @@ if TYPE_CHECKING:
     from orchestrator.context import Context
     from orchestrator.targets.base import Target
 
-if os.name == "posix":
-    import termios
-    import tty
 
 #: Re-read the store at least this often even when nothing signalled a change.
 REGATHER_S = 5.0
 LOG_TAIL_LINES = 200
 LOG_REFRESH_S = 2.0
-
-
-# -- keys ------------------------------------------------------------------------------------
-KEYMAP: dict[bytes, str] = {
-    b"q": "quit",
-    b"Q": "quit",
-    b"\x03": "quit",
-    b"r": "refresh",
-    b"p": "pull",
-    b"l": "log",
-    b"\x1b": "escape",
-    b"\x1b[A": "up",
-    b"\x1bOA": "up",
-    b"k": "up",
-    b"\x1b[B": "down",
-    b"\x1bOB": "down",
-    b"j": "down",
-    b"\x1b[5~": "pageup",
-    b"\x1b[6~": "pagedown",
-    b"\x1b[H": "home",
-    b"\x1b[F": "end",
-    b"g": "home",
-    b"G": "end",
-}
-
-
-def parse_keys(data: bytes) -> list[str]:
-    """Split raw terminal input into key names (escape sequences kept whole; unknown dropped)."""
-    keys: list[str] = []
-    i = 0
-    while i < len(data):
-        if data[i : i + 1] == b"\x1b" and i + 1 < len(data) and data[i + 1 : i + 2] in (b"[", b"O"):
-            j = i + 2
-            while j < len(data) and not (0x40 <= data[j] <= 0x7E):
-                j += 1
-            seq = data[i : j + 1]
-            i = j + 1
-        else:
-            seq = data[i : i + 1]
-            i += 1
-        name = KEYMAP.get(seq)
-        if name:
-            keys.append(name)
-    return keys
-
-
-@contextlib.contextmanager
-def cbreak(fd: int | None) -> Iterator[bool]:
-    """Put a TTY into cbreak mode (keys arrive unbuffered, Ctrl-C still works) and always put
-    it back; yields whether keys can be read at all."""
-    if fd is None or os.name != "posix" or not os.isatty(fd):
-        yield False
-        return
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setcbreak(fd)
-        yield True
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-def read_keys(fd: int, timeout: float) -> list[str]:
-    """Keys typed within `timeout` seconds (empty list if none)."""
-    ready, _, _ = select.select([fd], [], [], max(0.0, timeout))
-    if not ready:
-        return []
-    try:
-        data = os.read(fd, 64)
-    except OSError:
-        return []
-    return parse_keys(data)
-
-
-# -- the in-process monitor ------------------------------------------------------------------
-class InProcessMonitor:
-    """The monitor engineer's `Watcher` (APScheduler poll jobs, alert delivery, completion
-    actions), run inside the dashboard while no `orch watch` holds the state dir's lock.
-
-    It takes the same lock, so `orch status` elsewhere knows the store is being kept fresh and a
-    second watcher cannot start beside it. `ensure()` is cheap and is called now and then: if an
-    `orch watch` ends while the dashboard is open, the dashboard takes over.
-    """
-
-    RETRY_S = 10.0
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.error = ""
-        self.label = "starting"
-        self._watcher: Any = None
-        self._lock: Any = None
-        self._tried_at = -1e9
-
-    @property
-    def running(self) -> bool:
-        return self._watcher is not None
-
-    def ensure(self) -> None:
-        if self._watcher is not None or time.monotonic() - self._tried_at < self.RETRY_S:
-            return
-        self._tried_at = time.monotonic()
-        from orchestrator.monitor.lock import WatcherBusyError, WatcherLock
-        from orchestrator.monitor.scheduler import Watcher
-
-        lock = WatcherLock(self.ctx.state_dir)
-        try:
-            lock.acquire()
-        except WatcherBusyError:
-            self.label = "orch watch"
-            return
-        try:
-            watcher = Watcher(self.ctx, lock=lock, echo=False)
-            watcher.start()
-        except Exception as exc:  # shown in the footer; the view goes on from the store
-            lock.release()
-            self.label, self.error = "off", f"monitor did not start: {exc}"
-            return
-        self._watcher, self._lock, self.label = watcher, lock, "in-process"
-
-    def poke(self) -> bool:
-        """Run every poll job now (False when another process does the polling)."""
-        if self._watcher is None:
-            return False
-        now = datetime.now(timezone.utc)
-        for target in list(self._watcher.active_targets):
-            with contextlib.suppress(Exception):  # the job may have just been removed
-                self._watcher.scheduler.modify_job(f"poll:{target}", next_run_time=now)
-        return True
-
-    def stop(self) -> None:
-        if self._watcher is not None:
-            try:
-                self._watcher.stop()
-            finally:
-                self._lock.release()
-                self._watcher = self._lock = None
-
-
-@contextlib.contextmanager
-def quiet_logs(sink: Callable[[str], None]) -> Iterator[None]:
-    """Route the monitor's and APScheduler's log records to `sink` (the footer) while the
-    screen is ours: a stray line on stderr would tear the full-screen view."""
-    handler = _SinkHandler(sink)
-    loggers = [logging.getLogger(n) for n in ("orch", "apscheduler")]
-    saved = [(lg, lg.propagate) for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.propagate = False
-    try:
-        yield
-    finally:
-        for lg, prop in saved:
-            lg.removeHandler(handler)
-            lg.propagate = prop
-
-
-class _SinkHandler(logging.Handler):
-    def __init__(self, sink: Callable[[str], None]) -> None:
-        super().__init__(logging.WARNING)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(Exception):
-            self.sink(f"{record.name}: {record.getMessage()}")
-
-
-def monitor_label(ctx: Context) -> str:
-    """Who keeps the store fresh: `orch watch`, this process, or nobody."""
-    try:
-        from orchestrator.monitor.refresh import watcher_running
-    except ImportError:
-        return "unavailable"
-    try:
-        return "orch watch" if watcher_running(ctx) else ""
-    except Exception:
-        return ""
 
 
 # -- background jobs (pull, log tail) --------------------------------------------------------
@@ -571,22 +403,3 @@ class Dashboard:
         finally:
             self.close()
         return 0
-
-
-def refresh_now(ctx: Context, err: Console) -> bool:
-    """One `refresh_once` of every active run; a failure is one yellow line, not an exit."""
-    try:
-        from orchestrator.monitor.refresh import refresh_once
-    except ImportError:
-        err.print("[yellow]warning:[/] the monitor is not installed; showing the store as it is")
-        return False
-    if not ctx.store.list_runs(active_only=True, limit=1):
-        return True
-    try:
-        refresh_once(ctx)
-    except OrchError as exc:
-        err.print(
-            f"[yellow]warning:[/] refresh failed, showing the store as it is: {exc}", soft_wrap=True
-        )
-        return False
-    return True

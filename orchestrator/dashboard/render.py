@@ -8,17 +8,24 @@ rich's Console honours `NO_COLOR` itself.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
-from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.console import Group, RenderableType
 from rich.panel import Panel
-from rich.style import Style
-from rich.text import Span, Text
+from rich.text import Text
 
 from orchestrator.dashboard.snapshot import AlertView, RunView, Snapshot, TargetView
+from orchestrator.dashboard.table import (
+    CONTROL_BLANKS,
+    Col,
+    FixedTable,
+    caption,
+    clean_log_line,
+    fit_columns,
+    make_table,
+    width_of,
+)
 from state.phases import Phase
 
 PHASE_STYLE: dict[Phase, str] = {
@@ -131,133 +138,6 @@ def _clock(at: datetime, now: datetime) -> str:
     return at.strftime("%H:%M:%S") if age < 86400 else at.strftime("%m-%d %H:%M")
 
 
-# -- column fitting --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Col:
-    """A column: `priority` 0 is kept longest; `flex` columns take the width left over."""
-
-    key: str
-    header: str
-    width: int
-    priority: int
-    justify: str = "left"
-    flex: bool = False
-
-
-def fit_columns(cols: Sequence[Col], width: int) -> list[Col]:
-    """The most important columns that fit `width` (one blank cell between columns),
-    in their display order; a flex column grows into what is left."""
-    chosen: set[str] = set()
-    used = 0
-    for col in sorted(cols, key=lambda c: c.priority):
-        cost = col.width + (1 if chosen else 0)
-        if used + cost <= width:
-            chosen.add(col.key)
-            used += cost
-    kept = [c for c in cols if c.key in chosen]
-    spare = width - used
-    out = []
-    for c in kept:
-        if c.flex and spare > 0:
-            c = Col(c.key, c.header, c.width + spare, c.priority, c.justify, True)
-            spare = 0
-        out.append(c)
-    return out
-
-
-class FixedTable:
-    """A table of fixed-width, never-wrapping columns, rendered as one line of text per row.
-
-    rich's `Table` measures and wraps every cell on every frame (tens of ms for a screenful);
-    the widths here are already decided by `fit_columns`, so each row is just its cells cut
-    with an ellipsis and padded, one `Text` per line: cheap enough for 4 frames a second.
-    """
-
-    def __init__(self, cols: Sequence[Col]) -> None:
-        self.cols = list(cols)
-        self.rows: list[Text] = []
-        self.caption = ""
-        header = [Text(c.header, style="bold") for c in self.cols]
-        self.header = self._line(header)
-
-    def _line(self, cells: Sequence[Text | str], style: str | None = None) -> Text:
-        parts: list[str] = []
-        spans: list[Span] = []
-        pos = 0  # in characters, as rich's spans count
-        for i, (col, value) in enumerate(zip(self.cols, cells, strict=True)):
-            if i:
-                parts.append(" ")
-                pos += 1
-            plain, inner = _fit_cell(value, col.width, col.justify)
-            spans.extend(Span(pos + sp.start, pos + sp.end, sp.style) for sp in inner)
-            parts.append(plain)
-            pos += len(plain)
-        line = Text("".join(parts), no_wrap=True, overflow="crop", end="", spans=spans)
-        if style:
-            line.stylize(style)
-        return line
-
-    def add_row(self, *cells: Text | str, style: str | None = None) -> None:
-        self.rows.append(self._line(cells, style))
-
-    @property
-    def row_count(self) -> int:
-        return len(self.rows)
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        lines = [self.header, *self.rows]
-        if self.caption:
-            lines.append(Text(self.caption, style="dim", no_wrap=True, overflow="ellipsis", end=""))
-        yield Text("\n", no_wrap=True, overflow="crop").join(lines)
-
-
-#: Control characters (newlines, tabs, ESC from a worker's message) become spaces: one cell
-#: each, and nothing from a box can move the cursor or recolour the screen.
-_CONTROL = {c: " " for c in (*range(0x20), 0x7F)}
-_ANSI_RE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
-
-
-def clean_log_line(line: str) -> str:
-    """A log line as a terminal would leave it: colour codes dropped, only the text after the
-    last carriage return (progress bars redraw with \\r), other control characters blanked."""
-    line = _ANSI_RE.sub("", line)
-    line = line.rstrip("\r").rsplit("\r", 1)[-1]
-    return line.translate(_CONTROL)
-
-
-def _fit_cell(value: Text | str, width: int, justify: str) -> tuple[str, list[Span]]:
-    """A cell cut to `width` with an ellipsis and padded: its text and its style spans.
-
-    Plain ASCII text (most cells) is cut with string slicing; anything else goes through rich's
-    cell-width-aware `Text.truncate`/`align`."""
-    base: str | Style
-    if isinstance(value, str):
-        plain, base, inner = value, "", []
-    else:
-        plain, base, inner = value.plain, value.style, value.spans
-    plain = plain.translate(_CONTROL)  # 1:1, so spans still line up
-    if not inner and plain.isascii():
-        if len(plain) > width:
-            plain = plain[: max(0, width - 1)] + "…"
-        pad = " " * (width - len(plain))
-        start = len(pad) if justify == "right" else 0
-        text = pad + plain if justify == "right" else plain + pad
-        return text, [Span(start, start + len(plain), base)] if base else []
-    cell = Text(plain, style=base, spans=list(inner), no_wrap=True)
-    cell.truncate(width, overflow="ellipsis")
-    cell.align(justify, width)  # type: ignore[arg-type]
-    spans = [Span(0, len(cell.plain), base), *cell.spans] if base else cell.spans
-    return cell.plain, spans
-
-
-def _table(cols: Sequence[Col]) -> FixedTable:
-    return FixedTable(cols)
-
-
-def _w(values: Sequence[str], lo: int, hi: int) -> int:
-    return max(lo, min(hi, max((len(v) for v in values), default=lo)))
-
-
 # -- runs ------------------------------------------------------------------------------------
 def _run_note(run: RunView, now: datetime) -> Text:
     if run.is_active and run.unreachable_since is not None:
@@ -303,12 +183,12 @@ def runs_table(
     steps = [f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step or "-") for r in shown]
     cols = [
         Col("cursor", "", 1, 0),
-        Col("stage", "stage", _w([r.stage for r in shown], 5, 18), 1),
-        Col("run", "run id", _w([r.run_id for r in shown], 6, 20), 2),
-        Col("target", "target", _w([r.target for r in shown], 6, 12), 6),
+        Col("stage", "stage", width_of([r.stage for r in shown], 5, 18), 1),
+        Col("run", "run id", width_of([r.run_id for r in shown], 6, 20), 2),
+        Col("target", "target", width_of([r.target for r in shown], 6, 12), 6),
         Col("phase", "phase", 11, 0),
         Col("bar", "progress", 10, 12),
-        Col("step", "step", _w(steps, 4, 13), 3, "right"),
+        Col("step", "step", width_of(steps, 4, 13), 3, "right"),
         Col("loss", "loss", 7, 7, "right"),
         Col("spark", "recent loss", 12, 13),
         Col("sps", "step/s", 6, 9, "right"),
@@ -321,7 +201,7 @@ def runs_table(
     if selected is None:
         cols = cols[1:]
     fitted = fit_columns(cols, width)
-    table = _table(fitted)
+    table = make_table(fitted)
     cells: dict[str, Callable[[RunView, int], Text | str]] = {
         "cursor": lambda r, i: "›" if i == selected else " ",
         "stage": lambda r, i: r.stage,
@@ -351,7 +231,7 @@ def runs_table(
     if snapshot.hidden_runs:
         more.append(f"{snapshot.hidden_runs} older finished runs hidden (--all)")
     if more:
-        _caption(table, "; ".join(more))
+        caption(table, "; ".join(more))
     return table
 
 
@@ -405,19 +285,19 @@ def targets_table(snapshot: Snapshot, width: int, now: datetime) -> FixedTable:
     ]
     gpu_texts = [_gpu_text(t) for t in ts]
     cols = [
-        Col("name", "target", _w([t.name for t in ts], 6, 16), 0),
+        Col("name", "target", width_of([t.name for t in ts], 6, 16), 0),
         Col("kind", "kind", 5, 6),
         Col("reach", "state", 11, 1),
         Col("runs", "runs", 4, 3, "right"),
-        Col("gpu", "gpu", _w(gpu_names, 3, 16), 5),
-        Col("util", "util / mem per GPU", _w(gpu_texts, 18, 40), 4),
+        Col("gpu", "gpu", width_of(gpu_names, 3, 16), 5),
+        Col("util", "util / mem per GPU", width_of(gpu_texts, 18, 40), 4),
         Col("disk", "disk free", 9, 3, "right"),
         Col("dph", "$/h", 6, 2, "right"),
         Col("spent", "spent", 8, 2, "right"),
         Col("note", "", 20, 1, flex=True),
     ]
     fitted = fit_columns(cols, width)
-    table = _table(fitted)
+    table = make_table(fitted)
     for i, t in enumerate(ts):
         inst = t.instance
         spent = inst.spent_usd(now) if inst else None
@@ -435,7 +315,7 @@ def targets_table(snapshot: Snapshot, width: int, now: datetime) -> FixedTable:
         }
         table.add_row(*(cells[c.key] for c in fitted))
     if not ts:
-        _caption(table, "no targets")
+        caption(table, "no targets")
     return table
 
 
@@ -470,11 +350,11 @@ def alerts_table(
     cols = [
         Col("at", "time", 8, 0),
         Col("kind", "kind", 11, 1),
-        Col("subject", "run / target", _w(subjects, 12, 20), 3),
+        Col("subject", "run / target", width_of(subjects, 12, 20), 3),
         Col("text", "what", 16, 2, flex=True),
     ]
     fitted = fit_columns(cols, width)
-    table = _table(fitted)
+    table = make_table(fitted)
     for a, subject in zip(alerts, subjects, strict=True):
         cells: dict[str, Text | str] = {
             "at": _clock(a.at, now),
@@ -484,12 +364,8 @@ def alerts_table(
         }
         table.add_row(*(cells[c.key] for c in fitted))
     if not alerts:
-        _caption(table, "no alerts")
+        caption(table, "no alerts")
     return table
-
-
-def _caption(table: FixedTable, text: str) -> None:
-    table.caption = text
 
 
 # -- the whole screen ------------------------------------------------------------------------
@@ -502,7 +378,7 @@ def footer(snapshot: Snapshot, now: datetime, message: str = "") -> Text:
         text.append(f"   monitor: {snapshot.monitor}", style="dim")
     text.append(f"   read {age} ago", style="dim")
     if message:  # its own line above the keys, so a long one is not lost off the edge
-        text = Text.assemble((message.translate(_CONTROL), "yellow"), "\n", text)
+        text = Text.assemble((message.translate(CONTROL_BLANKS), "yellow"), "\n", text)
     text.no_wrap = True
     text.overflow = "ellipsis"
     return text

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Any
@@ -99,6 +99,7 @@ class RunView:
     pulled_at: datetime | None = None
     worker_phase: str = ""
     message: str = ""
+    ended_at: datetime | None = None  # when it entered its terminal phase (phase history)
 
     @property
     def key(self) -> str:
@@ -107,6 +108,11 @@ class RunView:
     @property
     def is_active(self) -> bool:
         return not self.phase.is_terminal
+
+    @property
+    def finished_at(self) -> datetime:
+        """When a finished run ended (a later pull touches `updated_at`, not this)."""
+        return self.ended_at or self.updated_at
 
     def heartbeat_age_s(self, now: datetime) -> float | None:
         """Seconds since `seq` last moved (controller clock); None before the first beat."""
@@ -117,7 +123,7 @@ class RunView:
     def elapsed_s(self, now: datetime) -> float:
         """From the start (worker's start if known, else launch) to now, or to the end."""
         start = self.created_at
-        end = now if self.is_active else self.updated_at
+        end = now if self.is_active else self.finished_at
         return max(0.0, (end - start).total_seconds())
 
     def remaining_s(self) -> float | None:
@@ -343,15 +349,34 @@ def _load_runs(
         stale = cfg.monitor_for(target).stale_after_s if target in cfg.targets else None
         views.append(_cached_view(tuple(row.keys()), tuple(row), stale))
     if include_all:
-        return views, 0
+        return _with_end_times(store, views), 0
     total = int(store.query("SELECT COUNT(*) FROM runs")[0][0])
-    views = [v for v in views if v.is_active or v.updated_at >= cutoff]
+    views = _with_end_times(store, views)
+    views = [v for v in views if v.is_active or v.finished_at >= cutoff]
     return views, total - len(views)
+
+
+def _with_end_times(store: Store, views: list[RunView]) -> list[RunView]:
+    """Fill `ended_at` of finished runs from the phase history (one grouped query)."""
+    if not any(not v.is_active for v in views):
+        return views
+    marks = ",".join("?" for _ in _TERMINAL)
+    ends = {
+        (r[0], r[1]): parse_time(r[2])
+        for r in store.query(
+            f"SELECT stage_dir, run_id, MAX(at) FROM phase_history WHERE phase IN ({marks}) "
+            "GROUP BY stage_dir, run_id",
+            _TERMINAL,
+        )
+    }
+    return [
+        v if v.is_active else replace(v, ended_at=ends.get((v.stage_dir, v.run_id))) for v in views
+    ]
 
 
 def _sort_key(rec: RunView) -> tuple[int, float]:
     # Active runs first (newest first), then terminal ones, most recently ended first.
-    ts = rec.created_at if rec.is_active else rec.updated_at
+    ts = rec.created_at if rec.is_active else rec.finished_at
     return (0 if rec.is_active else 1, -ts.timestamp())
 
 
@@ -375,11 +400,12 @@ def gather(
     for r in runs:
         if r.is_active:
             active_by_target[r.target] = active_by_target.get(r.target, 0) + 1
-    last_end = {
+    last_end = {  # per target: when its last run ended, hidden ones included
         row[0]: parse_time(row[1])
         for row in store.query(
-            f"SELECT target, MAX(updated_at) FROM runs WHERE phase IN ({','.join('?' for _ in _TERMINAL)}) "
-            "GROUP BY target",
+            "SELECT r.target, MAX(h.at) FROM phase_history h JOIN runs r "
+            "ON h.stage_dir = r.stage_dir AND h.run_id = r.run_id "
+            f"WHERE h.phase IN ({','.join('?' for _ in _TERMINAL)}) GROUP BY r.target",
             _TERMINAL,
         )
     }
@@ -470,5 +496,6 @@ def run_json(run: RunView, now: datetime) -> dict[str, Any]:
         "reason": redact(run.reason),
         "created_at": run.created_at.isoformat(),
         "updated_at": run.updated_at.isoformat(),
+        "ended_at": run.finished_at.isoformat() if not run.is_active else None,
         "pulled": run.pulled_at is not None,
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ log = logging.getLogger("orch.monitor.scheduler")
 RECONCILE_S = 2.0
 ALERT_RETRY_S = 5.0
 ACTION_RETRY_S = 60.0
+HEARTBEAT_S = 10.0  # the lock says a watcher runs; the heartbeat file is for humans
 
 
 class Watcher:
@@ -77,6 +79,7 @@ class Watcher:
         self._mutex = threading.Lock()
         self.active_targets: list[str] = []
         self.polls = 0
+        self._beat_at = -1e9
 
     # -- jobs ----------------------------------------------------------------------------------
     def _poll(self, target: str) -> None:
@@ -116,7 +119,8 @@ class Watcher:
                 if t not in active:
                     self.scheduler.remove_job(f"poll:{t}")
                     del self._polling[t]
-        if self.lock is not None:
+        if self.lock is not None and time.monotonic() - self._beat_at >= HEARTBEAT_S:
+            self._beat_at = time.monotonic()
             try:
                 self.lock.beat(
                     targets=active, polls=self.polls, round_trips=self.poller.round_trips

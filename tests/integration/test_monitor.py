@@ -213,8 +213,8 @@ def test_unreachable_is_never_a_crash(tmp_path: Path, fresh_sshd: SshServer, hoo
             20,  # type: ignore[union-attr]
             what="polls on the new connection",
         )
-        for pid in frozen:
-            signal_pid(pid, signal.SIGCONT)
+        for child in frozen:
+            signal_pid(child, signal.SIGCONT)
         assert _phase(ctx, run.key) is Phase.RUNNING and hook.matching("CRASHED") == []
         # A frozen box: the connection child and the listener stop answering (SIGSTOP).
         fresh_sshd.signal_connections(signal.SIGSTOP)

@@ -61,6 +61,11 @@ def add_run(
         **kw,  # type: ignore[arg-type]
     )
     store.insert_run(rec)
+    with store.tx() as db:  # the history says it ended when `updated_at` says
+        db.execute(
+            "UPDATE phase_history SET at = ? WHERE stage_dir = ? AND run_id = ?",
+            (rec.updated_at.isoformat(), rec.stage_dir, rec.run_id),
+        )
     return rec
 
 
@@ -96,6 +101,16 @@ def test_terminal_runs_stay_a_while_then_hide_unless_all(store: Store) -> None:
     assert snap.hidden_runs == 1
     every = gather(store, OrchConfig(), include_all=True, now=NOW)
     assert len(every.runs) == 3 and every.hidden_runs == 0
+    # A pull later touches updated_at; the run still ended when its history says.
+    store.update_run("stage1_causal", "20261124-090000", pulled_at=NOW)
+    again = gather(store, OrchConfig(), keep_terminal_s=3600, now=NOW)
+    assert again.hidden_runs == 1
+    old = next(
+        r
+        for r in gather(store, OrchConfig(), include_all=True, now=NOW).runs
+        if r.run_id == "20261124-090000"
+    )
+    assert old.elapsed_s(NOW) == pytest.approx((2000 - 1500) * 60)
 
 
 def test_targets_merge_config_store_observation_and_instances(store: Store) -> None:
@@ -226,7 +241,7 @@ def test_monitor_log_lines_go_to_the_footer_not_the_screen(
 ) -> None:
     import logging
 
-    from orchestrator.dashboard.app import quiet_logs
+    from orchestrator.dashboard.inprocess import quiet_logs
 
     seen: list[str] = []
     with quiet_logs(seen.append):
@@ -241,7 +256,7 @@ def test_monitor_log_lines_go_to_the_footer_not_the_screen(
 
 
 def test_in_process_monitor_defers_to_a_running_orch_watch() -> None:
-    from orchestrator.dashboard.app import InProcessMonitor
+    from orchestrator.dashboard.inprocess import InProcessMonitor
     from orchestrator.monitor.lock import WatcherLock, watcher_running
 
     ctx = Context()

@@ -10,9 +10,8 @@ import pytest
 from rich.console import Console
 from rich.style import Style
 
-from orchestrator.dashboard.app import parse_keys
+from orchestrator.dashboard.keys import parse_keys
 from orchestrator.dashboard.render import (
-    fit_columns,
     fmt_duration,
     heartbeat_style,
     render,
@@ -27,6 +26,7 @@ from orchestrator.dashboard.snapshot import (
     Snapshot,
     TargetView,
 )
+from orchestrator.dashboard.table import fit_columns
 from state.models import GpuStat
 from state.phases import Phase
 
@@ -322,7 +322,7 @@ def test_log_view_replaces_alerts() -> None:
 
 # -- small pieces -----------------------------------------------------------------------------
 def test_fit_columns_keeps_priorities_and_display_order() -> None:
-    from orchestrator.dashboard.render import Col
+    from orchestrator.dashboard.table import Col
 
     cols = [
         Col("a", "a", 10, 2),
@@ -348,7 +348,7 @@ def test_keys_are_parsed_from_raw_terminal_input() -> None:
 
 
 def test_text_from_a_box_cannot_move_the_cursor_or_recolour_the_screen() -> None:
-    from orchestrator.dashboard.render import clean_log_line
+    from orchestrator.dashboard.table import clean_log_line
 
     run = make_run(0, Phase.FAILED, reason="boom\x1b[2J\x1b[31mred\nsecond line\ttab")
     text = to_text(runs_table(snap([run]), 160, NOW), 160)

@@ -12,9 +12,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def orch_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # the same dir tests/integration/test_pipeline_tiny.py uses: one tiny build per session
-    path = tmp_path_factory.getbasetemp() / "orch-cache"
-    path.mkdir(exist_ok=True)
+    # the same dir tests/integration/test_pipeline_tiny.py uses: one tiny build per session;
+    # ORCH_TEST_CACHE_DIR reuses a cache across sessions (entries are keyed by their recipe)
+    fixed = os.environ.get("ORCH_TEST_CACHE_DIR")
+    path = Path(fixed) if fixed else tmp_path_factory.getbasetemp() / "orch-cache"
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

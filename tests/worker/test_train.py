@@ -25,7 +25,7 @@ from worker import lifecycle, tiny
 REPO = Path(__file__).resolve().parents[2]
 # A small Mistral with its own tokenizer, barely pre-trained: built once per test session.
 SMALL = tiny.TinySpec(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, steps=5, train_rows=50, batch_size=8
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, steps=2, train_rows=300, batch_size=16
 )
 
 
