@@ -249,10 +249,17 @@ def interpretation(d: ReportData) -> list[str]:
             )
     for rec in m.recoveries:
         if rec.accuracy is not None:
-            out.append(
+            text = (
                 f"After fine-tuning {rec.fine_tune}, the prefix-mask eval scores {f(rec.accuracy, 3)} "
-                f"({r(rec.vs_baseline, 'x')} of stage 1; gap closed {r(rec.gap_closed)})."
+                f"({r(rec.vs_baseline, 'x')} of stage 1; gap closed {r(rec.gap_closed)})"
             )
+            if rec.delta_vs_ablated is not None and rec.delta_vs_ablated < 0:
+                text += (
+                    ": below stage 2, so this fine-tune did not recover the ablation's loss; it cost "
+                    "more than it taught (see the per-task tables: accuracy on tasks the SFT data does "
+                    "not cover can fall while the model adapts)"
+                )
+            out.append(text + ".")
     leaky, safe = d.stages.get("stage3b-leaky"), d.stages.get("stage3b")
     # The last probe counts: on the starting weights a mask shows no leak (the model has not
     # learned to exploit it yet); after training under it the collapse is plain.

@@ -15,6 +15,7 @@ import pkgutil
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator import __version__
 from orchestrator.context import Context
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, ctx) or 0)
     except OrchError as exc:
-        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        # The message may contain brackets (`[targets.box]`): escape it so rich prints it as is.
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")

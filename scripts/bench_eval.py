@@ -78,49 +78,66 @@ def _long_task(work: Path, n: int) -> Path:
     return path
 
 
-def child(spec: dict) -> dict:
-    """One measurement (runs in its own process)."""
+def _setup(spec: dict):
     import torch
 
     from state.worker_config import EvalArgs, TaskSource
     from worker import evaluate, modeling
 
     torch.set_num_threads(spec["threads"])
+    task = TaskSource(name="t", source=spec["source"], format="mc", split="test", limit=spec["n"])
     args = EvalArgs(
         model=spec["model"],
         mask=spec["mask"],
-        shared_context=spec["shared"],
         batch_size=spec["batch"],
-        tasks=[
-            TaskSource(name="t", source=spec["source"], format="mc", split="test", limit=spec["n"])
-        ],
+        tasks=[task],
         max_length=256,
     )
     loaded = modeling.load(args)
+    return torch, evaluate, args, loaded
+
+
+def child_time(spec: dict) -> dict:
+    """Wall time of both strategies in ONE process, interleaved, median of `reps`: the load
+    of a shared machine hits both alike."""
+    import statistics
+
+    torch, evaluate, args, loaded = _setup(spec)
+    runs = {s: args.model_copy(update={"shared_context": s}) for s in (False, True)}
+    few = [args.tasks[0].model_copy(update={"limit": 2})]
+    for s in (False, True):  # warm-up: first kernels, allocator
+        evaluate.evaluate(runs[s].model_copy(update={"tasks": few}), loaded=loaded)
+    walls: dict[bool, list[float]] = {False: [], True: []}
+    res = {}
+    for _ in range(spec["reps"]):
+        for s in (False, True):
+            t0 = time.perf_counter()
+            res[s] = evaluate.evaluate(runs[s], loaded=loaded)
+            walls[s].append(time.perf_counter() - t0)
+    return {
+        str(s).lower(): {
+            "wall_s": statistics.median(walls[s]),
+            "walls": walls[s],
+            "tokens": res[s]["tokens_forwarded"],
+            "positions": res[s]["positions_forwarded"],
+            "acc": res[s]["macro_acc"],
+        }
+        for s in (False, True)
+    }
+
+
+def child_mem(spec: dict) -> dict:
+    """Peak memory of one strategy, alone in its process."""
+    torch, evaluate, args, loaded = _setup(spec)
+    run = args.model_copy(update={"shared_context": spec["shared"]})
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # torch + model, no eval yet
-    # warm-up on one question so one-off costs (first kernels) are not timed; one question
-    # keeps its own memory far below the measured run's
-    warm = args.model_copy(update={"tasks": [args.tasks[0].model_copy(update={"limit": 1})]})
-    evaluate.evaluate(warm, loaded=loaded)
     if loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    res = evaluate.evaluate(args, loaded=loaded)
-    wall = time.perf_counter() - t0
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if loaded.device.type == "cuda"
-        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    )
-    return {
-        "wall_s": wall,
-        "tokens": res["tokens_forwarded"],
-        "positions": res["positions_forwarded"],
-        "peak_mib": peak,
-        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "acc": res["macro_acc"],
-        "device": str(loaded.device),
-    }
+    evaluate.evaluate(run, loaded=loaded)
+    if loaded.device.type == "cuda":
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20, "rss_mib": 0.0}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mib": (rss - base_rss) / 1024, "rss_mib": rss / 1024}
 
 
 def drop_table(threads: int, n: int) -> None:
@@ -147,9 +164,9 @@ def drop_table(threads: int, n: int) -> None:
         print(f"| {t} | {c:.3f} | {p:.3f} | {p / c if c else float('nan'):.3f} |")
 
 
-def measure(spec: dict) -> dict:
+def measure(kind: str, spec: dict) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
+        [sys.executable, __file__, "--child", kind, json.dumps(spec)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -164,13 +181,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--child")
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"))
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument(
         "--drop-only", action="store_true", help="only the causal-vs-prefix accuracy table"
     )
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(json.loads(a.child))))
+        fn = child_time if a.child[0] == "time" else child_mem
+        print(json.dumps(fn(json.loads(a.child[1]))))
         return
     if a.drop_only:
         drop_table(a.threads, 200)
@@ -187,32 +206,40 @@ def main() -> None:
             "batch": 16,
         },
     }
-    print(f"# bench_eval  threads={a.threads}  cpu_count={os.cpu_count()}  work={work}")
+    load = os.getloadavg()[0]
     print(
-        "| config | mask | strategy | tokens fwd | positions fwd | wall s | peak MiB (growth) | peak RSS MiB | acc |"
+        f"# bench_eval  threads={a.threads}  cpu_count={os.cpu_count()}  reps={a.reps}  load={load:.1f}"
+    )
+    print(
+        "| config | mask | strategy | tokens fwd | positions fwd | wall s (median) "
+        "| peak MiB (growth) | peak RSS MiB | acc |"
     )
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     ratios = []
     for name, cfg in configs.items():
         for mask in ("causal", "prefix"):
-            r = {}
-            for shared in (False, True):
-                r[shared] = measure({**cfg, "mask": mask, "shared": shared, "threads": a.threads})
-                m = r[shared]
+            spec = {**cfg, "mask": mask, "threads": a.threads, "reps": a.reps}
+            t = measure("time", spec)
+            mem = {s: measure("mem", {**spec, "shared": s}) for s in (False, True)}
+            for s in (False, True):
+                m = {**t[str(s).lower()], **mem[s]}
                 print(
-                    f"| {name} | {mask} | {'shared' if shared else 'naive'} | {m['tokens']} | "
-                    f"{m['positions']} | {m['wall_s']:.2f} | {m['peak_mib']:.1f} | {m['rss_mib']:.0f} | {m['acc']:.3f} |"
+                    f"| {name} | {mask} | {'shared' if s else 'naive'} | {m['tokens']} | "
+                    f"{m['positions']} | {m['wall_s']:.2f} | {m['peak_mib']:.1f} | "
+                    f"{m['rss_mib']:.0f} | {m['acc']:.3f} |"
                 )
+            sh, nv = t["true"], t["false"]
             ratios.append(
                 (
                     name,
                     mask,
-                    r[True]["tokens"] / r[False]["tokens"],
-                    r[True]["wall_s"] / r[False]["wall_s"],
-                    r[True]["peak_mib"],
-                    r[False]["peak_mib"],
+                    sh["tokens"] / nv["tokens"],
+                    sh["wall_s"] / nv["wall_s"],
+                    mem[True]["peak_mib"],
+                    mem[False]["peak_mib"],
                 )
             )
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.1f}")
     print(
         "\n| config | mask | tokens shared/naive | wall shared/naive | peak MiB shared vs naive |"
     )

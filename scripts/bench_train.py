@@ -32,16 +32,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from worker import masks  # noqa: E402
-from worker.probe import token_loss_sum  # noqa: E402
+from worker import masks
+from worker.probe import token_loss_sum
 
 CONFIGS: dict[str, dict[str, int]] = {
     # the tiny profile's model (worker.tiny.TinySpec defaults)
     "tiny": {"hidden": 96, "inter": 256, "layers": 3, "heads": 4, "kv": 2, "vocab": 64, "batch": 8, "prompt": 24, "resp": 8},
     # the largest that steps in well under a second on 2 CPU cores
-    "large": {"hidden": 512, "inter": 1408, "layers": 4, "heads": 8, "kv": 4, "vocab": 4096, "batch": 8, "prompt": 192, "resp": 64},
+    "large": {"hidden": 512, "inter": 1408, "layers": 4, "heads": 8, "kv": 4, "vocab": 4096, "batch": 8, "prompt": 96, "resp": 32},
     # for a GPU
     "xl": {"hidden": 2048, "inter": 5632, "layers": 8, "heads": 16, "kv": 8, "vocab": 32000, "batch": 8, "prompt": 768, "resp": 256},
 }  # fmt: skip
@@ -76,17 +76,36 @@ def batch(cfg: dict[str, int], device: torch.device) -> dict[str, torch.Tensor]:
         am[i, n:] = 0
         plens[i] = pl
         labels[i, pl:n] = ids[i, pl:n]
-    return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": am, "labels": labels, "prompt_lens": plens}.items()}
+    return {
+        k: v.to(device)
+        for k, v in {
+            "input_ids": ids,
+            "attention_mask": am,
+            "labels": labels,
+            "prompt_lens": plens,
+        }.items()
+    }
 
 
-def step_fn(model: Any, opt: Any, bt: dict[str, torch.Tensor], variant: str, autocast: bool) -> None:
+def step_fn(
+    model: Any, opt: Any, bt: dict[str, torch.Tensor], variant: str, autocast: bool
+) -> None:
     dev = bt["input_ids"].device
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
         if variant == "causal-native":
-            logits = model(input_ids=bt["input_ids"], attention_mask=bt["attention_mask"], use_cache=False).logits
+            logits = model(
+                input_ids=bt["input_ids"], attention_mask=bt["attention_mask"], use_cache=False
+            ).logits
         else:
             mode = "causal" if variant == "causal" else "prefix"
-            logits = masks.forward(model, bt["input_ids"], bt["attention_mask"], bt["prompt_lens"], mode, use_cache=False)
+            logits = masks.forward(
+                model,
+                bt["input_ids"],
+                bt["attention_mask"],
+                bt["prompt_lens"],
+                mode,
+                use_cache=False,
+            )
     s, n = token_loss_sum(logits, bt["labels"])
     (s / n).backward()
     opt.step()
@@ -98,7 +117,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_variants(cfg: dict[str, int], attn: str, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+def time_variants(
+    cfg: dict[str, int], attn: str, device: torch.device, steps: int, warmup: int
+) -> dict[str, Any]:
     model = build(cfg, attn, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     bt = batch(cfg, device)
@@ -130,7 +151,11 @@ def attention_path(attn: str, device: torch.device, variant: str) -> str:
         return "SDPA, dense bool 4D mask (B,1,T,T) from worker.masks"
     if attn == "eager":
         return "eager matmul-softmax, additive float mask"
-    return "flex_attention, BlockMask from worker.masks" if variant != "causal-native" else "flex_attention, transformers' causal BlockMask"
+    return (
+        "flex_attention, BlockMask from worker.masks"
+        if variant != "causal-native"
+        else "flex_attention, transformers' causal BlockMask"
+    )
 
 
 def peak_child(config: str, attn: str, device: str, variant: str, steps: int) -> float:
@@ -187,7 +212,9 @@ def main() -> int:
             }  # fmt: skip
             rows.append(row)
             print(json.dumps(row, indent=1))
-    print("\n| config | attn | tokens/step | causal-native ms | causal ms | prefix ms | prefix/causal | prefix/native | peak MiB (native/causal/prefix) |")
+    print(
+        "\n| config | attn | tokens/step | causal-native ms | causal ms | prefix ms | prefix/causal | prefix/native | peak MiB (native/causal/prefix) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ms, pk = r["step_ms"], r["peak_mb"]

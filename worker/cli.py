@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read DIR/spec.json (a RunSpec), validate spec.task.args for spec.task.command "
         "and run it.",
     )
-    run.add_argument("--run-dir", required=True, type=Path, help="the run directory holding spec.json")
+    run.add_argument(
+        "--run-dir", required=True, type=Path, help="the run directory holding spec.json"
+    )
 
     for command, desc in DESCRIPTIONS.items():
         sp = sub.add_parser(
@@ -103,9 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--run-dir", required=True, type=Path, help="the run directory (created if missing)")
+    sp.add_argument(
+        "--run-dir", required=True, type=Path, help="the run directory (created if missing)"
+    )
     sp.add_argument("--run-id", default=None, help="run id (default: the run dir's name)")
-    sp.add_argument("--stage", default=None, help="stage name (default: the run dir's parent's name)")
+    sp.add_argument(
+        "--stage", default=None, help="stage name (default: the run dir's parent's name)"
+    )
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -169,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = direct_args(ns)
     except WorkerError as exc:
-        return lifecycle.execute(run_dir, ns.command, {}, run_id=ns.run_id, stage=ns.stage, error=exc)
+        return lifecycle.execute(
+            run_dir, ns.command, {}, run_id=ns.run_id, stage=ns.stage, error=exc
+        )
     return lifecycle.execute(run_dir, ns.command, raw, run_id=ns.run_id, stage=ns.stage)
 
 

@@ -88,7 +88,9 @@ def parse_args(command: str, raw: dict[str, Any] | BaseModel) -> BaseModel:
     """Validate a subcommand's args with the shared models (`state.worker_config`)."""
     model = ARGS_BY_COMMAND.get(command)
     if model is None:
-        raise WorkerError(f"unknown worker command {command!r}; use one of {sorted(ARGS_BY_COMMAND)}")
+        raise WorkerError(
+            f"unknown worker command {command!r}; use one of {sorted(ARGS_BY_COMMAND)}"
+        )
     if isinstance(raw, model):
         return raw
     if isinstance(raw, BaseModel):
@@ -107,12 +109,17 @@ def load_spec(run_dir: Path) -> RunSpec:
     """`spec.json` of a run dir, or WorkerError saying what is wrong with it."""
     path = run_dir / names.SPEC
     if not path.exists():
-        raise WorkerError(f"{path}: no spec.json", hint="launch with orch, or use `python -m worker <command> --run-dir DIR --args-json ...`")
+        raise WorkerError(
+            f"{path}: no spec.json",
+            hint="launch with orch, or use `python -m worker <command> --run-dir DIR --args-json ...`",
+        )
     try:
         raw = json.loads(path.read_text())
         return RunSpec.model_validate(raw)
     except (ValueError, ValidationError) as exc:
-        raise WorkerError(f"{path}: unusable spec ({str(exc).splitlines()[0]})", hint="relaunch the stage") from exc
+        raise WorkerError(
+            f"{path}: unusable spec ({str(exc).splitlines()[0]})", hint="relaunch the stage"
+        ) from exc
 
 
 def exit_code_for(exc: BaseException) -> WorkerExit:
@@ -143,7 +150,13 @@ def failure_record(run_id: str, exc: BaseException, code: int) -> RunFailed:
         msg = f"disk full: {msg} (free space on the box, lower keep_checkpoints, then relaunch to resume)"
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     tail = "\n".join(tb.rstrip().splitlines()[-TRACEBACK_TAIL_LINES:])
-    return RunFailed(run_id=run_id, reason=msg, error_type=type(exc).__name__, traceback_tail=tail, exit_code=code)
+    return RunFailed(
+        run_id=run_id,
+        reason=msg,
+        error_type=type(exc).__name__,
+        traceback_tail=tail,
+        exit_code=code,
+    )
 
 
 # ---- markers ----------------------------------------------------------------------------
@@ -217,7 +230,9 @@ def finish_success(ctx: RunContext, command: str, result: dict[str, Any] | None)
     manifest = build_manifest(ctx.run_dir, ctx.run_id)
     atomic_write_json(ctx.run_dir / names.MANIFEST, manifest)
     digest = sha256_file(ctx.run_dir / names.MANIFEST)
-    atomic_write_json(ctx.run_dir / names.RUN_COMPLETE, RunComplete(run_id=ctx.run_id, manifest_sha256=digest))
+    atomic_write_json(
+        ctx.run_dir / names.RUN_COMPLETE, RunComplete(run_id=ctx.run_id, manifest_sha256=digest)
+    )
     with contextlib.suppress(OSError):
         os.unlink(ctx.run_dir / RESERVE)
 
@@ -276,7 +291,9 @@ def run_exec(args: ExecArgs, ctx: RunContext) -> None:
             args.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()
         )
     except OSError as exc:
-        raise WorkerError(f"cannot start {args.argv[0]!r}: {exc.strerror}", hint="check the stage's argv") from exc
+        raise WorkerError(
+            f"cannot start {args.argv[0]!r}: {exc.strerror}", hint="check the stage's argv"
+        ) from exc
     tail: deque[str] = deque(maxlen=3)
     try:
         assert child.stdout is not None
@@ -329,7 +346,7 @@ def execute(
     run_id = run_id or (spec.run_id if spec else rd.name)
     stage = stage or (spec.stage if spec else rd.parent.name or "adhoc")
     main = rank == 0
-    if main and (rd / names.RUN_COMPLETE).exists():
+    if (rd / names.RUN_COMPLETE).exists():  # every rank: none may start a finished run
         print(f"[worker] {rd} is already complete; nothing to do", flush=True)
         return int(WorkerExit.OK)
     previous = None
@@ -345,19 +362,23 @@ def execute(
                 raise error
             args = parse_args(command, raw_args)
             if main:
-                status = StatusWriter(rd, run_id, stage, heartbeat_s=getattr(args, "heartbeat_s", 5.0))
+                status = StatusWriter(
+                    rd, run_id, stage, heartbeat_s=getattr(args, "heartbeat_s", 5.0)
+                )
             ctx = RunContext(rd, run_id, stage, status, rank, world, spec)
             with status:
                 if previous is not None:
                     status.event("info", f"relaunched after a failed attempt: {previous.reason}")
-                status.set_phase(WorkerPhase.STARTING, f"{command} pid={os.getpid()} rank={rank}/{world}")
+                status.set_phase(
+                    WorkerPhase.STARTING, f"{command} pid={os.getpid()} rank={rank}/{world}"
+                )
                 result = _task(command)(args, ctx)
                 if main:
                     finish_success(ctx, command, result)
                 status.update(phase=WorkerPhase.DONE, message="done", eta_s=0.0)
                 status.event("phase", "done")
         return int(WorkerExit.OK)
-    except BaseException as exc:  # noqa: BLE001 - every way out must leave a reason
+    except BaseException as exc:
         code = exit_code_for(exc)
         record = failure_record(run_id, exc, int(code))
         if main:
@@ -368,7 +389,11 @@ def execute(
                 status.update(phase=WorkerPhase.FAILED, message=record.reason[:500])
                 status.event("error", record.reason, error_type=record.error_type)
                 status.stop()
-        print(f"[worker] FAILED ({record.error_type}, exit {int(code)}): {record.reason}", file=sys.stderr, flush=True)
+        print(
+            f"[worker] FAILED ({record.error_type}, exit {int(code)}): {record.reason}",
+            file=sys.stderr,
+            flush=True,
+        )
         if not isinstance(exc, (WorkerError, Interrupted, KeyboardInterrupt)):
             print(record.traceback_tail, file=sys.stderr, flush=True)
         return int(code)

@@ -89,7 +89,11 @@ def batch_loss(
 
 @torch.no_grad()
 def mean_loss(
-    model: torch.nn.Module, batches: Iterable[Batch], mode: MaskMode | str, *, autocast: bool = False
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    mode: MaskMode | str,
+    *,
+    autocast: bool = False,
 ) -> tuple[float, int]:
     """Token-weighted mean loss over `batches` (eval mode, no grad; training mode restored)."""
     was = model.training
@@ -136,7 +140,9 @@ def run_probe(args: ProbeArgs, ctx: RunContext) -> dict[str, Any]:
         data.collate_sft(examples[i : i + args.batch_size], tokenizer)
         for i in range(0, len(examples), args.batch_size)
     ]
-    ctx.status.set_phase(WorkerPhase.PROBING, f"{args.mask.value} vs causal on {len(examples)} samples")
+    ctx.status.set_phase(
+        WorkerPhase.PROBING, f"{args.mask.value} vs causal on {len(examples)} samples"
+    )
     autocast = loaded.device.type == "cuda" and loaded.dtype == torch.float32
     result = probe(model, batches, args.mask, args.leak_ratio, autocast=autocast)
     ctx.status.update(extra={"probe": result.as_dict()}, leak_flag=result.leak)

@@ -209,7 +209,7 @@ class StatusWriter:
 class NullStatus(StatusWriter):
     """The status of a non-zero DDP rank: same interface, writes nothing."""
 
-    def __init__(self) -> None:  # noqa: D107 - deliberately skips the parent's file setup
+    def __init__(self) -> None:
         self._lock = threading.RLock()
         self._rates = deque(maxlen=RATE_WINDOW + 1)
         self._tokens_total = 0

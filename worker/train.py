@@ -153,7 +153,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    ckdir: Path, name: str, model: torch.nn.Module, tokenizer: Any, meta: dict[str, Any],
+    ckdir: Path,
+    name: str,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    meta: dict[str, Any],
     trainer_state: dict[str, Any] | None,
 ) -> Path:
     """Write `ckdir/name` atomically: into `.name.tmp`, then rename (a kill mid-save leaves the
@@ -189,7 +193,10 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
-        raise WorkerError(f"{ckpt}: no *.safetensors weights", hint="delete the broken checkpoint dir to resume from an older one")
+        raise WorkerError(
+            f"{ckpt}: no *.safetensors weights",
+            hint="delete the broken checkpoint dir to resume from an older one",
+        )
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
@@ -229,21 +236,28 @@ class Dist:
     def setup(cls, ctx: RunContext, device_kind: str) -> Dist:
         d = cls(ctx.rank, ctx.world_size, int(os.environ.get("LOCAL_RANK", "0")))
         if d.world > 1 and not dist.is_initialized():
+            if device_kind == "cuda":
+                torch.cuda.set_device(d.local_rank)
             dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
             d.started = True
         return d
 
+    def _tensor(self, value: float | int, dtype: torch.dtype) -> torch.Tensor:
+        # nccl reduces CUDA tensors only; gloo CPU ones.
+        dev = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return torch.tensor([value], dtype=dtype, device=dev)
+
     def mean(self, value: float) -> float:
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = self._tensor(value, torch.float64)
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
     def total(self, value: int) -> int:
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.int64)
+        t = self._tensor(value, torch.int64)
         dist.all_reduce(t)
         return int(t.item())
 
@@ -275,7 +289,9 @@ def train(args: TrainArgs, ctx: RunContext) -> dict[str, Any]:
 class Trainer:
     """One training run; see the module docstring for the phases."""
 
-    def __init__(self, args: TrainArgs, ctx: RunContext, d: Dist, modeling: Any, wdata: Any) -> None:
+    def __init__(
+        self, args: TrainArgs, ctx: RunContext, d: Dist, modeling: Any, wdata: Any
+    ) -> None:
         self.args, self.ctx, self.d = args, ctx, d
         self.modeling, self.wdata = modeling, wdata
         self.status = ctx.status
@@ -306,7 +322,10 @@ class Trainer:
 
         self.train_ex, self.eval_ex = self.wdata.sft_splits(a, self.tokenizer)
         if not self.train_ex:
-            raise WorkerError(f"training data {a.data.source} has no usable examples", hint="check the source and its split")
+            raise WorkerError(
+                f"training data {a.data.source} has no usable examples",
+                hint="check the source and its split",
+            )
         self.order = BatchOrder(len(self.train_ex), a.batch_size, self.d.world, a.seed)
         if self.order.per_epoch == 0:
             raise WorkerError(
@@ -320,17 +339,28 @@ class Trainer:
             self.collate(self.eval_ex[i : i + a.batch_size])
             for i in range(0, min(len(self.eval_ex), a.eval_batches * a.batch_size), a.batch_size)
         ]
-        self.structural_guard(self.collate([self.train_ex[i] for i in self.order.indices(0, self.d.rank)]))
+        self.structural_guard(
+            self.collate([self.train_ex[i] for i in self.order.indices(0, self.d.rank)])
+        )
 
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999),
+            self.model.parameters(),
+            lr=a.lr,
+            weight_decay=a.weight_decay,
+            betas=(0.9, 0.999),
             foreach=False,  # the same kernel every run: resume must be bit-exact
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, warmup=a.warmup_steps, total=a.max_steps, kind=a.lr_schedule),
         )
-        self.step, self.pos, self.loss_sum, self.runtime_before, self.tokens_before = 0, 0, 0.0, 0.0, 0
+        self.step, self.pos, self.loss_sum, self.runtime_before, self.tokens_before = (
+            0,
+            0,
+            0.0,
+            0.0,
+            0,
+        )
         self.resumed_from: str | None = None
         self.resume()
         self.ddp: torch.nn.Module = self.model
@@ -340,8 +370,12 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         self.logger = make_logger(
-            self.ctx.run_dir, main=self.ctx.is_main, wandb=a.wandb, wandb_project=a.wandb_project,
-            run_name=f"{self.ctx.stage}/{self.ctx.run_id}", config=a.model_dump(mode="json"),
+            self.ctx.run_dir,
+            main=self.ctx.is_main,
+            wandb=a.wandb,
+            wandb_project=a.wandb_project,
+            run_name=f"{self.ctx.stage}/{self.ctx.run_id}",
+            config=a.model_dump(mode="json"),
         )
 
     def collate(self, rows: list[Any]) -> dict[str, torch.Tensor]:
@@ -355,7 +389,9 @@ class Trainer:
             return
         if not a.structural_check:
             self.structural = "skipped"
-            self.status.event("warning", "structural leakage check skipped (structural_check=false)")
+            self.status.event(
+                "warning", "structural leakage check skipped (structural_check=false)"
+            )
             return
         am, plens = batch["attention_mask"], batch["prompt_lens"]
         built = masks.build_mask(am, plens, self.mode, a.attn_implementation)
@@ -369,7 +405,9 @@ class Trainer:
                 ) from exc
             self.structural = "failed (allowed: allow_leaky)"
             self.status.update(leak_flag=True)
-            self.status.event("warning", f"allow_leaky: training on a leaky mask on purpose: {exc.message}")
+            self.status.event(
+                "warning", f"allow_leaky: training on a leaky mask on purpose: {exc.message}"
+            )
             return
         self.structural = "passed"
         self.status.event("info", f"structural leakage check passed for mask {self.mode.value}")
@@ -396,7 +434,12 @@ class Trainer:
         self.probes = list(meta.get("probes", []))
         self.first_leak_step = meta.get("first_leak_step")
         self.resumed_from = ckpt.name
-        self.status.event("checkpoint", f"resumed from {ckpt.name}", step=self.step, path=f"{names.CHECKPOINTS}/{ckpt.name}")
+        self.status.event(
+            "checkpoint",
+            f"resumed from {ckpt.name}",
+            step=self.step,
+            path=f"{names.CHECKPOINTS}/{ckpt.name}",
+        )
 
     # -- loop ---------------------------------------------------------------------------
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -415,11 +458,23 @@ class Trainer:
             with ctx:
                 ids = batch["input_ids"].to(self.device)
                 am = batch["attention_mask"].to(self.device)
-                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    logits = masks.forward(self.ddp, ids, am, batch["prompt_lens"].to(self.device), self.mode, use_cache=False)
+                with torch.autocast(
+                    device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast
+                ):
+                    logits = masks.forward(
+                        self.ddp,
+                        ids,
+                        am,
+                        batch["prompt_lens"].to(self.device),
+                        self.mode,
+                        use_cache=False,
+                    )
                 s, n = token_loss_sum(logits, batch["labels"].to(self.device))
                 if n == 0:
-                    raise WorkerError("a training batch has no response tokens (all labels -100)", hint="check the data's responses and max_length")
+                    raise WorkerError(
+                        "a training batch has no response tokens (all labels -100)",
+                        hint="check the data's responses and max_length",
+                    )
                 loss = s / n
                 (loss / a.grad_accum).backward()
             losses.append(float(loss.detach()))
@@ -432,7 +487,6 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         self.setup()
-        a = self.args
         try:
             return self._loop()
         finally:
@@ -453,11 +507,22 @@ class Trainer:
             tokens += n_tok
             self.loss_sum += loss
             lr = self.scheduler.get_last_lr()[0]
-            st.step(self.step, loss=loss, lr=lr, tokens=n_tok, epoch=self.pos / self.order.per_epoch)
+            st.step(
+                self.step, loss=loss, lr=lr, tokens=n_tok, epoch=self.pos / self.order.per_epoch
+            )
             if self.step % a.log_every == 0:
-                st.event("train", f"loss={loss:.4f}", step=self.step, loss=loss, lr=lr, grad_norm=norm)
-                self.logger.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
-                                 "train/tokens_per_s": st.status.tokens_per_s or 0.0}, self.step)
+                st.event(
+                    "train", f"loss={loss:.4f}", step=self.step, loss=loss, lr=lr, grad_norm=norm
+                )
+                self.logger.log(
+                    {
+                        "train/loss": loss,
+                        "train/lr": lr,
+                        "train/grad_norm": norm,
+                        "train/tokens_per_s": st.status.tokens_per_s or 0.0,
+                    },
+                    self.step,
+                )
             last = self.step == a.max_steps
             if self.step % a.eval_every == 0 and not last:
                 self.evaluate()
@@ -484,20 +549,36 @@ class Trainer:
     def run_probe(self) -> ProbeResult:
         """Guard (b): mask loss vs causal loss on the fixed held-out batch."""
         self.status.update(phase=WorkerPhase.PROBING, message=f"leakage probe at step {self.step}")
-        r = probe(self.model, [self.probe_batch], self.mode, self.args.leak_ratio, autocast=self.autocast)
+        r = probe(
+            self.model, [self.probe_batch], self.mode, self.args.leak_ratio, autocast=self.autocast
+        )
         rec = {"step": self.step, **r.as_dict()}
         self.probes.append(rec)
-        self.status.update(phase=WorkerPhase.TRAINING, message="", extra={**self.status.status.extra, "probe": rec})
+        self.status.update(
+            phase=WorkerPhase.TRAINING, message="", extra={**self.status.status.extra, "probe": rec}
+        )
         self.status.event("probe", r.describe(), step=self.step, **r.as_dict())
-        self.logger.log({"probe/loss_mask": r.loss_mask, "probe/loss_causal": r.loss_causal, "probe/ratio": r.ratio}, self.step)
+        self.logger.log(
+            {
+                "probe/loss_mask": r.loss_mask,
+                "probe/loss_causal": r.loss_causal,
+                "probe/ratio": r.ratio,
+            },
+            self.step,
+        )
         if r.leak:
             if self.first_leak_step is None:
                 self.first_leak_step = self.step
             self.status.update(leak_flag=True)
             msg = f"label leakage detected at step {self.step}: {r.describe()}"
             if not self.args.allow_leaky:
-                raise LeakageError(msg, hint="the mask lets response tokens see their labels; train with mask=prefix or causal")
-            self.status.event("warning", f"{msg} (allow_leaky: continuing on purpose)", step=self.step)
+                raise LeakageError(
+                    msg,
+                    hint="the mask lets response tokens see their labels; train with mask=prefix or causal",
+                )
+            self.status.event(
+                "warning", f"{msg} (allow_leaky: continuing on purpose)", step=self.step
+            )
         return r
 
     # -- saving -------------------------------------------------------------------------
@@ -512,25 +593,46 @@ class Trainer:
     def save(self, runtime: float, tokens: int) -> None:
         if self.ctx.is_main:
             self.status.update(phase=WorkerPhase.SAVING, message=f"checkpoint step {self.step}")
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(),
+            }
             name = f"{STEP_PREFIX}{self.step}"
-            save_checkpoint(self.ckdir, name, self.model, self.tokenizer, self._meta(runtime, tokens), state)
+            save_checkpoint(
+                self.ckdir, name, self.model, self.tokenizer, self._meta(runtime, tokens), state
+            )
             removed = prune_checkpoints(self.ckdir, self.args.keep_checkpoints)
-            self.status.event("checkpoint", f"saved {name}", step=self.step, path=f"{names.CHECKPOINTS}/{name}", pruned=[p.name for p in removed])
+            self.status.event(
+                "checkpoint",
+                f"saved {name}",
+                step=self.step,
+                path=f"{names.CHECKPOINTS}/{name}",
+                pruned=[p.name for p in removed],
+            )
             self.status.update(phase=WorkerPhase.TRAINING, message="")
         self.d.barrier()
 
     def save_final(self, runtime: float, tokens: int) -> None:
         if self.ctx.is_main:
             self.status.update(phase=WorkerPhase.SAVING, message="final model")
-            save_checkpoint(self.ckdir, FINAL, self.model, self.tokenizer, self._meta(runtime, tokens), None)
+            save_checkpoint(
+                self.ckdir, FINAL, self.model, self.tokenizer, self._meta(runtime, tokens), None
+            )
             # Step checkpoints exist to resume; a finished run keeps only the final model.
             for _, p in checkpoint_dirs(self.ckdir):
                 shutil.rmtree(p, ignore_errors=True)
-            self.status.event("checkpoint", "saved final model", step=self.step, path=f"{names.CHECKPOINTS}/{FINAL}")
+            self.status.event(
+                "checkpoint",
+                "saved final model",
+                step=self.step,
+                path=f"{names.CHECKPOINTS}/{FINAL}",
+            )
         self.d.barrier()
 
-    def summary(self, eval_loss: float | None, pr: ProbeResult, runtime: float, steps: int, tokens: int) -> dict[str, Any]:
+    def summary(
+        self, eval_loss: float | None, pr: ProbeResult, runtime: float, steps: int, tokens: int
+    ) -> dict[str, Any]:
         total_runtime = self.runtime_before + runtime
         a = self.args
         return {
@@ -538,7 +640,9 @@ class Trainer:
             "eval_loss": eval_loss,
             "train_runtime": total_runtime,
             "train_steps_per_second": self.step / total_runtime if total_runtime > 0 else None,
-            "train_tokens_per_second": (self.tokens_before + tokens) / total_runtime if total_runtime > 0 else None,
+            "train_tokens_per_second": (self.tokens_before + tokens) / total_runtime
+            if total_runtime > 0
+            else None,
             "steps": self.step,
             "steps_this_attempt": steps,
             "resumed_from": self.resumed_from,

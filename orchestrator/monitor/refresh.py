@@ -373,7 +373,11 @@ def refresh_once(ctx: Context, targets: list[str] | None = None) -> list[RunReco
     """One poll of every target with active runs (or only `targets`): store phase changes and
     alerts, deliver alerts. Returns the runs that were polled (those active before the poll) as
     the store now holds them."""
-    poller = Poller(ctx)
+    from orchestrator.monitor.actions import Actions
+
+    # The provider verdict lets a one-shot refresh (`orch status`) mark a preempted box's runs
+    # lost, as `orch watch` does; it costs nothing for targets that are not vast.
+    poller = Poller(ctx, provider_verdict=Actions(ctx).provider_verdict)
     try:
         return poller.poll(targets)
     finally:

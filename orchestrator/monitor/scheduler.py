@@ -41,6 +41,7 @@ log = logging.getLogger("orch.monitor.scheduler")
 RECONCILE_S = 2.0
 ALERT_RETRY_S = 5.0
 ACTION_RETRY_S = 60.0
+IDLE_CHECK_S = 60.0  # how often paid boxes are checked for idleness
 HEARTBEAT_S = 10.0  # the lock says a watcher runs; the heartbeat file is for humans
 
 
@@ -147,6 +148,12 @@ class Watcher:
         except Exception:
             log.exception("retrying actions failed")
 
+    def _check_idle(self) -> None:
+        """Paid boxes with nothing running: alert / stop / destroy per their idle policy."""
+        for name, cfg in self.ctx.config.targets.items():
+            if cfg.kind == "vast" and self.ctx.store.live_instance_for(name) is not None:
+                self.actions.check_idle(name)
+
     # -- life ------------------------------------------------------------------------------------
     def start(self) -> None:
         """Resume: undelivered alerts are due now, unfinished actions retried, then schedule."""
@@ -172,6 +179,12 @@ class Watcher:
             IntervalTrigger(seconds=ACTION_RETRY_S),
             id="actions",
             next_run_time=datetime.now(timezone.utc),
+            **common,
+        )
+        self.scheduler.add_job(
+            self._check_idle,
+            IntervalTrigger(seconds=IDLE_CHECK_S),
+            id="idle",
             **common,
         )
         self._actions_thread.start()

@@ -56,6 +56,7 @@ def watch(
     """Watch runs and return an exit code. `once`: 1 if any run polled is in a bad state.
     `stop_when_idle`: 1 if any run watched ended in a bad state. Otherwise runs until Ctrl-C or
     SIGTERM and returns 0."""
+    ctx.config  # noqa: B018 - a bad orch.toml (e.g. a malformed alert URL) fails here, first
     only = list(targets) if targets is not None else None
     for name in only or []:
         ctx.config.target(name)  # ConfigError naming an unknown target, before anything runs

@@ -23,7 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 def worker(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "worker", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -35,7 +40,16 @@ def test_help_documents_every_subcommand() -> None:
     assert "3=LEAKAGE" in r.stdout and "2=BAD_INPUT" in r.stdout
     expected = {
         "run": ["--run-dir", "spec.json"],
-        "train": ["--args-json", "--args-file", "--set", "max_steps", "grad_accum", "allow_leaky", "structural_check", "cosine|linear|constant"],
+        "train": [
+            "--args-json",
+            "--args-file",
+            "--set",
+            "max_steps",
+            "grad_accum",
+            "allow_leaky",
+            "structural_check",
+            "cosine|linear|constant",
+        ],
         "eval": ["--args-json", "tasks", "shared_context", "causal"],
         "probe": ["--args-json", "leak_ratio", "samples"],
         "exec": ["ORCH_RUN_DIR", "argv"],
@@ -49,12 +63,30 @@ def test_help_documents_every_subcommand() -> None:
 
 def test_overrides_and_args_merge(tmp_path: Path) -> None:
     assert cli.parse_overrides(["mask=prefix", "data.limit=5", "lr=0.001", "wandb=true"]) == {
-        "mask": "prefix", "data": {"limit": 5}, "lr": 0.001, "wandb": True,
+        "mask": "prefix",
+        "data": {"limit": 5},
+        "lr": 0.001,
+        "wandb": True,
     }
     f = tmp_path / "a.json"
     f.write_text(json.dumps({"data": {"name": "x", "source": "tiny:recall"}, "mask": "causal"}))
-    ns = cli.build_parser().parse_args(["train", "--run-dir", "d", "--args-file", str(f), "--set", "data.limit=7", "--set", "mask=prefix"])
-    assert cli.direct_args(ns) == {"data": {"name": "x", "source": "tiny:recall", "limit": 7}, "mask": "prefix"}
+    ns = cli.build_parser().parse_args(
+        [
+            "train",
+            "--run-dir",
+            "d",
+            "--args-file",
+            str(f),
+            "--set",
+            "data.limit=7",
+            "--set",
+            "mask=prefix",
+        ]
+    )
+    assert cli.direct_args(ns) == {
+        "data": {"name": "x", "source": "tiny:recall", "limit": 7},
+        "mask": "prefix",
+    }
     with pytest.raises(WorkerError):
         cli.parse_overrides(["novalue"])
 
@@ -63,8 +95,12 @@ def test_run_dispatches_spec(tmp_path: Path) -> None:
     rd = tmp_path / "runs" / "adhoc" / "20260101-000000"
     rd.mkdir(parents=True)
     spec = RunSpec(
-        run_id="20260101-000000", stage="adhoc", stage_dir="adhoc",
-        task=WorkerTask(command="exec", args={"argv": [sys.executable, "-c", "print('hi from the stage')"]}),
+        run_id="20260101-000000",
+        stage="adhoc",
+        stage_dir="adhoc",
+        task=WorkerTask(
+            command="exec", args={"argv": [sys.executable, "-c", "print('hi from the stage')"]}
+        ),
     )
     (rd / names.SPEC).write_text(spec.model_dump_json())
     r = worker("run", "--run-dir", str(rd))
@@ -96,7 +132,17 @@ def test_bad_input_exits_2_with_reason(tmp_path: Path, argv: list[str], needle: 
 def test_unusable_spec_is_bad_input(tmp_path: Path) -> None:
     rd = tmp_path / "r"
     rd.mkdir()
-    (rd / names.SPEC).write_text(json.dumps({"run_id": "x", "stage": "s", "stage_dir": "s", "task": {"command": "train", "args": {}}, "typo": 1}))
+    (rd / names.SPEC).write_text(
+        json.dumps(
+            {
+                "run_id": "x",
+                "stage": "s",
+                "stage_dir": "s",
+                "task": {"command": "train", "args": {}},
+                "typo": 1,
+            }
+        )
+    )
     r = worker("run", "--run-dir", str(rd))
     assert r.returncode == WorkerExit.BAD_INPUT
     assert "unusable spec" in read_model(rd / names.RUN_FAILED, RunFailed).value.reason

@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_two_process_gloo_run(tmp_path: Path, small_model: str) -> None:  # noqa: F811
     rd = tmp_path / "ddp" / "r1"
-    args = train_args(small_model, max_steps=6, batch_size=4, eval_every=3, probe_every=3, save_every=3)
+    args = train_args(
+        small_model, max_steps=6, batch_size=4, eval_every=3, probe_every=3, save_every=3
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -28,7 +28,9 @@ PY = sys.executable
 
 def _worker(*args: str, **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([PY, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run(
+        [PY, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=120, **kw
+    )
 
 
 def test_success_writes_manifest_then_marker_last(tmp_path: Path) -> None:
@@ -46,7 +48,15 @@ def test_success_writes_manifest_then_marker_last(tmp_path: Path) -> None:
     t.start()
     try:
         code = lifecycle.execute(
-            rd, "exec", {"argv": [PY, "-c", "import os; open(os.environ['ORCH_RUN_DIR'] + '/out.bin', 'wb').write(b'abc' * 1000)"]}
+            rd,
+            "exec",
+            {
+                "argv": [
+                    PY,
+                    "-c",
+                    "import os; open(os.environ['ORCH_RUN_DIR'] + '/out.bin', 'wb').write(b'abc' * 1000)",
+                ]
+            },
         )
     finally:
         stop.set()
@@ -66,7 +76,9 @@ def test_success_writes_manifest_then_marker_last(tmp_path: Path) -> None:
 
 def test_child_failure_leaves_reason_and_no_marker(tmp_path: Path) -> None:
     rd = tmp_path / "run"
-    code = lifecycle.execute(rd, "exec", {"argv": [PY, "-c", "print('boom: bad thing'); raise SystemExit(5)"]})
+    code = lifecycle.execute(
+        rd, "exec", {"argv": [PY, "-c", "print('boom: bad thing'); raise SystemExit(5)"]}
+    )
     assert code == WorkerExit.ERROR
     failed = read_model(rd / names.RUN_FAILED, RunFailed).value
     assert "exited with code 5" in failed.reason and "boom: bad thing" in failed.reason
@@ -105,7 +117,9 @@ def test_sigterm_leaves_interrupted_reason(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
         [PY, "-m", "worker", "exec", "--run-dir", str(rd), "--", "sleep", "60"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
@@ -179,12 +193,16 @@ def test_real_disk_full_still_leaves_readable_reason(tmp_path: Path, child_exit:
     script = FILL.replace("EXIT", str(child_exit))
     inner = (
         f"mount -t tmpfs -o size=256k tmpfs {mnt} && "
-        f"PYTHONPATH={REPO} {PY} -m worker exec --run-dir {rd} -- {PY} -c \"$FILL\"; "
+        f'PYTHONPATH={REPO} {PY} -m worker exec --run-dir {rd} -- {PY} -c "$FILL"; '
         f"code=$?; df -k {mnt} | tail -1; cat {rd}/.run_failed; echo; echo EXIT=$code"
     )
     r = subprocess.run(
-        ["unshare", "-m", "sh", "-c", inner], env=dict(os.environ, FILL=script),
-        capture_output=True, text=True, timeout=120, check=False,
+        ["unshare", "-m", "sh", "-c", inner],
+        env=dict(os.environ, FILL=script),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     out = r.stdout
     assert "EXIT=1" in out, out + r.stderr

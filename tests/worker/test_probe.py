@@ -58,7 +58,10 @@ def test_structural_check_on_a_real_batch(tmp_path: Path, small_model: str, mode
     if mode == "full_bidir":
         assert code == WorkerExit.LEAKAGE
         failed = read_model(rd / names.RUN_FAILED, RunFailed).value
-        assert "label leakage" in failed.reason and "refusing to train with mask full_bidir" in failed.reason
+        assert (
+            "label leakage" in failed.reason
+            and "refusing to train with mask full_bidir" in failed.reason
+        )
         assert failed.error_type == "LeakageError" and not (rd / names.RUN_COMPLETE).exists()
         assert not (rd / "checkpoints").exists(), "trained before the guard"
     else:
@@ -69,7 +72,9 @@ def test_structural_check_on_a_real_batch(tmp_path: Path, small_model: str, mode
 
 def test_numeric_probe_stops_a_leaky_run(tmp_path: Path, small_model: str, leak_data: dict) -> None:  # noqa: F811
     rd = tmp_path / "r"
-    args = leak_args(small_model, leak_data, mask="full_bidir", structural_check=False, max_steps=LEAK_BOUND)
+    args = leak_args(
+        small_model, leak_data, mask="full_bidir", structural_check=False, max_steps=LEAK_BOUND
+    )
     code = lifecycle.execute(rd, "train", args)
     assert code == WorkerExit.LEAKAGE
     failed = read_model(rd / names.RUN_FAILED, RunFailed).value
@@ -78,14 +83,19 @@ def test_numeric_probe_stops_a_leaky_run(tmp_path: Path, small_model: str, leak_
     assert last["leak"] is True and not any(p["leak"] for p in ps[:-1])
     assert last["step"] <= LEAK_BOUND
     assert "label leakage" in failed.reason
-    assert f"{last['loss_mask']:.4f}" in failed.reason and f"{last['loss_causal']:.4f}" in failed.reason
+    assert (
+        f"{last['loss_mask']:.4f}" in failed.reason
+        and f"{last['loss_causal']:.4f}" in failed.reason
+    )
     assert last["loss_mask"] < 0.5 * last["loss_causal"]
     assert read_model(rd / names.STATUS, RunStatus).value.leak_flag is True
     assert not (rd / names.RUN_COMPLETE).exists()
 
 
 def test_allow_leaky_flags_continues_and_probe_cli_sees_it(
-    tmp_path: Path, small_model: str, leak_data: dict  # noqa: F811
+    tmp_path: Path,
+    small_model: str,  # noqa: F811
+    leak_data: dict,
 ) -> None:
     rd = tmp_path / "leaky"
     args = leak_args(small_model, leak_data, mask="full_bidir", allow_leaky=True, max_steps=70)
@@ -97,7 +107,12 @@ def test_allow_leaky_flags_continues_and_probe_cli_sees_it(
     assert read_model(rd / names.STATUS, RunStatus).value.leak_flag is True
 
     def run_probe(model: str, where: Path) -> dict[str, Any]:
-        pargs = {"model": model, "data": leak_data["eval_data"], "mask": "full_bidir", "samples": 16}
+        pargs = {
+            "model": model,
+            "data": leak_data["eval_data"],
+            "mask": "full_bidir",
+            "samples": 16,
+        }
         assert lifecycle.execute(where, "probe", pargs) == 0
         return json.loads((where / names.METRICS).read_text())
 
@@ -111,10 +126,19 @@ def test_allow_leaky_flags_continues_and_probe_cli_sees_it(
 
 @pytest.mark.parametrize(("mode", "steps"), [("prefix", 70), ("causal", 20)])
 def test_prefix_and_causal_runs_are_never_flagged(
-    tmp_path: Path, small_model: str, leak_data: dict, mode: str, steps: int  # noqa: F811
+    tmp_path: Path,
+    small_model: str,  # noqa: F811
+    leak_data: dict,
+    mode: str,
+    steps: int,
 ) -> None:
     rd = tmp_path / "r"
-    assert lifecycle.execute(rd, "train", leak_args(small_model, leak_data, mask=mode, max_steps=steps)) == 0
+    assert (
+        lifecycle.execute(
+            rd, "train", leak_args(small_model, leak_data, mask=mode, max_steps=steps)
+        )
+        == 0
+    )
     ps = probes(rd)
     assert len(ps) == steps // 10 and not any(p["leak"] for p in ps)
     assert all(p["ratio"] > 0.8 for p in ps)

@@ -25,7 +25,12 @@ from worker import lifecycle, tiny
 REPO = Path(__file__).resolve().parents[2]
 # A small Mistral with its own tokenizer, barely pre-trained: built once per test session.
 SMALL = tiny.TinySpec(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, steps=2, train_rows=300, batch_size=16
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    steps=2,
+    train_rows=300,
+    batch_size=16,
 )
 
 
@@ -34,7 +39,9 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tiny.ensure_built(SMALL, root=tmp_path_factory.getbasetemp() / "tiny-cache"))
 
 
-def random_sft(path: Path, n: int, seed: int, resp_words: int = 4, prompt_words: int = 1) -> dict[str, Any]:
+def random_sft(
+    path: Path, n: int, seed: int, resp_words: int = 4, prompt_words: int = 1
+) -> dict[str, Any]:
     """Prompt/response rows whose responses are random words: unpredictable causally, trivial
     to read off for a mask that shows them (the leak's signature). Returns the TaskSource."""
     rng = random.Random(seed)
@@ -50,8 +57,20 @@ def random_sft(path: Path, n: int, seed: int, resp_words: int = 4, prompt_words:
 def train_args(model: str, **over: Any) -> dict[str, Any]:
     args: dict[str, Any] = {
         "model": model,
-        "data": {"name": "recall", "source": "tiny:recall", "format": "sft", "split": "train", "limit": 160},
-        "eval_data": {"name": "recall-val", "source": "tiny:recall", "format": "sft", "split": "validation", "limit": 16},
+        "data": {
+            "name": "recall",
+            "source": "tiny:recall",
+            "format": "sft",
+            "split": "train",
+            "limit": 160,
+        },
+        "eval_data": {
+            "name": "recall-val",
+            "source": "tiny:recall",
+            "format": "sft",
+            "split": "validation",
+            "limit": 16,
+        },
         "mask": "prefix",
         "max_steps": 30,
         "batch_size": 8,
@@ -70,7 +89,11 @@ def train_args(model: str, **over: Any) -> dict[str, Any]:
 
 def step_losses(run_dir: Path) -> dict[int, float]:
     """Per-step training loss from events.jsonl (the last value wins for a replayed step)."""
-    return {e.step: e.data["loss"] for e in read_events(run_dir) if e.kind == "train" and e.step is not None}
+    return {
+        e.step: e.data["loss"]
+        for e in read_events(run_dir)
+        if e.kind == "train" and e.step is not None
+    }
 
 
 def summary_of(run_dir: Path) -> dict[str, Any]:
@@ -86,7 +109,13 @@ def test_loss_goes_down_and_run_is_complete(tmp_path: Path, small_model: str) ->
     first = sum(losses[i] for i in range(1, 6)) / 5
     last = sum(losses[i] for i in range(26, 31)) / 5
     assert last < 0.8 * first, (first, last)
-    for key in ("train_loss", "eval_loss", "train_steps_per_second", "train_runtime", "train_tokens_per_second"):
+    for key in (
+        "train_loss",
+        "eval_loss",
+        "train_steps_per_second",
+        "train_runtime",
+        "train_tokens_per_second",
+    ):
         assert isinstance(s[key], float) and math.isfinite(s[key]) and s[key] > 0, key
     assert s["mask"] == "prefix" and s["steps"] == 30 and s["structural_check"] == "passed"
     assert s["leak_flag"] is False and [p["step"] for p in s["probes"]] == [10, 20, 30]
@@ -112,13 +141,28 @@ def test_loss_goes_down_and_run_is_complete(tmp_path: Path, small_model: str) ->
 def _spawn_train(rd: Path, args: dict[str, Any]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(
-        [sys.executable, "-m", "worker", "train", "--run-dir", str(rd), "--args-json", json.dumps(args)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "train",
+            "--run-dir",
+            str(rd),
+            "--args-json",
+            json.dumps(args),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path: Path, small_model: str) -> None:
-    args = train_args(small_model, max_steps=24, save_every=4, keep_checkpoints=2, eval_every=8, probe_every=8)
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(
+    tmp_path: Path, small_model: str
+) -> None:
+    args = train_args(
+        small_model, max_steps=24, save_every=4, keep_checkpoints=2, eval_every=8, probe_every=8
+    )
     ref = tmp_path / "ref"
     assert lifecycle.execute(ref, "train", args) == 0
     expected = step_losses(ref)
@@ -162,7 +206,9 @@ def test_checkpoints_keep_last_k_with_meta(tmp_path: Path, small_model: str) -> 
     from worker import train
 
     rd = tmp_path / "r"
-    args = train_args(small_model, max_steps=9, save_every=2, keep_checkpoints=2, eval_every=100, probe_every=100)
+    args = train_args(
+        small_model, max_steps=9, save_every=2, keep_checkpoints=2, eval_every=100, probe_every=100
+    )
     proc = _spawn_train(rd, args)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
     events = [e for e in read_events(rd) if e.kind == "checkpoint"]
@@ -177,7 +223,14 @@ def test_checkpoints_keep_last_k_with_meta(tmp_path: Path, small_model: str) -> 
 def test_lr_schedule_shapes() -> None:
     from worker.train import lr_factor
 
-    assert [lr_factor(s, warmup=4, total=10, kind="constant") for s in range(6)] == [0.25, 0.5, 0.75, 1, 1, 1]
+    assert [lr_factor(s, warmup=4, total=10, kind="constant") for s in range(6)] == [
+        0.25,
+        0.5,
+        0.75,
+        1,
+        1,
+        1,
+    ]
     assert lr_factor(4, warmup=4, total=10, kind="cosine") == pytest.approx(1.0)
     assert lr_factor(7, warmup=4, total=10, kind="cosine") == pytest.approx(0.5)
     assert lr_factor(10, warmup=4, total=10, kind="cosine") == pytest.approx(0.0)
@@ -207,13 +260,15 @@ def test_batch_order_is_a_pure_function_and_shards_ranks() -> None:
         ("flash attention", "attn_implementation"),
     ],
 )
-def test_bad_input_fails_with_reason(tmp_path: Path, small_model: str, case: str, needle: str) -> None:
+def test_bad_input_fails_with_reason(
+    tmp_path: Path, small_model: str, case: str, needle: str
+) -> None:
     data = tmp_path / "d.jsonl"
     over: dict[str, Any] = {}
     if case == "unloadable model":
         bad = tmp_path / "not-a-model"
         bad.mkdir()
-        (bad / "config.json").write_text("{\"model_type\": \"no-such-architecture\"}")
+        (bad / "config.json").write_text('{"model_type": "no-such-architecture"}')
         over["model"] = str(bad)
     elif case == "schema mismatch":
         data.write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
