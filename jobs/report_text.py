@@ -224,6 +224,22 @@ def interpretation(d: ReportData) -> list[str]:
         out.append(
             f"Stage 1 scores {f(s1.macro_acc, 3)} against a chance level of {f(s1.chance, 3)}: {verdict} chance."
         )
+    if s1 and s1.chance is not None:
+        flat = [n for n, t in s1.tasks.items() if t.acc is not None and t.acc <= s1.chance + 0.1]
+        if flat:
+            out.append(
+                f"Under the causal mask the model is at or near chance on {', '.join(flat)}: it did not "
+                "learn that task, so its numbers (and any change in them) carry no signal."
+            )
+    s2 = d.stages.get("stage2")
+    if s1 and s2:
+        per = [
+            f"{n} {f(s2.tasks[n].acc - t.acc, 3, signed=True)}"  # type: ignore[operator]
+            for n, t in s1.tasks.items()
+            if n in s2.tasks and t.acc is not None and s2.tasks[n].acc is not None
+        ]
+        if per:
+            out.append(f"Per task, the bidirectional prompt changed accuracy by: {', '.join(per)}.")
     if m.delta is not None:
         if m.delta < -0.02:
             out.append(

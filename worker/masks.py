@@ -375,15 +375,22 @@ def verify_mask_path(model: torch.nn.Module, vocab_size: int | None = None) -> N
     finally:
         model.train(was_training)
     real = am.bool()
-    tol = 1e-3 if ours.dtype == torch.float32 else 5e-2
-    diff = (ours.float() - ref.float()).abs()[real].max().item()
-    if diff > tol:
+    diff = (ours.float() - ref.float()).abs()[real]
+    moved = (prefix.float() - ours.float())[:, :4].abs()
+    if ours.dtype == torch.float32:
+        tol = 1e-3 * (1.0 + ref.float().abs().max().item())  # deep models sum more rounding
+        bad_causal, bad_prefix = diff.max().item() > tol, moved.max().item() <= tol
+    else:
+        # bf16/fp16: kernels differ in rounding (the default path may take SDPA's is_causal
+        # flash kernel), so compare the causal mismatch with the size of a real mask change
+        bad_prefix = moved.mean().item() <= 1e-3
+        bad_causal = diff.mean().item() > 0.2 * max(moved.mean().item(), 1e-3)
+    if bad_causal:
         raise WorkerError(
             f"causal mask through the custom path differs from the model's own causal forward "
-            f"(max |diff| {diff:.3g}); the mask is not consumed as built"
+            f"(max |diff| {diff.max().item():.3g}); the mask is not consumed as built"
         )
-    moved = (prefix.float() - ours.float())[:, :4].abs().max().item()
-    if moved <= tol:
+    if bad_prefix:
         raise WorkerError(
             "prefix mask gave the same logits as causal at prompt positions: the model ignores "
             "the custom mask (silent causal fallback)"

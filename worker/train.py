@@ -244,7 +244,11 @@ class Dist:
 
     def _tensor(self, value: float | int, dtype: torch.dtype) -> torch.Tensor:
         # nccl reduces CUDA tensors only; gloo CPU ones.
-        dev = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        dev = (
+            torch.device("cuda", self.local_rank)
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
         return torch.tensor([value], dtype=dtype, device=dev)
 
     def mean(self, value: float) -> float:

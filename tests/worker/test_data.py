@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from state.errors import WorkerError
 from state.worker_config import TaskSource
@@ -166,7 +165,7 @@ def test_tiny_sources_are_deterministic_and_split() -> None:
     assert a == b and len(a) == 50
     assert all(len(e.choices) == 4 and e.choices[e.label].strip() in e.context for e in a)
     train = data.load_mc_task(src.model_copy(update={"split": "train"}))
-    assert {e.context for e in train}.isdisjoint({e.context for e in a}) or train != a
+    assert [e.context for e in train[:50]] != [e.context for e in a]  # its own random stream
     sft = data.load_sft(
         TaskSource(name="s", source="tiny:arith", format="sft", split="train", limit=20)
     )
@@ -248,4 +247,3 @@ def test_split_train_eval_is_seeded_and_disjoint() -> None:
     train, held = data.split_train_eval(items, 0.1, seed=3)
     assert len(held) == 10 and set(train).isdisjoint(held) and sorted(train + held) == items
     assert data.split_train_eval(items, 0.1, seed=3) == (train, held)
-    assert torch.tensor(0).item() == 0

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from state import names
 from state.models import RunStatus
 from state.protocol import read_events, read_model
@@ -16,6 +18,7 @@ from tests.worker.test_train import small_model, train_args  # noqa: F401 - fixt
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run(tmp_path: Path, small_model: str) -> None:  # noqa: F811
     rd = tmp_path / "ddp" / "r1"
     args = train_args(

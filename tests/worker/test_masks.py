@@ -227,6 +227,18 @@ def test_a_dropped_mask_is_caught_not_silently_causal(tiny_model_dir) -> None:
         masks.verify_mask_path(model)
 
 
+def test_runtime_check_passes_in_bf16(tiny_model_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    for impl in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, attn_implementation=impl, dtype=torch.bfloat16
+        )
+        masks.verify_mask_path(model)
+        eager = masks.build_mask(AM, PLENS, "prefix", impl, torch.bfloat16)
+        masks.check_no_leak(eager, PLENS, AM)
+
+
 def test_mask_built_for_another_implementation_is_refused(tiny_sdpa) -> None:
     ids, am, plens, _ = _batch(tiny_sdpa.tokenizer)
     with pytest.raises(WorkerError, match="runs 'sdpa'"):

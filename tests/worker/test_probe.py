@@ -70,6 +70,7 @@ def test_structural_check_on_a_real_batch(tmp_path: Path, small_model: str, mode
         assert s["structural_check"] == ("passed" if mode == "prefix" else "n/a (causal)")
 
 
+@pytest.mark.slow
 def test_numeric_probe_stops_a_leaky_run(tmp_path: Path, small_model: str, leak_data: dict) -> None:  # noqa: F811
     rd = tmp_path / "r"
     args = leak_args(
@@ -92,6 +93,7 @@ def test_numeric_probe_stops_a_leaky_run(tmp_path: Path, small_model: str, leak_
     assert not (rd / names.RUN_COMPLETE).exists()
 
 
+@pytest.mark.slow
 def test_allow_leaky_flags_continues_and_probe_cli_sees_it(
     tmp_path: Path,
     small_model: str,  # noqa: F811
@@ -124,6 +126,7 @@ def test_allow_leaky_flags_continues_and_probe_cli_sees_it(
     assert (tmp_path / "probe-after" / names.RUN_COMPLETE).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "steps"), [("prefix", 70), ("causal", 20)])
 def test_prefix_and_causal_runs_are_never_flagged(
     tmp_path: Path,

@@ -157,11 +157,12 @@ def _spawn_train(rd: Path, args: dict[str, Any]) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(
     tmp_path: Path, small_model: str
 ) -> None:
     args = train_args(
-        small_model, max_steps=24, save_every=4, keep_checkpoints=2, eval_every=8, probe_every=8
+        small_model, max_steps=16, save_every=4, keep_checkpoints=2, eval_every=8, probe_every=8
     )
     ref = tmp_path / "ref"
     assert lifecycle.execute(ref, "train", args) == 0
@@ -182,7 +183,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(
             proc.kill()
     assert not (rd / names.RUN_COMPLETE).exists(), "the run finished before the kill"
     killed_at = max(step_losses(rd))
-    assert killed_at < 24
+    assert killed_at < 16
 
     # A relaunch with a different config must refuse the checkpoint, not silently mix runs.
     code = lifecycle.execute(rd, "train", {**args, "lr": 1e-3})
@@ -193,10 +194,10 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(
     assert lifecycle.execute(rd, "train", args) == 0
     s = summary_of(rd)
     resumed_step = int(s["resumed_from"].split("-")[1])
-    assert resumed_step >= 4 and s["steps"] == 24
+    assert resumed_step >= 4 and s["steps"] == 16
     got = step_losses(rd)
-    assert sorted(got) == list(range(1, 25))
-    for step in range(1, 25):  # replayed steps and post-resume steps alike
+    assert sorted(got) == list(range(1, 17))
+    for step in range(1, 17):  # replayed steps and post-resume steps alike
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
     assert s["eval_loss"] == pytest.approx(summary_of(ref)["eval_loss"], rel=1e-6)
     assert s["train_loss"] == pytest.approx(summary_of(ref)["train_loss"], rel=1e-6)
@@ -209,8 +210,7 @@ def test_checkpoints_keep_last_k_with_meta(tmp_path: Path, small_model: str) -> 
     args = train_args(
         small_model, max_steps=9, save_every=2, keep_checkpoints=2, eval_every=100, probe_every=100
     )
-    proc = _spawn_train(rd, args)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    assert lifecycle.execute(rd, "train", args) == 0
     events = [e for e in read_events(rd) if e.kind == "checkpoint"]
     saved = [e.data["path"] for e in events if e.message.startswith("saved step")]
     assert saved == [f"checkpoints/step-{i}" for i in (2, 4, 6, 8)]
