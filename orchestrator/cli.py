@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pkgutil
 import sys
 
@@ -28,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run ML experiment stages on rented GPUs (Vast.ai), any ssh box, or this machine.",
     )
     parser.add_argument("--version", action="version", version=f"orch {__version__}")
-    parser.add_argument("--config", help="path to orch.toml (default: $ORCH_CONFIG, ./orch.toml, embedded default)")
-    parser.add_argument("--state-dir", help="controller state dir (default: $ORCH_STATE_DIR or ./.orch)")
+    parser.add_argument(
+        "--config", help="path to orch.toml (default: $ORCH_CONFIG, ./orch.toml, embedded default)"
+    )
+    parser.add_argument(
+        "--state-dir", help="controller state dir (default: $ORCH_STATE_DIR or ./.orch)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     import orchestrator.commands as commands_pkg
 

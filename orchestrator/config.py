@@ -39,17 +39,23 @@ class MonitorSettings(_Section):
     command_timeout_s: float = Field(15.0, gt=0)
     misfire_grace_s: float = Field(3600.0, gt=0, description="a laptop that slept still polls")
     unreachable_alert_after_s: float = Field(120.0, ge=0)
-    stale_after_s: float | None = Field(None, gt=0, description="override the stage's heartbeat limit")
+    stale_after_s: float | None = Field(
+        None, gt=0, description="override the stage's heartbeat limit"
+    )
     stop_on_timeout: bool = False
     pull_on_success: bool = True
     pull_on_failure: bool = False
     launch_next_stage: bool = False
-    provider_check_s: float = Field(60.0, gt=0, description="at most one provider call per instance per this")
+    provider_check_s: float = Field(
+        60.0, gt=0, description="at most one provider call per instance per this"
+    )
 
 
 class _TargetBase(_Section):
     workdir: str | None = None
-    python: str | None = Field(None, description="a ready interpreter on the target: skip bootstrap")
+    python: str | None = Field(
+        None, description="a ready interpreter on the target: skip bootstrap"
+    )
     monitor: MonitorSettings | None = None
     env: dict[str, str] = Field(default_factory=dict, description="non-secret env for runs")
     forward_env: list[str] = Field(
@@ -126,14 +132,29 @@ def _default_targets() -> dict[str, LocalTarget | SshTarget | VastTarget]:
 
 class ExperimentSettings(_Section):
     profile: str = "tiny"
-    overrides: dict[str, Any] = Field(default_factory=dict, description="per-key overrides for every stage")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="per-key overrides for every stage"
+    )
 
 
 class AlertSettings(_Section):
-    urls: list[str] = Field(default_factory=list, description="Apprise URLs; ${ENV} expanded at send time")
-    command: list[str] | None = Field(None, description="a local command hook; the alert JSON on stdin")
+    urls: list[str] = Field(
+        default_factory=list, description="Apprise URLs; ${ENV} expanded at send time"
+    )
+    command: list[str] | None = Field(
+        None, description="a local command hook; the alert JSON on stdin"
+    )
     on: list[str] = Field(
-        default_factory=lambda: ["succeeded", "failed", "crashed", "hung", "timed_out", "lost", "unreachable", "idle"],
+        default_factory=lambda: [
+            "succeeded",
+            "failed",
+            "crashed",
+            "hung",
+            "timed_out",
+            "lost",
+            "unreachable",
+            "idle",
+        ],
     )
     retry_max: int = Field(8, ge=0)
 
@@ -178,7 +199,7 @@ class OrchConfig(_Section):
                         targets[name] = {**t, "kind": "local"}
                     else:
                         raise ValueError(
-                            f"targets.{name}: missing `kind` (one of \"local\", \"ssh\", \"vast\")"
+                            f'targets.{name}: missing `kind` (one of "local", "ssh", "vast")'
                         )
             data = {**data, "targets": targets}
         return data
@@ -225,7 +246,9 @@ def _format_validation(exc: ValidationError, where: str) -> str:
     return f"{where}: {loc or '(top level)'}: {msg}{more}"
 
 
-def find_config_path(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Path | None:
+def find_config_path(
+    explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None
+) -> Path | None:
     if explicit:
         return Path(explicit)
     env = os.environ.get("ORCH_CONFIG")
@@ -242,7 +265,9 @@ def parse_config(data: dict[str, Any], where: str = "embedded default") -> OrchC
         raise ConfigError(_format_validation(exc, where)) from exc
 
 
-def load_config(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> OrchConfig:
+def load_config(
+    explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None
+) -> OrchConfig:
     """Load and validate orch.toml (or the embedded default when there is none)."""
     path = find_config_path(explicit, cwd)
     if path is None:
@@ -250,7 +275,9 @@ def load_config(explicit: str | os.PathLike[str] | None = None, cwd: Path | None
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist", hint="fix --config / ORCH_CONFIG") from exc
+        raise ConfigError(
+            f"config file {path} does not exist", hint="fix --config / ORCH_CONFIG"
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     cfg = parse_config(data, str(path))

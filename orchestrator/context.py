@@ -15,7 +15,9 @@ from state.store import Store
 class Context:
     """What every command needs. Nothing is opened until it is used."""
 
-    def __init__(self, config_path: str | None = None, state_dir: str | None = None, cwd: Path | None = None):
+    def __init__(
+        self, config_path: str | None = None, state_dir: str | None = None, cwd: Path | None = None
+    ):
         self._config_path = config_path
         self._state_dir = state_dir
         self.cwd = (cwd or Path.cwd()).resolve()

@@ -60,4 +60,6 @@ def new_run_id(now: datetime | None = None, suffix: str | None = None) -> str:
 
 def session_name(stage: str, run_id: str) -> str:
     """The tmux session of a run: `orch-<stage>-<run_id>` (validated)."""
-    return check_name(f"orch-{check_name(stage, 'stage')}-{check_name(run_id, 'run id')}", "tmux session")
+    return check_name(
+        f"orch-{check_name(stage, 'stage')}-{check_name(run_id, 'run id')}", "tmux session"
+    )

@@ -154,8 +154,16 @@ def sha256_file(path: str | os.PathLike[str], bufsize: int = 1 << 20) -> str:
 
 # Files that describe the run rather than being its artifacts: they keep changing (or are the
 # markers themselves), so the manifest does not list them.
-_NOT_IN_MANIFEST = {names.MANIFEST, names.RUN_COMPLETE, names.RUN_FAILED, names.STATUS,
-                    names.EXIT_CODE, names.STDOUT, names.EVENTS, names.PID}
+_NOT_IN_MANIFEST = {
+    names.MANIFEST,
+    names.RUN_COMPLETE,
+    names.RUN_FAILED,
+    names.STATUS,
+    names.EXIT_CODE,
+    names.STDOUT,
+    names.EVENTS,
+    names.PID,
+}
 
 
 def build_manifest(run_dir: str | os.PathLike[str], run_id: str) -> Manifest:
@@ -194,11 +202,15 @@ def verify_manifest(
         size = p.stat().st_size
         if size != entry.size:
             raise VerifyError(
-                f"{p}: size {size} != manifest {entry.size}", hint="pull again; if it repeats, the file changed on the box"
+                f"{p}: size {size} != manifest {entry.size}",
+                hint="pull again; if it repeats, the file changed on the box",
             )
         digest = sha256_file(p)
         if digest != entry.sha256:
-            raise VerifyError(f"{p}: sha256 differs from manifest", hint="pull again; if it repeats, the file changed on the box")
+            raise VerifyError(
+                f"{p}: sha256 differs from manifest",
+                hint="pull again; if it repeats, the file changed on the box",
+            )
         checked += 1
     return checked
 

@@ -127,11 +127,31 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _RUN_COLUMNS = frozenset(RunRecord.model_fields) - {"run_id", "stage_dir"}
 _TARGET_COLUMNS = frozenset(
-    {"kind", "reachable", "unreachable_since", "last_seen_at", "last_obs_json", "bootstrap_hash", "python"}
+    {
+        "kind",
+        "reachable",
+        "unreachable_since",
+        "last_seen_at",
+        "last_obs_json",
+        "bootstrap_hash",
+        "python",
+    }
 )
 _INSTANCE_COLUMNS = frozenset(
-    {"target", "label", "state", "dph", "gpu_name", "num_gpus", "ssh_host", "ssh_port",
-     "running_since", "destroyed_at", "last_checked_at", "info_json"}
+    {
+        "target",
+        "label",
+        "state",
+        "dph",
+        "gpu_name",
+        "num_gpus",
+        "ssh_host",
+        "ssh_port",
+        "running_since",
+        "destroyed_at",
+        "last_checked_at",
+        "info_json",
+    }
 )
 
 
@@ -156,7 +176,9 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            self.path, timeout=30, check_same_thread=False, isolation_level=None
+        )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=30000")
@@ -253,14 +275,18 @@ class Store:
     def delete_run(self, stage_dir: str, run_id: str) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM runs WHERE stage_dir = ? AND run_id = ?", (stage_dir, run_id))
-            db.execute("DELETE FROM phase_history WHERE stage_dir = ? AND run_id = ?", (stage_dir, run_id))
+            db.execute(
+                "DELETE FROM phase_history WHERE stage_dir = ? AND run_id = ?", (stage_dir, run_id)
+            )
 
     @staticmethod
     def _run(row: sqlite3.Row) -> RunRecord:
         return RunRecord.model_validate(dict(row))
 
     def get_run(self, stage_dir: str, run_id: str) -> RunRecord | None:
-        rows = self.query("SELECT * FROM runs WHERE stage_dir = ? AND run_id = ?", (stage_dir, run_id))
+        rows = self.query(
+            "SELECT * FROM runs WHERE stage_dir = ? AND run_id = ?", (stage_dir, run_id)
+        )
         return self._run(rows[0]) if rows else None
 
     def list_runs(
@@ -300,7 +326,9 @@ class Store:
         if ref.endswith(":latest"):
             runs = self.list_runs(stage=ref[: -len(":latest")], limit=1)
             if not runs:
-                raise StageError(f"no runs of stage {ref[:-7]!r} recorded", hint="see `orch status`")
+                raise StageError(
+                    f"no runs of stage {ref[:-7]!r} recorded", hint="see `orch status`"
+                )
             return runs[0]
         if "/" in ref:
             stage_dir, _, run_id = ref.partition("/")
@@ -313,7 +341,9 @@ class Store:
             raise StageError(f"no run {ref!r} in the store", hint="see `orch status` for run ids")
         if len(rows) > 1:
             keys = ", ".join(f"{r['stage_dir']}/{r['run_id']}" for r in rows)
-            raise StageError(f"run id {ref!r} is ambiguous: {keys}", hint="name it as stage_dir/run_id")
+            raise StageError(
+                f"run id {ref!r} is ambiguous: {keys}", hint="name it as stage_dir/run_id"
+            )
         return self._run(rows[0])
 
     def phase_history(self, stage_dir: str, run_id: str) -> list[tuple[str, str, str]]:
@@ -370,7 +400,10 @@ class Store:
             return int(cur.lastrowid) if cur.rowcount and cur.lastrowid is not None else None
 
     def undelivered_alerts(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.query("SELECT * FROM alerts WHERE delivered_at IS NULL ORDER BY id")]
+        return [
+            dict(r)
+            for r in self.query("SELECT * FROM alerts WHERE delivered_at IS NULL ORDER BY id")
+        ]
 
     def mark_alert(self, alert_id: int, *, delivered: bool, error: str = "") -> None:
         with self.tx() as db:
@@ -380,7 +413,9 @@ class Store:
             )
 
     def recent_alerts(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.query("SELECT * FROM alerts ORDER BY id DESC LIMIT ?", (limit,))]
+        return [
+            dict(r) for r in self.query("SELECT * FROM alerts ORDER BY id DESC LIMIT ?", (limit,))
+        ]
 
     # -- instances (providers) ---------------------------------------------------------------
     def upsert_instance(self, provider: str, instance_id: str, target: str, **fields: Any) -> None:

@@ -41,7 +41,9 @@ class TaskSource(_Args):
 
 
 class _ModelArgs(_Args):
-    model: str = Field("tiny://default", description="hub id, local dir, tiny://NAME, or a checkpoint dir")
+    model: str = Field(
+        "tiny://default", description="hub id, local dir, tiny://NAME, or a checkpoint dir"
+    )
     tokenizer: str | None = None
     revision: str | None = None
     attn_implementation: AttnImpl = "sdpa"
@@ -85,7 +87,9 @@ class TrainArgs(_ModelArgs):
     log_every: int = Field(1, ge=1)
     probe_every: int = Field(50, ge=1)
     probe_batch_size: int = Field(8, ge=1)
-    leak_ratio: float = Field(0.5, gt=0, lt=1, description="flag when mask loss < ratio * causal loss")
+    leak_ratio: float = Field(
+        0.5, gt=0, lt=1, description="flag when mask loss < ratio * causal loss"
+    )
     structural_check: bool = Field(
         True, description="guard (a) before training; false only to test the numeric probe alone"
     )

@@ -21,14 +21,18 @@ def require_tools(*tools: str) -> None:
     """Skip locally, fail in CI, when a system tool the test needs is missing."""
     missing = [t for t in tools if (find_sshd() if t == "sshd" else shutil.which(t)) is None]
     if missing:
-        msg = f"missing system tools: {', '.join(missing)} (run scripts/test.sh, which installs them)"
+        msg = (
+            f"missing system tools: {', '.join(missing)} (run scripts/test.sh, which installs them)"
+        )
         if IN_CI:
             pytest.fail(msg)
         pytest.skip(msg)
 
 
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))

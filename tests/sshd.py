@@ -91,12 +91,19 @@ class SshServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sshd exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                raise RuntimeError(
+                    f"sshd exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=0.5) as s,
+            ):
                 if s.recv(4).startswith(b"SSH-"):
                     return
             time.sleep(0.05)
-        raise RuntimeError(f"sshd did not answer on port {self.port}: {self.log.read_text()[-2000:]}")
+        raise RuntimeError(
+            f"sshd did not answer on port {self.port}: {self.log.read_text()[-2000:]}"
+        )
 
     def stop(self) -> None:
         """Stop the listener and every connection child."""
@@ -117,7 +124,9 @@ class SshServer:
         """PIDs of the per-connection sshd processes (children of the listener)."""
         if self.proc is None:
             return []
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
+        )
         return [int(p) for p in out.stdout.split()]
 
     def signal_connections(self, sig: int) -> list[int]:
@@ -135,7 +144,9 @@ class SshServer:
         keygen(self.host_key)
         self.start()
 
-    def toml(self, name: str = "box", workdir: Path | None = None, known_hosts: Path | None = None) -> str:
+    def toml(
+        self, name: str = "box", workdir: Path | None = None, known_hosts: Path | None = None
+    ) -> str:
         """A `[targets.NAME]` section for orch.toml pointing at this server."""
         lines = [
             f"[targets.{name}]",

@@ -85,13 +85,26 @@ class Target(abc.ABC):
     def get_file(self, remote_path: str, local_path: Path) -> None: ...
 
     @abc.abstractmethod
-    def sync_up(self, local_dir: Path, remote_dir: str, *, excludes: list[str], delete: bool = True,
-                filter_files: list[Path] | None = None) -> SyncStats:
+    def sync_up(
+        self,
+        local_dir: Path,
+        remote_dir: str,
+        *,
+        excludes: list[str],
+        delete: bool = True,
+        filter_files: list[Path] | None = None,
+    ) -> SyncStats:
         """Mirror a local tree onto the target (rsync; only changed data moves)."""
 
     @abc.abstractmethod
-    def sync_down(self, remote_dir: str, local_dir: Path, *, excludes: list[str] | None = None,
-                  timeout: float | None = None) -> SyncStats:
+    def sync_down(
+        self,
+        remote_dir: str,
+        local_dir: Path,
+        *,
+        excludes: list[str] | None = None,
+        timeout: float | None = None,
+    ) -> SyncStats:
         """Copy a remote tree down with partial-resume (`--partial-dir`), never deleting locally."""
 
     @abc.abstractmethod

@@ -29,10 +29,21 @@ def test_observe_run_dir(tmp_path: Path) -> None:
     (rd / names.EXIT_CODE).write_text("0")
     (rd / names.RUN_COMPLETE).write_text("{}")
     (rd / names.PID).write_text("999999999")
-    answer, _ = handle(str(tmp_path), json.dumps({"op": "observe", "runs": [
-        {"run_dir": "runs/stage1_baseline_eval/20260101-000000", "session": "orch-stage1-x"},
-        {"run_dir": "runs/none/20260101-000001"},
-    ]}))
+    answer, _ = handle(
+        str(tmp_path),
+        json.dumps(
+            {
+                "op": "observe",
+                "runs": [
+                    {
+                        "run_dir": "runs/stage1_baseline_eval/20260101-000000",
+                        "session": "orch-stage1-x",
+                    },
+                    {"run_dir": "runs/none/20260101-000001"},
+                ],
+            }
+        ),
+    )
     obs = TargetObservation.model_validate_json(answer)
     a, b = obs.runs
     assert a.status is not None and a.status.seq == 4 and a.complete and a.exit_code == 0
@@ -44,7 +55,10 @@ def test_observe_run_dir(tmp_path: Path) -> None:
 def test_agent_process_lines(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "state.agent", "--workdir", str(tmp_path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     assert proc.stdin and proc.stdout
     assert json.loads(proc.stdout.readline())["ready"] is True

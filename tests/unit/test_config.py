@@ -48,7 +48,10 @@ workdir = "/root/orch-work"
 @pytest.mark.parametrize(
     ("text", "expect"),
     [
-        ("[targets.box]\nkind = 'ssh'\nhost = 'h'\nprot = 22\n", r"targets\.box\.ssh\.prot: unknown key"),
+        (
+            "[targets.box]\nkind = 'ssh'\nhost = 'h'\nprot = 22\n",
+            r"targets\.box\.ssh\.prot: unknown key",
+        ),
         ("[targets.box]\nkind = 'ssh'\n", r"host: Field required"),
         ("[targets.box]\nkind = 'kubernetes'\n", r"targets\.box"),
         ("[targets.box]\nkind = 'ssh'\nhost = 'h'\nport = 99999\n", r"port"),

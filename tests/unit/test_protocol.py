@@ -125,7 +125,9 @@ def test_exit_code_reader(tmp_path: Path) -> None:
     assert read_exit_code(tmp_path) is None
 
 
-@pytest.mark.parametrize("bad", ["", "a b", "x;rm -rf /", "$(id)", "../up", "a" * 65, ".", "..", "é"])
+@pytest.mark.parametrize(
+    "bad", ["", "a b", "x;rm -rf /", "$(id)", "../up", "a" * 65, ".", "..", "é"]
+)
 def test_check_name_rejects_metacharacters(bad: str) -> None:
     with pytest.raises(ConfigError, match="invalid"):
         names.check_name(bad)

@@ -14,11 +14,20 @@ from state.phases import Phase
 from state.store import SCHEMA_VERSION, Store
 
 
-def rec(run_id: str, stage: str = "stage1", stage_dir: str = "stage1_baseline_eval", **kw) -> RunRecord:
+def rec(
+    run_id: str, stage: str = "stage1", stage_dir: str = "stage1_baseline_eval", **kw
+) -> RunRecord:
     now = datetime.now(timezone.utc)
     base = dict(
-        run_id=run_id, stage=stage, stage_dir=stage_dir, target="local", phase=Phase.PENDING,
-        session=f"orch-{stage}-{run_id}", run_dir=f"runs/{stage_dir}/{run_id}", created_at=now, updated_at=now,
+        run_id=run_id,
+        stage=stage,
+        stage_dir=stage_dir,
+        target="local",
+        phase=Phase.PENDING,
+        session=f"orch-{stage}-{run_id}",
+        run_dir=f"runs/{stage_dir}/{run_id}",
+        created_at=now,
+        updated_at=now,
     )
     base.update(kw)
     return RunRecord(**base)

@@ -44,8 +44,21 @@ def test_bf16_prefix_training_on_gpu(tmp_path: Path, tiny_model_dir: Path) -> No
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, "-m", "worker", "train", "--run-dir", str(run_dir), "--args-json", json.dumps(args)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "train",
+            "--run-dir",
+            str(run_dir),
+            "--args-json",
+            json.dumps(args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -80,7 +93,9 @@ def test_mask_forms_agree_on_cuda(tiny_model_dir: Path, mode: str) -> None:
     logits = {}
     for impl in ("eager", "sdpa", "flex_attention"):
         loaded = modeling.load(
-            EvalArgs(model=str(tiny_model_dir), attn_implementation=impl, device="cuda", dtype="float32")
+            EvalArgs(
+                model=str(tiny_model_dir), attn_implementation=impl, device="cuda", dtype="float32"
+            )
         )
         with torch.no_grad():
             logits[impl] = masks.forward(loaded.model, ids, am, prompt_lens, mode).float()
