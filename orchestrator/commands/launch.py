@@ -18,7 +18,11 @@ def register(sub: Any) -> None:
         help="start a stage on a target (sync code, bootstrap, tmux)",
         description="Start STAGE on a target in a detached tmux session and record the run.",
     )
-    p.add_argument("stage", metavar="STAGE", help="stage name (see `orch stages`)")
+    p.add_argument(
+        "stage",
+        metavar="STAGE",
+        help="stage name (see `orch stages`), or `all` for the whole study",
+    )
     p.add_argument("--target", "-t", help="target name from orch.toml (default: default_target)")
     p.add_argument(
         "--profile", help="experiment profile (default: [experiment] profile, else tiny)"
@@ -66,6 +70,15 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
     overrides = ov.parse_assignments(args.overrides)
     profile = args.profile or ctx.config.experiment.profile
     shared = ctx.config.experiment.overrides
+    if args.stage == "all":  # `orch launch all` = `orch run-all` on the chosen target
+        from orchestrator.pipeline_runner import run_stages
+
+        recs = run_stages(
+            ctx, ["all"], targets=[args.target] if args.target else None,
+            overrides=overrides, profile=profile,
+        )  # fmt: skip
+        ctx.console.print(f"[green]study done[/]: {len(recs)} run(s)")
+        return 0
     if args.with_deps:
         from orchestrator.pipeline_runner import run_stages
 
