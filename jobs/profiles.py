@@ -49,14 +49,17 @@ class Profile(BaseModel):
 # worker/tiny.py trains on its synthetic tasks when first built, then caches) and those tasks,
 # 4 choices each (chance 0.25): `recall` (key-value recall, the task where prompt tokens must
 # find each other), `arith` (addition facts) and `succ` (next number in a run). SFT uses
-# `recall`'s prompt/response rows. Measured here (see the report to the lead): SFT on `arith`
-# under the prefix mask trips the worker's numeric leakage probe at step 25 (loss 0.18 under
-# the prefix mask vs 1.32 causal on the same weights): the prefix-trained weights come to rely
-# on bidirectional prompt attention, which the loss-ratio probe cannot tell from a leak (the
-# structural check passed). `recall` does not trip it. Sizes keep the whole study (7 worker
-# stages) to minutes on a 2-core CPU.
+# `arith`'s prompt/response rows: the tiny model learned `arith` and `succ` in pre-training but
+# never learned `recall`, and `arith` is where the prefix mask costs accuracy before
+# fine-tuning (measured: 1.00 causal -> 0.775 prefix), so it is the task where stage 3B has
+# something to recover. Prefix-LM SFT on `arith` also makes the weights rely on bidirectional
+# prompt attention: their causal loss rises while the prefix loss falls (measured: ratio 0.15
+# at step 30), which the old loss-ratio leakage rule took for a leak and stopped the run at
+# step 25. The worker's probe now decides by a counterfactual (do the predictions of labels
+# change when later tokens do? see worker/probe.py), which is exactly 0 for prefix and causal.
+# Sizes keep the whole study (7 worker stages) to minutes on a 2-core CPU.
 TINY_TASKS = ("recall", "arith", "succ")
-TINY_SFT_TASK = "recall"
+TINY_SFT_TASK = "arith"
 
 TINY = Profile(
     name="tiny",
@@ -107,6 +110,11 @@ TINY = Profile(
 # --- ministral-3b: the real study --------------------------------------------------------
 # Mistral's Ministral 3 3B base model (3.4B language model + 0.4B vision encoder, BF16 weights,
 # Apache-2.0): https://huggingface.co/mistralai/Ministral-3-3B-Base-2512
+# The checkpoint is a vision+text `Mistral3ForConditionalGeneration` (model_type "mistral3"; text
+# decoder "ministral3": 26 layers, hidden 3072, 32/8 heads, YaRN rope, tied embeddings), which
+# AutoModelForCausalLM refuses: the worker loads its text decoder alone as Ministral3ForCausalLM
+# (worker.modeling), so stage 3's checkpoints/final is a plain causal LM that stage 4 loads.
+# Tested on a tiny local replica in tests/worker/test_ministral_loading.py.
 MINISTRAL_3B_ID = "mistralai/Ministral-3-3B-Base-2512"
 
 MINISTRAL_3B = Profile(
@@ -160,6 +168,10 @@ MINISTRAL_3B = Profile(
         limit=256,
     ),
     train={
+        # fp32 master weights, bf16 compute: the trainer autocasts to bf16 on CUDA when the weights
+        # are fp32. AdamW on bf16 weights silently drops updates smaller than bf16's resolution,
+        # which at lr 1e-5 is most of them.
+        "dtype": "float32",
         "max_steps": 2000,
         "batch_size": 8,
         "grad_accum": 4,
@@ -176,8 +188,9 @@ MINISTRAL_3B = Profile(
         "probe_batch_size": 4,
         "gradient_checkpointing": True,
     },
-    # Full fine-tuning of 3.4B parameters in bf16 with AdamW needs ~12 bytes/param before
-    # activations: an 80 GB card (A100/H100). Evaluation fits a 24 GB card.
+    # Full fine-tuning of 3.4B parameters with fp32 weights, grads and AdamW state needs
+    # ~16 bytes/param (~55 GB) before activations (checkpointed): an 80 GB card (A100/H100).
+    # Evaluation in bf16 fits a 24 GB card.
     eval_resources=Resources(gpus=1, min_gpu_ram_gb=24),
     train_resources=Resources(gpus=1, min_gpu_ram_gb=80),
     eval_timeout_s=9 * 3600,

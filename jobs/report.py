@@ -82,6 +82,10 @@ class LeakProbe:
     ratio: float | None
     flagged: bool | None
     step: int | None = None
+    #: The counterfactual test: loss change and max |logit change| at label positions when the
+    #: tokens after a cut are replaced (0 for a leak-free mask, whatever the weights learned).
+    future_sensitivity: float | None = None
+    max_logit_diff: float | None = None
 
 
 @dataclass
@@ -235,7 +239,14 @@ def _probe_from(
         ratio = leak_ratio(loss_mask, loss_causal).value
     flag = data.get("leak", data.get("flagged", data.get("leak_flag")))
     return LeakProbe(
-        mask, loss_mask, loss_causal, ratio, flag if isinstance(flag, bool) else None, step
+        mask,
+        loss_mask,
+        loss_causal,
+        ratio,
+        flag if isinstance(flag, bool) else None,
+        step,
+        future_sensitivity=_first(data, "future_sensitivity"),
+        max_logit_diff=_first(data, "max_logit_diff"),
     )
 
 

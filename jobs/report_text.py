@@ -147,6 +147,8 @@ def _probe_rows(s: StageResult) -> list[list[str]]:
                 f(p.loss_mask),
                 f(p.loss_causal),
                 f(p.ratio, 3),
+                f(p.future_sensitivity, 3),
+                f(p.max_logit_diff, 4),
                 flag,
             ]
         )
@@ -167,14 +169,35 @@ def leakage(d: ReportData) -> list[str]:
                     "-",
                     "-",
                     "-",
+                    "-",
+                    "-",
                     "not run" if s is None else "no probe recorded",
                 ]
             )
     return [
-        "Loss under the training mask vs causal loss, same weights and samples. A ratio far below 1 "
-        "means the mask lets tokens see what they must predict (the seed saw 0.070 vs 1.023).",
+        "Two measurements on a fixed held-out batch, same weights. (1) The seed's: loss under the "
+        "training mask vs causal loss (it saw 0.070 vs 1.023 on its leaky run). A low ratio is not "
+        "proof of a leak: weights fine-tuned as a prefix LM come to rely on the bidirectional prompt, "
+        "so their causal loss rises while their prefix loss falls. (2) The guard's verdict, the "
+        "counterfactual: replace the tokens after a cut point and re-run under the training mask; "
+        "predictions of labels before the cut may not change under a leak-free mask (max |logit "
+        "change| 0), whatever the weights learned. *future sens.* is the loss change (nats) at those "
+        "positions: positive once the weights exploit a leak.",
         "",
-        *_table(["run", "probe", "mask", "loss under mask", "causal loss", "ratio", "guard"], rows),
+        *_table(
+            [
+                "run",
+                "probe",
+                "mask",
+                "loss under mask",
+                "causal loss",
+                "ratio",
+                "future sens.",
+                "max |logit change|",
+                "guard",
+            ],
+            rows,
+        ),  # fmt: skip
     ]
 
 
@@ -294,7 +317,13 @@ def interpretation(d: ReportData) -> list[str]:
                 "size and step count the weights had not yet learned to exploit the mask"
             )
         if safe and safe.probes and safe.probes[-1].ratio is not None:
-            text += f", while the `prefix` run's ratio is {f(safe.probes[-1].ratio, 3)}"
+            sp = safe.probes[-1]
+            text += f", while the `prefix` run's ratio is {f(sp.ratio, 3)}"
+            if sp.max_logit_diff is not None:
+                text += (
+                    f" with its predictions unchanged when later tokens are replaced (max |logit "
+                    f"change| {f(sp.max_logit_diff, 4)}): a low ratio there is adaptation, not leakage"
+                )
         if collapsed:
             text += ". This is the seed's invalid 3B objective, reproduced on purpose and caught"
         out.append(text + ".")

@@ -88,7 +88,11 @@ class TrainArgs(_ModelArgs):
     probe_every: int = Field(50, ge=1)
     probe_batch_size: int = Field(8, ge=1)
     leak_ratio: float = Field(
-        0.5, gt=0, lt=1, description="flag when mask loss < ratio * causal loss"
+        0.5,
+        gt=0,
+        lt=1,
+        description="reported only: whether mask loss < ratio * causal loss (the seed's rule); "
+        "the leak verdict is the counterfactual (worker.probe)",
     )
     structural_check: bool = Field(
         True, description="guard (a) before training; false only to test the numeric probe alone"
@@ -99,7 +103,8 @@ class TrainArgs(_ModelArgs):
 
 
 class ProbeArgs(_ModelArgs):
-    """`python -m worker probe`: loss under a mask vs causal loss, same weights and samples."""
+    """`python -m worker probe`: loss under a mask vs causal loss, and the counterfactual (do
+    the predictions of labels change when later tokens do?), same weights and samples."""
 
     data: TaskSource
     mask: MaskMode = MaskMode.PREFIX

@@ -28,7 +28,7 @@ from state.worker_config import ARGS_BY_COMMAND
 DESCRIPTIONS = {
     "eval": "multiple-choice log-likelihood evaluation (acc, acc_norm) -> metrics.json",
     "train": "completion-only SFT with a mask mode, checkpoints, resume, leakage guard -> summary.json",
-    "probe": "leakage probe: loss under a mask vs causal loss, same weights/samples -> metrics.json",
+    "probe": "leakage probe: loss under a mask vs causal loss, and the counterfactual (do predictions change when later tokens are replaced?) -> metrics.json",
 }
 
 

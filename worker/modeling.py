@@ -1,6 +1,12 @@
 """Load a causal LM and its tokenizer: a hub id, a local directory, a checkpoint directory, or
 `tiny://NAME` (built offline by `worker.tiny`).
 
+A vision+text checkpoint whose text decoder is a causal LM (Ministral 3: `Mistral3ForConditional
+Generation`, model_type `mistral3` with a `ministral3` text_config, which `AutoModelForCausalLM`
+refuses) is loaded text-only: its decoder and LM head become a plain `<Text>ForCausalLM`, so the
+masks, the trainer and `save_pretrained` see an ordinary causal LM, and a fine-tuned checkpoint
+saved from it loads back through `AutoModelForCausalLM`.
+
 Device and dtype come from the run's args (`auto` = CUDA and bf16 when there is a GPU, else CPU
 and fp32); the attention implementation is set at load time and checked against what a custom
 mask needs (`worker.masks.check_impl`). Every failure is a WorkerError that says what to do.
@@ -84,7 +90,14 @@ def resolve_model_path(model: str) -> str:
 
 
 def arch_signature(config: Any) -> dict[str, Any]:
-    """The architecture-defining fields of a config (object or dict), for comparisons."""
+    """The architecture-defining fields of a config (object or dict), for comparisons; of its
+    text decoder's config when it has one (a vision+text checkpoint is compared with the text-only
+    checkpoints fine-tuned from it)."""
+    text = config.get("text_config") if isinstance(config, dict) else None
+    if isinstance(config, dict):
+        config = text if isinstance(text, dict) else config
+    elif hasattr(config, "get_text_config"):
+        config = config.get_text_config()
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     return {k: get(k, None) for k in ARCH_FIELDS if get(k, None) is not None}
 
@@ -146,10 +159,16 @@ def load(
         ) from exc
     if expected_config is not None:
         check_config_matches(config, expected_config, f"model {args.model!r}")
+    model: Any
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=args.attn_implementation, **common
-        )
+        if _is_causal_lm_config(config):
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=args.attn_implementation, **common
+            )
+        else:
+            model = _load_text_only(path, config, dtype, args.attn_implementation, common)
+    except WorkerError:
+        raise
     except Exception as exc:
         raise WorkerError(
             f"cannot load model {args.model!r} with attn_implementation="
@@ -192,6 +211,72 @@ def load_model_and_tokenizer(
     """(model in eval mode, tokenizer, device): `load` for evaluation and the probe."""
     loaded = load(args, expected_config=expected_config)
     return loaded.model, loaded.tokenizer, loaded.device
+
+
+def _is_causal_lm_config(config: Any) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+
+
+def _load_text_only(
+    path: str, config: Any, dtype: torch.dtype, impl: str, common: dict[str, Any]
+) -> Any:
+    """The text decoder of a vision+text checkpoint as a plain causal LM.
+
+    transformers' own class loads the checkpoint (so its weight-name conversions apply, whatever
+    layout the files use); its decoder and LM head are then moved, not copied, into the causal
+    LM class of the text config (built on the meta device: no second set of weights), and the
+    vision tower is dropped.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
+    model_type = getattr(config, "model_type", "?")
+    if (
+        text_config is None
+        or text_config is config
+        or not _is_causal_lm_config(text_config)
+        or type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    ):
+        raise WorkerError(
+            f"model type {model_type!r} is neither a causal LM nor a vision+text model with a "
+            "causal-LM text decoder",
+            hint="use a decoder-only causal LM (Llama/Mistral family) or a Mistral3-style "
+            "checkpoint",
+        )
+    full = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, attn_implementation=impl, **common
+    )
+    decoder: Any = full.get_decoder()
+    head: Any = full.get_output_embeddings()
+    text_config = full.config.get_text_config()
+    with torch.device("meta"):
+        causal = AutoModelForCausalLM.from_config(text_config, attn_implementation=impl)
+    prefix = causal.base_model_prefix
+    have, want = type(decoder), type(getattr(causal, prefix, None))
+    if have is not want or head is None:
+        raise WorkerError(
+            f"cannot take the text decoder out of {type(full).__name__}: its decoder is "
+            f"{have.__name__}, not the {want.__name__} of {type(causal).__name__}"
+        )
+    setattr(causal, prefix, decoder)
+    causal.lm_head = head
+    # one config object, the one the decoder's layers read (attention implementation included)
+    causal.config = decoder.config
+    tied = head.weight is decoder.get_input_embeddings().weight
+    causal.config.tie_word_embeddings = tied  # saved checkpoints must tie exactly as loaded
+    causal.config.architectures = [type(causal).__name__]
+    causal.generation_config = full.generation_config
+    left = [n for n, t in [*causal.named_parameters(), *causal.named_buffers()] if t.is_meta]
+    if left:
+        raise WorkerError(
+            f"text-only load of {type(full).__name__} left {len(left)} tensors unloaded "
+            f"({', '.join(left[:3])})"
+        )
+    causal.name_or_path = full.name_or_path
+    return causal
 
 
 def _one_line(exc: BaseException) -> str:

@@ -66,7 +66,8 @@ class RunState:
     loss: float | None = None
     unreachable_since: datetime | None = None
     unreachable_alerted: bool = False
-    gone_since: datetime | None = None  # first poll that saw neither process nor session
+    # first poll that saw neither process nor session, or a .run_failed with no exit code yet
+    gone_since: datetime | None = None
     cancel_requested: bool = False
 
     @property
@@ -263,6 +264,12 @@ def transition(
         # Marker but no exit code yet: the wrapper is about to write it; wait for the grace.
 
     if obs.failed_marker:
+        if code is None and gone is False:
+            # The worker wrote its reason and is exiting: give the wrapper a moment to record
+            # the exit code (it tells a leak, 3, from bad input, 2), as for .run_complete.
+            since = prev.gone_since or now
+            if (now - since).total_seconds() < limits.exit_grace_s:
+                return replace(state, gone_since=since), []
         why = (
             obs.failed.reason
             if obs.failed is not None and obs.failed.reason

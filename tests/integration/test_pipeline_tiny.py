@@ -129,7 +129,9 @@ def test_run_all_tiny_study_writes_the_report(
     # the forced full_bidir run collapses under its mask; the prefix run does not
     leaky = stages["stage3b-leaky"]["probes"][-1]
     prefix = stages["stage3b"]["probes"][-1]
-    assert leaky["ratio"] < 0.5 and prefix["ratio"] > 0.5
+    # the guard's verdict is the counterfactual: prefix predictions never depend on later tokens
+    assert leaky["flagged"] is True and leaky["max_logit_diff"] > 1e-3
+    assert prefix["flagged"] is False and prefix["max_logit_diff"] < 1e-4
     assert (
         numbers["math"]["delta"] is not None and numbers["math"]["retention"]["value"] is not None
     )

@@ -30,8 +30,10 @@ def add_run(
     ended_min: float = 1,
     beat_s: float | None = 30,
     stale_s: float = 300,
+    now: datetime | None = None,
     **kw: object,
 ) -> RunRecord:
+    now = now or NOW
     status = RunStatus(
         run_id=run_id,
         stage="stage1",
@@ -50,10 +52,10 @@ def add_run(
         phase=phase,
         session=f"orch-stage1-{run_id}",
         run_dir=f"runs/stage1_causal/{run_id}",
-        created_at=NOW - timedelta(minutes=age_min),
-        updated_at=NOW - timedelta(minutes=ended_min),
+        created_at=now - timedelta(minutes=age_min),
+        updated_at=now - timedelta(minutes=ended_min),
         last_seq=5,
-        last_seq_change_at=None if beat_s is None else NOW - timedelta(seconds=beat_s),
+        last_seq_change_at=None if beat_s is None else now - timedelta(seconds=beat_s),
         step=10,
         total_steps=100,
         spec_json=json.dumps({"stale_after_s": stale_s}),
@@ -159,10 +161,14 @@ def test_secrets_in_alerts_are_redacted(store: Store) -> None:
 # -- orch status -----------------------------------------------------------------------------
 def _seed_state() -> None:
     ctx = Context()
-    add_run(ctx.store, "20261125-100000", Phase.RUNNING, beat_s=42)
+    # `orch status` measures ages against the real clock: seed relative to it, not to NOW
+    # (taken at import, possibly minutes before this test runs in a long suite).
+    now = datetime.now(timezone.utc)
+    add_run(ctx.store, "20261125-100000", Phase.RUNNING, beat_s=42, now=now)
     add_run(
-        ctx.store, "20261125-090000", Phase.FAILED, exit_code=2, reason="bad --set key", ended_min=5
-    )
+        ctx.store, "20261125-090000", Phase.FAILED, exit_code=2, reason="bad --set key",
+        ended_min=5, now=now,
+    )  # fmt: skip
     ctx.close()
 
 
@@ -246,10 +252,11 @@ def test_monitor_log_lines_go_to_the_footer_not_the_screen(
     seen: list[str] = []
     with quiet_logs(seen.append):
         logging.getLogger("orch.monitor.scheduler").warning("poll of box failed")
-        logging.getLogger("apscheduler.scheduler").warning("job missed")
+        # (not apscheduler.scheduler: the watcher raises that logger to ERROR once it runs)
+        logging.getLogger("apscheduler.executors.default").warning("job raised")
     assert seen == [
         "orch.monitor.scheduler: poll of box failed",
-        "apscheduler.scheduler: job missed",
+        "apscheduler.executors.default: job raised",
     ]
     assert "poll of box" not in capsys.readouterr().err
     assert logging.getLogger("orch").propagate  # put back

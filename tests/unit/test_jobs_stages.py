@@ -63,7 +63,9 @@ def test_profiles_differ_where_they_should() -> None:
     assert tiny.task.args["data"]["source"].startswith("tiny:")
     assert tiny.resources.gpus == 0 and tiny.task.args["device"] == "cpu"
     assert big.task.args["model"] == MINISTRAL_3B_ID
-    assert big.task.args["dtype"] == "bfloat16" and big.task.args["attn_implementation"] == "sdpa"
+    # training keeps fp32 master weights (bf16 autocast on CUDA); evaluation runs in bf16
+    assert big.task.args["dtype"] == "float32" and big.task.args["attn_implementation"] == "sdpa"
+    assert get_stage("stage2", "ministral-3b").task.args["dtype"] == "bfloat16"
     assert big.resources.gpus == 1 and big.resources.min_gpu_ram_gb
     assert big.timeout_s == 9 * 3600
     sources = {

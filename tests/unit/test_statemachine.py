@@ -144,8 +144,17 @@ CASES = [
         "CUDA OOM at step 3",
     ),
     (
-        "run_failed while process still exiting",
+        "run_failed while process still exiting: wait for its exit code",
         state(),
+        obs(failed_marker=True, failed=RunFailed(run_id="r", reason="bad data")),
+        10,
+        Phase.RUNNING,
+        [],
+        "",
+    ),
+    (
+        "run_failed, process still there past the exit grace: failed anyway",
+        state(gone_since=T0 + timedelta(seconds=2)),
         obs(failed_marker=True, failed=RunFailed(run_id="r", reason="bad data")),
         10,
         Phase.FAILED,

@@ -1,13 +1,12 @@
-"""The leakage guard, both layers, on a tiny model (CPU, real transformers).
+"""The leakage guard, both layers, on tiny models (CPU, real transformers).
 
-(a) structural: the mask built for a real batch refuses full_bidir, passes prefix and causal;
-(b) numeric: a forced full_bidir run is caught within a bounded number of steps (stopped with
-exit LEAKAGE, or flagged and continued with allow_leaky), while prefix and causal runs with the
-same data and steps are never flagged; `python -m worker probe` reports the collapse on the
-leaky run's weights and nothing on the starting weights.
-
-The data are prompt/response pairs with random-word responses: causally unpredictable, so a
-mask that shows a position its own label is the only way to a low loss.
+(a) structural: the mask built for a real batch refuses full_bidir, passes prefix and causal.
+(b) numeric, the counterfactual: on the same weights, corrupting every token from a cut point in
+the response on must leave the logits of the positions that predict labels up to the cut
+exactly unchanged under a leak-free mask. It flags full_bidir (and a prefix mask with the
+off-by-one) on the starting weights, and never flags prefix or causal, including a prefix run
+on `tiny:arith` whose mask/causal loss ratio falls far below the seed's threshold: the prefix-LM
+weights stop working causally, which the ratio rule took for a leak.
 """
 
 from __future__ import annotations
@@ -17,37 +16,154 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from state import names
 from state.models import RunFailed, RunStatus
-from state.phases import WorkerExit
+from state.phases import MaskMode, WorkerExit
 from state.protocol import read_events, read_model
-from tests.worker.test_train import random_sft, small_model, train_args  # noqa: F401 - fixture
-from worker import lifecycle
+from state.worker_config import TaskSource
+from tests.worker.test_train import small_model, train_args  # noqa: F401 - fixture
+from worker import data, lifecycle, masks, probe
 
-#: The numeric probe must flag a full_bidir run by this step (measured here: step 60).
-LEAK_BOUND = 150
-
-
-@pytest.fixture(scope="module")
-def leak_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    d = tmp_path_factory.mktemp("leakdata")
-    return {
-        "data": random_sft(d / "train.jsonl", 400, seed=1, resp_words=6, prompt_words=4),
-        "eval_data": random_sft(d / "val.jsonl", 16, seed=2, resp_words=6, prompt_words=4),
-    }
+LEAK_RATIO = 0.5  # the seed-style threshold of the ratio rule (TrainArgs.leak_ratio default)
 
 
-def leak_args(model: str, data: dict[str, Any], **over: Any) -> dict[str, Any]:
-    # Constant LR: the trajectory up to step N does not depend on max_steps.
+def arith(split: str, limit: int) -> dict[str, Any]:
+    return {"name": f"arith-{split}", "source": "tiny:arith", "format": "sft", "split": split,
+            "limit": limit}  # fmt: skip
+
+
+def arith_args(model: Path | str, **over: Any) -> dict[str, Any]:
+    # The tiny profile's fine-tuning recipe (lr 1e-3, batch 16) on the task the tiny model
+    # learned, probed often.
     return train_args(
-        model, **data, lr=1e-2, lr_schedule="constant", warmup_steps=2, probe_every=10,
-        eval_every=1000, eval_batches=1, batch_size=8, **over,
+        str(model), data=arith("train", 2000), eval_data=arith("validation", 16), lr=1e-3,
+        warmup_steps=10, batch_size=16, eval_every=1000, eval_batches=1, probe_every=5, **over,
     )  # fmt: skip
 
 
 def probes(run_dir: Path) -> list[dict[str, Any]]:
     return [{"step": e.step, **e.data} for e in read_events(run_dir) if e.kind == "probe"]
+
+
+@pytest.fixture(scope="module")
+def arith_batches(tiny_tokenizer: Any) -> dict[str, dict[str, torch.Tensor]]:
+    src = TaskSource(**arith("validation", 16))
+    ex = data.load_sft(src, tiny_tokenizer, max_length=128)
+    # rows of different lengths so padding is real: an arith row and a longer recall row
+    recall = data.load_sft(
+        TaskSource(name="r", source="tiny:recall", format="sft", split="validation", limit=4),
+        tiny_tokenizer,
+        max_length=128,
+    )
+    rows = ex[:6] + recall[:2]
+    return {
+        side: data.collate_sft(rows, tiny_tokenizer, padding_side=side)
+        for side in ("right", "left")
+    }
+
+
+# ---- the counterfactual batch -----------------------------------------------------------
+
+
+def test_counterfactual_cuts_inside_the_response(arith_batches: dict, tiny_tokenizer: Any) -> None:
+    pool = probe.replacement_ids(tiny_tokenizer)
+    special = set(tiny_tokenizer.all_special_ids)
+    assert special and not special & set(pool.tolist())
+    for side, b in arith_batches.items():
+        cf = probe.make_counterfactual(b, pool)
+        again = probe.make_counterfactual(b, pool)
+        assert torch.equal(cf.input_ids, again.input_ids), "the probe batch must be fixed"
+        starts = masks.row_starts(b["attention_mask"])
+        n = b["input_ids"].shape[0]
+        for i in range(n):
+            s, p = int(starts[i]), int(b["prompt_lens"][i])
+            end = s + int(b["attention_mask"][i].sum())
+            k = int(cf.cuts[i])
+            assert s + p <= k < end, (side, i)
+            if i == 0:
+                assert k == s + p, "row 0 replaces the whole response (prompt/response boundary)"
+            orig, new = b["input_ids"][i], cf.input_ids[i]
+            assert torch.equal(orig[:k], new[:k]) and torch.equal(orig[end:], new[end:])
+            assert bool((orig[k:end] != new[k:end]).all()), "every token from the cut changes"
+            assert not set(new[k:end].tolist()) & special
+            assert cf.compare[i].nonzero().flatten().tolist() == list(range(s + p - 1, k))
+        assert {int(cf.cuts[i] - starts[i] - b["prompt_lens"][i]) for i in range(n)} != {0}
+
+
+# ---- the counterfactual on the starting weights -------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_counterfactual_on_starting_weights(tiny_sdpa: Any, arith_batches: dict, side: str) -> None:
+    model, tok = tiny_sdpa.model, tiny_sdpa.tokenizer
+    pool = probe.replacement_ids(tok, model)
+    batch = arith_batches[side]
+    got = {m: probe.probe(model, [batch], m, LEAK_RATIO, pool) for m in MaskMode}
+    for mode in (MaskMode.PREFIX, MaskMode.CAUSAL):
+        r = got[mode]
+        assert r.max_logit_diff <= 1e-5 and r.future_sensitivity == pytest.approx(0, abs=1e-6)
+        assert r.leak is False and r.depends_on_future is False, r.describe()
+        assert r.compared >= batch["input_ids"].shape[0] and r.tokens > r.compared
+    leaky = got[MaskMode.FULL_BIDIR]
+    # Flagged before any training under the leaky mask: the logits move with later tokens even
+    # though these weights never learned to use them (the loss under the mask is even higher
+    # than causal here, so the ratio rule says nothing).
+    assert leaky.leak is True and leaky.max_logit_diff > 100 * leaky.logit_tol
+    assert leaky.future_sensitivity != 0 and leaky.ratio_flag is False
+    assert got[MaskMode.CAUSAL].loss_mask == got[MaskMode.CAUSAL].loss_causal
+    assert got[MaskMode.PREFIX].loss_causal == pytest.approx(got[MaskMode.CAUSAL].loss_mask)
+    d = leaky.as_dict()
+    for key in ("loss_mask", "loss_causal", "ratio", "future_sensitivity", "max_logit_diff"):
+        assert isinstance(d[key], float), key
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_counterfactual_with_bf16_weights(
+    tiny_model_dir: Path, arith_batches: dict, impl: str
+) -> None:
+    """bf16 logits take the scaled tolerance; prefix/causal still differ by exactly 0 (measured
+    on CPU), full_bidir by far more than the tolerance."""
+    from state.worker_config import EvalArgs
+    from worker import modeling
+
+    loaded = modeling.load(
+        EvalArgs(
+            model=str(tiny_model_dir), dtype="bfloat16", device="cpu", attn_implementation=impl
+        )
+    )
+    assert loaded.dtype == torch.bfloat16
+    pool = probe.replacement_ids(loaded.tokenizer, loaded.model)
+    for side, batch in arith_batches.items():
+        got = {m: probe.probe(loaded.model, [batch], m, LEAK_RATIO, pool) for m in MaskMode}
+        for mode, r in got.items():
+            assert r.logit_tol > probe.FP32_LOGIT_TOL, "bf16 logits must get the bf16 tolerance"
+            if mode is MaskMode.FULL_BIDIR:
+                assert r.leak and r.max_logit_diff > 10 * r.logit_tol, (side, r.describe())
+            else:
+                assert not r.leak and r.max_logit_diff == 0.0, (side, mode, r.describe())
+
+
+def test_counterfactual_catches_the_prefix_off_by_one(
+    tiny_sdpa: Any, arith_batches: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefix mask that shows the prompt the first response token (the classic off-by-one):
+    only a cut at the prompt/response boundary exposes it, and row 0 is always cut there."""
+    good = masks.allowed_matrix
+
+    def off_by_one(am: torch.Tensor, plens: torch.Tensor, mode: Any) -> torch.Tensor:
+        if MaskMode(mode) is MaskMode.PREFIX:
+            plens = torch.as_tensor(plens) + 1
+        return good(am, plens, mode)
+
+    monkeypatch.setattr(masks, "allowed_matrix", off_by_one)
+    pool = probe.replacement_ids(tiny_sdpa.tokenizer)
+    r = probe.probe(tiny_sdpa.model, [arith_batches["right"]], "prefix", LEAK_RATIO, pool)
+    assert r.leak is True and r.max_logit_diff > 100 * r.logit_tol, r.describe()
+
+
+# ---- guard (a) ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["full_bidir", "prefix", "causal"])
@@ -70,80 +186,93 @@ def test_structural_check_on_a_real_batch(tmp_path: Path, small_model: str, mode
         assert s["structural_check"] == ("passed" if mode == "prefix" else "n/a (causal)")
 
 
-@pytest.mark.slow
-def test_numeric_probe_stops_a_leaky_run(tmp_path: Path, small_model: str, leak_data: dict) -> None:  # noqa: F811
+# ---- guard (b) in training ----------------------------------------------------------------
+
+
+def test_numeric_probe_stops_a_forced_leaky_run(tmp_path: Path, tiny_model_dir: Path) -> None:
     rd = tmp_path / "r"
-    args = leak_args(
-        small_model, leak_data, mask="full_bidir", structural_check=False, max_steps=LEAK_BOUND
-    )
-    code = lifecycle.execute(rd, "train", args)
-    assert code == WorkerExit.LEAKAGE
+    args = arith_args(tiny_model_dir, mask="full_bidir", structural_check=False, max_steps=30)
+    assert lifecycle.execute(rd, "train", args) == WorkerExit.LEAKAGE
     failed = read_model(rd / names.RUN_FAILED, RunFailed).value
     ps = probes(rd)
-    last = ps[-1]
-    assert last["leak"] is True and not any(p["leak"] for p in ps[:-1])
-    assert last["step"] <= LEAK_BOUND
-    assert "label leakage" in failed.reason
-    assert (
-        f"{last['loss_mask']:.4f}" in failed.reason
-        and f"{last['loss_causal']:.4f}" in failed.reason
+    assert len(ps) == 1 and ps[0]["step"] == 0 and ps[0]["leak"] is True  # before any step
+    p = ps[0]
+    assert failed.error_type == "LeakageError" and "label leakage at step 0" in failed.reason
+    # both numbers of the seed's probe, and the counterfactual's, in the reason
+    assert f"loss {p['loss_mask']:.4f} under full_bidir vs {p['loss_causal']:.4f} causal" in (
+        failed.reason
     )
-    assert last["loss_mask"] < 0.5 * last["loss_causal"]
+    assert "predictions depend on later tokens" in failed.reason
+    assert f"future sensitivity {p['future_sensitivity']:+.4f} nats" in failed.reason
     assert read_model(rd / names.STATUS, RunStatus).value.leak_flag is True
-    assert not (rd / names.RUN_COMPLETE).exists()
+    assert not (rd / names.RUN_COMPLETE).exists() and not (rd / "checkpoints").exists()
 
 
 @pytest.mark.slow
-def test_allow_leaky_flags_continues_and_probe_cli_sees_it(
-    tmp_path: Path,
-    small_model: str,  # noqa: F811
-    leak_data: dict,
+def test_allow_leaky_flags_every_probe_and_probe_cli_agrees(
+    tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     rd = tmp_path / "leaky"
-    args = leak_args(small_model, leak_data, mask="full_bidir", allow_leaky=True, max_steps=70)
+    args = arith_args(tiny_model_dir, mask="full_bidir", allow_leaky=True, max_steps=10)
     assert lifecycle.execute(rd, "train", args) == 0  # the seed's failed run, reproduced on purpose
     s = json.loads((rd / names.SUMMARY).read_text())
-    assert s["leak_flag"] is True and s["first_leak_step"] <= 70
+    assert s["leak_flag"] is True and s["first_leak_step"] == 0
     assert s["structural_check"].startswith("failed (allowed")
-    assert s["probe"]["leak"] is True
+    assert [p["step"] for p in s["probes"]] == [0, 5, 10]
+    assert all(p["leak"] and p["max_logit_diff"] > 1.0 for p in s["probes"])
+    assert s["probe"]["leak"] is True and "future_sensitivity" in s["probe"]
     assert read_model(rd / names.STATUS, RunStatus).value.leak_flag is True
 
-    def run_probe(model: str, where: Path) -> dict[str, Any]:
-        pargs = {
-            "model": model,
-            "data": leak_data["eval_data"],
-            "mask": "full_bidir",
-            "samples": 16,
-        }
+    def run_probe(model: str, mask: str, where: Path) -> dict[str, Any]:
+        pargs = {"model": model, "data": arith("validation", 16), "mask": mask, "samples": 16}
         assert lifecycle.execute(where, "probe", pargs) == 0
+        assert (where / names.RUN_COMPLETE).exists()  # a measurement, not a failure
         return json.loads((where / names.METRICS).read_text())
 
-    after = run_probe(str(rd / "checkpoints" / "final"), tmp_path / "probe-after")
-    before = run_probe(small_model, tmp_path / "probe-before")
-    assert after["leak"] is True and after["loss_mask"] < 0.5 * after["loss_causal"]
-    # On the starting weights the leak does not show: the model never learned to use it.
-    assert before["leak"] is False and before["samples"] == 16
-    assert (tmp_path / "probe-after" / names.RUN_COMPLETE).exists()
+    after = run_probe(str(rd / "checkpoints" / "final"), "full_bidir", tmp_path / "p-after")
+    before = run_probe(str(tiny_model_dir), "full_bidir", tmp_path / "p-before")
+    prefix = run_probe(str(tiny_model_dir), "prefix", tmp_path / "p-prefix")
+    assert after["leak"] is True and before["leak"] is True and before["samples"] == 16
+    for m in (after, before, prefix):
+        for key in ("loss_mask", "loss_causal", "ratio", "future_sensitivity", "max_logit_diff"):
+            assert isinstance(m[key], float), key
+    assert prefix["leak"] is False and prefix["max_logit_diff"] <= 1e-5
+    assert prefix["future_sensitivity"] == pytest.approx(0, abs=1e-6)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "steps"), [("prefix", 70), ("causal", 20)])
-def test_prefix_and_causal_runs_are_never_flagged(
-    tmp_path: Path,
-    small_model: str,  # noqa: F811
-    leak_data: dict,
-    mode: str,
-    steps: int,
+def test_prefix_on_arith_adapts_past_the_ratio_rule_and_is_not_flagged(
+    tmp_path: Path, tiny_model_dir: Path
 ) -> None:
+    """Stage 3B's situation: prefix-LM fine-tuning on `tiny:arith`. The weights come to rely on
+    bidirectional prompt attention, so their causal loss rises while the prefix loss falls: the
+    ratio rule fires (measured here: 0.30 at step 15, 0.15 at step 30; it stopped the study's
+    3B run at step 25), the counterfactual does not."""
     rd = tmp_path / "r"
-    assert (
-        lifecycle.execute(
-            rd, "train", leak_args(small_model, leak_data, mask=mode, max_steps=steps)
-        )
-        == 0
-    )
+    assert lifecycle.execute(rd, "train", arith_args(tiny_model_dir, max_steps=30)) == 0
     ps = probes(rd)
-    assert len(ps) == steps // 10 and not any(p["leak"] for p in ps)
-    assert all(p["ratio"] > 0.8 for p in ps)
+    assert [p["step"] for p in ps] == [0, 5, 10, 15, 20, 25, 30]  # step 0, periodic, final
+    assert any(p["ratio"] < LEAK_RATIO and p["ratio_flag"] for p in ps), [p["ratio"] for p in ps]
+    assert ps[0]["ratio_flag"] is False  # the starting weights: no adaptation yet
+    assert ps[-1]["ratio_flag"] is True  # and the adaptation lasts (measured: 0.15 at step 30)
+    for p in ps:
+        assert p["leak"] is False and p["max_logit_diff"] <= 1e-5, p
+        assert p["future_sensitivity"] == pytest.approx(0, abs=1e-6)
     s = json.loads((rd / names.SUMMARY).read_text())
     assert s["leak_flag"] is False and s["first_leak_step"] is None
+    assert read_model(rd / names.STATUS, RunStatus).value.leak_flag is False
+    infos = [e.message for e in read_events(rd) if e.kind == "info"]
+    assert any("adaptation to the mask, not leakage" in m for m in infos)
+
+
+@pytest.mark.slow
+def test_causal_run_is_never_flagged(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rd = tmp_path / "r"
+    args = arith_args(tiny_model_dir, mask="causal", max_steps=15)
+    assert lifecycle.execute(rd, "train", args) == 0
+    ps = probes(rd)
+    assert [p["step"] for p in ps] == [0, 5, 10, 15] and not any(
+        p["leak"] or p["ratio_flag"] for p in ps
+    )
+    assert all(p["max_logit_diff"] == 0.0 and p["ratio"] == 1.0 for p in ps)
+    assert json.loads((rd / names.SUMMARY).read_text())["leak_flag"] is False

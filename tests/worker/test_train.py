@@ -118,7 +118,9 @@ def test_loss_goes_down_and_run_is_complete(tmp_path: Path, small_model: str) ->
     ):
         assert isinstance(s[key], float) and math.isfinite(s[key]) and s[key] > 0, key
     assert s["mask"] == "prefix" and s["steps"] == 30 and s["structural_check"] == "passed"
-    assert s["leak_flag"] is False and [p["step"] for p in s["probes"]] == [10, 20, 30]
+    assert s["leak_flag"] is False and [p["step"] for p in s["probes"]] == [0, 10, 20, 30]
+    # the counterfactual leakage probe: a prefix mask's predictions never see later tokens
+    assert all(p["max_logit_diff"] == 0.0 and not p["leak"] for p in s["probes"])
     # The final model is a plain save_pretrained dir that stage 4 loads with the run's loader.
     final = rd / "checkpoints" / "final"
     from state.worker_config import EvalArgs
