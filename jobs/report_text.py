@@ -180,8 +180,8 @@ def leakage(d: ReportData) -> list[str]:
         "proof of a leak: weights fine-tuned as a prefix LM come to rely on the bidirectional prompt, "
         "so their causal loss rises while their prefix loss falls. (2) The guard's verdict, the "
         "counterfactual: replace the tokens after a cut point and re-run under the training mask; "
-        "predictions of labels before the cut may not change under a leak-free mask (max |logit "
-        "change| 0), whatever the weights learned. *future sens.* is the loss change (nats) at those "
+        "predictions of labels before the cut may not change under a leak-free mask (max abs logit "
+        "change 0), whatever the weights learned. *future sens.* is the loss change (nats) at those "
         "positions: positive once the weights exploit a leak.",
         "",
         *_table(
@@ -193,7 +193,7 @@ def leakage(d: ReportData) -> list[str]:
                 "causal loss",
                 "ratio",
                 "future sens.",
-                "max |logit change|",
+                "max abs logit change",
                 "guard",
             ],
             rows,
@@ -298,6 +298,16 @@ def interpretation(d: ReportData) -> list[str]:
                     "more than it taught (see the per-task tables: accuracy on tasks the SFT data does "
                     "not cover can fall while the model adapts)"
                 )
+            s4 = d.stages.get({"3A": "stage4a", "3B": "stage4"}.get(rec.fine_tune, ""))
+            if s2 and s4:
+                # Per task against stage 2: which tasks the fine-tune won back and which it cost.
+                per = [
+                    f"{n} {f(s2.tasks[n].acc, 3)} -> {f(t.acc, 3)}"
+                    for n, t in s4.tasks.items()
+                    if n in s2.tasks and t.acc is not None and s2.tasks[n].acc is not None
+                ]
+                if per:
+                    text += f" (per task vs stage 2: {', '.join(per)})"
             out.append(text + ".")
     leaky, safe = d.stages.get("stage3b-leaky"), d.stages.get("stage3b")
     # The last probe counts: on the starting weights a mask shows no leak (the model has not
@@ -321,8 +331,8 @@ def interpretation(d: ReportData) -> list[str]:
             text += f", while the `prefix` run's ratio is {f(sp.ratio, 3)}"
             if sp.max_logit_diff is not None:
                 text += (
-                    f" with its predictions unchanged when later tokens are replaced (max |logit "
-                    f"change| {f(sp.max_logit_diff, 4)}): a low ratio there is adaptation, not leakage"
+                    f" with its predictions unchanged when later tokens are replaced (max abs logit "
+                    f"change {f(sp.max_logit_diff, 4)}): a low ratio there is adaptation, not leakage"
                 )
         if collapsed:
             text += ". This is the seed's invalid 3B objective, reproduced on purpose and caught"
