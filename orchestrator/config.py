@@ -115,7 +115,6 @@ class VastTarget(_TargetBase):
     poll_s: float = Field(5.0, gt=0, description="seconds between Vast status polls while waiting")
     idle_minutes: float = 30.0
     idle_action: Literal["alert", "stop", "destroy"] = "alert"
-    auto_relaunch: bool = False
 
     @field_validator("identity_file", "known_hosts")
     @classmethod
