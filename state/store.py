@@ -159,6 +159,20 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
+def parse_time(value: Any) -> datetime | None:
+    """A timestamp as the store holds it (ISO text) as an aware datetime (naive means UTC)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        try:
+            dt = datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
 def _to_db(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()

@@ -19,7 +19,7 @@ from typing import Any
 from orchestrator.config import OrchConfig, VastTarget
 from state.models import GpuStat, RunRecord, RunStatus, TargetObservation
 from state.phases import TERMINAL_PHASES, Phase
-from state.store import Store
+from state.store import Store, parse_time
 
 #: Terminal runs stay on the dashboard this long after they ended (`--all` shows every run).
 KEEP_TERMINAL_S = 2 * 3600.0
@@ -31,20 +31,6 @@ SPARK_POINTS = 24
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def parse_time(value: Any) -> datetime | None:
-    """An ISO timestamp from the store as an aware datetime (naive means UTC); None if absent."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        dt = value
-    else:
-        try:
-            dt = datetime.fromisoformat(str(value))
-        except ValueError:
-            return None
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
 # -- secrets ---------------------------------------------------------------------------------

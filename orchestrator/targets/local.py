@@ -24,6 +24,7 @@ import state
 from orchestrator.sshcmd import include_list_file, kill_group, quote_argv, rsync_argv, run_rsync
 from orchestrator.targets.base import Agent, CommandResult, SyncStats, Target
 from state.errors import RemoteCommandError, TargetError, UnreachableError
+from state.protocol import atomic_write_bytes
 
 #: Where the controller's own `state` package lives: the local agent's fallback before a sync.
 _CONTROLLER_ROOT = str(Path(state.__file__).resolve().parent.parent)
@@ -110,22 +111,9 @@ class LocalTarget(Target):
 
     # -- files ----------------------------------------------------------------------------
     def put_bytes(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
-        dest = self.path(remote_path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # mkstemp creates the temp file 0600, so a secret is never readable by others, even briefly.
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(dest.parent)
+        # The protocol's writer: mkstemp creates the temp file 0600, so a secret is never
+        # readable by others, even briefly, and readers never see a half-written file.
+        atomic_write_bytes(self.path(remote_path), data, mode)
 
     def get_file(self, remote_path: str, local_path: Path) -> None:
         src = self.path(remote_path)
@@ -343,12 +331,3 @@ def _checked(res: CommandResult, check: bool, target: str) -> CommandResult:
 def _short(argv: list[str], n: int = 120) -> str:
     s = quote_argv(argv)
     return s if len(s) <= n else s[: n - 3] + "..."
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

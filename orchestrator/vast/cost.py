@@ -18,25 +18,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from state.models import RunRecord
-from state.store import Store, now_iso
+from state.store import Store, now_iso, parse_time
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
 
 PROVIDER = "vast"
-
-
-def parse_time(value: Any) -> datetime | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        dt = value
-    else:
-        try:
-            dt = datetime.fromisoformat(str(value))
-        except ValueError:
-            return None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
 def _hours(start: datetime | None, end: datetime | None) -> float:
