@@ -173,7 +173,8 @@ def parse_time(value: Any) -> datetime | None:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
-def _to_db(value: Any) -> Any:
+def to_db(value: Any) -> Any:
+    """A Python value as SQLite stores it (ISO text for datetimes, enum values, 0/1)."""
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Phase):
@@ -252,7 +253,7 @@ class Store:
 
     # -- runs ---------------------------------------------------------------------------------
     def insert_run(self, rec: RunRecord) -> None:
-        data = {k: _to_db(v) for k, v in rec.model_dump().items()}
+        data = {k: to_db(v) for k, v in rec.model_dump().items()}
         cols = ", ".join(data)
         marks = ", ".join("?" for _ in data)
         with self.tx() as db:
@@ -277,13 +278,13 @@ class Store:
                 raise StageError(f"no run {stage_dir}/{run_id} in the store")
             db.execute(
                 f"UPDATE runs SET {sets} WHERE stage_dir = ? AND run_id = ?",
-                (*(_to_db(v) for v in fields.values()), stage_dir, run_id),
+                (*(to_db(v) for v in fields.values()), stage_dir, run_id),
             )
             phase = fields.get("phase")
-            if phase is not None and _to_db(phase) != old["phase"]:
+            if phase is not None and to_db(phase) != old["phase"]:
                 db.execute(
                     "INSERT INTO phase_history (stage_dir, run_id, phase, reason, at) VALUES (?,?,?,?,?)",
-                    (stage_dir, run_id, _to_db(phase), fields.get("reason", ""), now_iso()),
+                    (stage_dir, run_id, to_db(phase), fields.get("reason", ""), now_iso()),
                 )
 
     def delete_run(self, stage_dir: str, run_id: str) -> None:
@@ -382,7 +383,7 @@ class Store:
                 sets = ", ".join(f"{k} = ?" for k in fields)
                 db.execute(
                     f"UPDATE targets SET {sets} WHERE name = ?",
-                    (*(_to_db(v) for v in fields.values()), name),
+                    (*(to_db(v) for v in fields.values()), name),
                 )
 
     def get_target(self, name: str) -> dict[str, Any] | None:
@@ -446,7 +447,7 @@ class Store:
                 sets = ", ".join(f"{k} = ?" for k in fields)
                 db.execute(
                     f"UPDATE instances SET {sets} WHERE provider = ? AND instance_id = ?",
-                    (*(_to_db(v) for v in fields.values()), provider, instance_id),
+                    (*(to_db(v) for v in fields.values()), provider, instance_id),
                 )
 
     def list_instances(self, *, live_only: bool = False) -> list[dict[str, Any]]:

@@ -15,8 +15,7 @@ from typing import Any
 
 from orchestrator.monitor.statemachine import MONITORED_PHASES, Alert, RunState
 from state.models import RunRecord
-from state.phases import Phase
-from state.store import Store, now_iso
+from state.store import Store, now_iso, to_db
 
 # RunState fields that are columns of `runs` (the rest live in `run_monitor`).
 _RUN_FIELDS = (
@@ -31,16 +30,6 @@ _RUN_FIELDS = (
     "unreachable_since",
 )
 _MON_FIELDS = ("gone_since", "unreachable_alerted", "cancel_requested")
-
-
-def _db(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Phase):
-        return value.value
-    if isinstance(value, bool):
-        return int(value)
-    return value
 
 
 def _dt(text: str | None) -> datetime | None:
@@ -128,7 +117,7 @@ def save(
             sets = ", ".join(f"{k} = ?" for k in changed)  # keys from the fixed tuple above
             cur = db.execute(
                 f"UPDATE runs SET {sets} WHERE stage_dir = ? AND run_id = ? AND phase = ?",
-                (*(_db(v) for v in changed.values()), new.stage_dir, new.run_id, old.phase.value),
+                (*(to_db(v) for v in changed.values()), new.stage_dir, new.run_id, old.phase.value),
             )
             if cur.rowcount == 0:
                 return ids  # changed under us (e.g. `orch stop`): the next poll starts afresh
@@ -146,7 +135,7 @@ def save(
                 (
                     new.stage_dir,
                     new.run_id,
-                    _db(new.gone_since),
+                    to_db(new.gone_since),
                     int(new.unreachable_alerted),
                     int(new.cancel_requested),
                 ),

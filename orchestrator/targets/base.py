@@ -9,6 +9,7 @@ over ssh with the same key, port and pinned host key; `vast` provisions and then
 from __future__ import annotations
 
 import abc
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,20 @@ class SyncStats:
     total_size: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def decode_agent_answer(target: str, line: bytes) -> dict[str, Any]:
+    """One answer line of `python -m state.agent` as a dict; TargetError for anything else
+    (the channel is then out of step and the caller must drop it)."""
+    from state.errors import TargetError
+
+    try:
+        answer = json.loads(line)
+    except ValueError as exc:
+        raise TargetError(f"target {target}: the agent sent a bad line: {line[:200]!r}") from exc
+    if not isinstance(answer, dict):
+        raise TargetError(f"target {target}: the agent sent {answer!r}")
+    return answer
 
 
 class Agent(abc.ABC):

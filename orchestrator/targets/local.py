@@ -22,7 +22,7 @@ from typing import Any
 
 import state
 from orchestrator.sshcmd import include_list_file, kill_group, quote_argv, rsync_argv, run_rsync
-from orchestrator.targets.base import Agent, CommandResult, SyncStats, Target
+from orchestrator.targets.base import Agent, CommandResult, SyncStats, Target, decode_agent_answer
 from state.errors import RemoteCommandError, TargetError, UnreachableError
 from state.protocol import atomic_write_bytes
 
@@ -276,15 +276,10 @@ class LocalAgent(Agent):
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         try:
-            answer = json.loads(line)
-        except ValueError as exc:
-            self.close()
-            raise TargetError(
-                f"target {self.target.name}: the agent sent a bad line: {line[:200]!r}"
-            ) from exc
-        if not isinstance(answer, dict):
-            raise TargetError(f"target {self.target.name}: the agent sent {answer!r}")
-        return answer
+            return decode_agent_answer(self.target.name, line)
+        except TargetError:
+            self.close()  # out of step with the agent: the next request starts a fresh one
+            raise
 
     def _stderr_tail(self) -> str:
         if self._proc is None or self._proc.stderr is None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 
 from orchestrator.sshcmd import quote_argv
-from orchestrator.targets.base import Agent
+from orchestrator.targets.base import Agent, decode_agent_answer
 from orchestrator.targets.ssh import Watchdog
 from state.errors import RemoteCommandError, TargetError, UnreachableError
 
@@ -104,15 +104,10 @@ class SshAgent(Agent):
             select.select([chan], [], [], min(left, 0.05))
         line, _, self._buf = self._buf.partition(b"\n")
         try:
-            answer = json.loads(line)
-        except ValueError as exc:
-            self.close()
-            raise TargetError(
-                f"target {self.target.name}: the agent sent a bad line: {line[:200]!r}"
-            ) from exc
-        if not isinstance(answer, dict):
-            raise TargetError(f"target {self.target.name}: the agent sent {answer!r}")
-        return answer
+            return decode_agent_answer(self.target.name, line)
+        except TargetError:
+            self.close()  # out of step with the agent: the next request starts a fresh one
+            raise
 
     def _agent_gone(self, chan: paramiko.Channel, starting: bool) -> None:
         err = b""
