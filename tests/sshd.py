@@ -56,6 +56,11 @@ class SshServer:
     def host(self) -> str:
         return "127.0.0.1"
 
+    @property
+    def home(self) -> Path:
+        """The login user's $HOME inside ssh sessions: empty, private to this server."""
+        return self.root / "home"
+
     def write_config(self) -> None:
         lines = [
             f"Port {self.port}",
@@ -73,6 +78,11 @@ class SshServer:
             "MaxStartups 50:30:100",
             "LogLevel ERROR",
             "Subsystem sftp internal-sftp",
+            # The login shell reads $HOME/.bashrc for ssh commands; this machine's root .bashrc
+            # runs `pyenv rehash`, which takes a lock and hangs every later login for up to a
+            # minute when a killed session leaves it behind. A home of our own keeps the tests
+            # off the machine's dotfiles (the remote side uses absolute interpreter paths).
+            f"SetEnv HOME={self.home}",
             *self.extra_config,
         ]
         self.config.write_text("\n".join(lines) + "\n")
@@ -82,6 +92,7 @@ class SshServer:
         if sshd is None:
             raise RuntimeError("sshd not found: install openssh-server")
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(exist_ok=True)
         self.write_config()
         self.proc = subprocess.Popen(
             [sshd, "-D", "-e", "-f", str(self.config)],
