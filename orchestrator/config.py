@@ -46,6 +46,12 @@ class MonitorSettings(_Section):
     pull_on_success: bool = True
     pull_on_failure: bool = False
     launch_next_stage: bool = False
+    pull_checkpoints_every_s: float = Field(
+        0.0,
+        ge=0,
+        description="while a training run is active, pull its new checkpoints this often "
+        "(0: off); an auto-relaunch resumes from them",
+    )
     provider_check_s: float = Field(
         60.0, gt=0, description="at most one provider call per instance per this"
     )
@@ -115,6 +121,11 @@ class VastTarget(_TargetBase):
     poll_s: float = Field(5.0, gt=0, description="seconds between Vast status polls while waiting")
     idle_minutes: float = 30.0
     idle_action: Literal["alert", "stop", "destroy"] = "alert"
+    auto_relaunch: bool = Field(
+        False,
+        description="relaunch a lost training run on a new box, resuming from its checkpoint",
+    )
+    max_relaunches: int = Field(2, ge=0, description="relaunches per run chain")
 
     @field_validator("identity_file", "known_hosts")
     @classmethod
@@ -152,7 +163,9 @@ class AlertSettings(_Section):
             "timed_out",
             "lost",
             "unreachable",
+            "reachable",
             "idle",
+            "relaunched",
         ],
     )
     retry_max: int = Field(8, ge=0)

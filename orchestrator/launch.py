@@ -20,8 +20,10 @@ import socket
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -147,8 +149,14 @@ def launch_stage(
     sync: bool = True,
     run_id: str | None = None,
     profile: str | None = None,
+    seed: Callable[[Target, RunRecord], None] | None = None,
+    spec_extra: dict[str, Any] | None = None,
 ) -> RunRecord:
     """Launch `stage` on a target and return its record (phase `running`).
+
+    `seed(target, rec)` runs once the new run dir exists and before the worker starts (an
+    auto-relaunch puts the checkpoint to resume from there); `spec_extra` sets further
+    `spec.json` fields (the relaunch lineage).
 
     Errors found before anything is recorded (bad names, unknown target, missing upstream run)
     raise ConfigError/StageError; anything after raises LaunchError, with the row marked failed.
@@ -191,10 +199,14 @@ def launch_stage(
         python = bootstrap.ensure_env(ctx, target)
         task = merge_inputs(stage.task, resolved, target.workdir)
         spec = _build_spec(ctx, stage, task, rec, resolved, profile)
+        if spec_extra:
+            spec = RunSpec.model_validate({**spec.model_dump(), **spec_extra})
         spec_json = spec.model_dump_json(indent=2)
         wpath = wrapper.wrapper_remote_path(target.workdir)
         if not _prepare_run_dir(target, rec, wpath):
             target.put_bytes(wrapper.wrapper_script(), wpath, mode=0o755)
+        if seed is not None:
+            seed(target, rec)
         target.put_bytes((spec_json + "\n").encode(), _abs(target, f"{rec.run_dir}/{names.SPEC}"))
         if forward:
             target.put_bytes(

@@ -158,6 +158,11 @@ class RunSpec(_FileModel):
     launched_by: str = ""
     launched_at: datetime = Field(default_factory=utcnow)
     orch_version: str = ""
+    #: Set on an automatic relaunch of a lost run (orchestrator.vast.relaunch): the run it
+    #: replaces, the relaunches in its chain so far, and the checkpoint it resumed from.
+    relaunch_of: str | None = None
+    relaunch_count: int = 0
+    resumed_from: str | None = None
 
 
 class RunObservation(BaseModel):

@@ -36,7 +36,9 @@ from state.worker_config import EvalArgs
 from worker import masks
 from worker.data import McExample, encode_pair, load_mc_task
 
-ProgressFn = Callable[[int, int], None]
+#: on_progress(questions done, questions in all, real tokens forwarded so far): called once
+#: before the first batch and after every batch; `done` and the tokens only go up.
+ProgressFn = Callable[[int, int, int], None]
 EventFn = Callable[[str, dict[str, Any]], None]
 
 
@@ -274,6 +276,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run `args` end to end; returns the content of metrics.json.
 
+    `on_progress(done, total, tokens)` follows the questions scored and the tokens forwarded
+    (`ProgressFn`); `on_event(kind, data)` gets a line per task and the warnings.
+
     `loaded`: an already loaded `modeling.Loaded` (tests, benchmarks) instead of `args.model`.
     """
     from worker import modeling
@@ -305,16 +310,16 @@ def evaluate(
             )
     total = sum(len(q) for q in prepared.values())
     done = 0
+    counter = Counter()
     if on_progress:
-        on_progress(0, total)
+        on_progress(0, total, counter.tokens)
 
     def on_batch(n: int) -> None:
         nonlocal done
         done += n
         if on_progress:
-            on_progress(done, total)
+            on_progress(done, total, counter.tokens)
 
-    counter = Counter()
     t0 = time.monotonic()
     results: dict[str, dict[str, Any]] = {}
     for t in args.tasks:
@@ -355,7 +360,10 @@ def _mean(xs: list[float]) -> float:
 
 
 def run_eval(args: EvalArgs, ctx: Any) -> dict[str, Any]:
-    """The `eval` task for the worker lifecycle: status phase, progress and events."""
+    """The `eval` task for the worker lifecycle: status phase, progress and events.
+
+    status.json's `step`/`total_steps` count questions, so during evaluation `steps_per_s` is
+    questions/s and `tokens_per_s` real tokens forwarded/s."""
     from state.phases import WorkerPhase
     from worker import modeling
 
@@ -363,9 +371,14 @@ def run_eval(args: EvalArgs, ctx: Any) -> dict[str, Any]:
     loaded = modeling.load(args)
     mask = MaskMode(args.mask).value
     ctx.status.set_phase(WorkerPhase.EVALUATING, f"{mask} mask on {len(args.tasks)} task(s)")
+    ctx.status.reset_rates()  # rates from here on are evaluation rates
+    reported = 0
 
-    def progress(done: int, total: int) -> None:
-        ctx.status.progress(done, total, f"evaluated {done}/{total} questions")
+    def progress(done: int, total: int, tokens: int) -> None:
+        # status.step() adds up per-call token counts; evaluate() reports a running total.
+        nonlocal reported
+        delta, reported = tokens - reported, tokens
+        ctx.status.progress(done, total, f"evaluated {done}/{total} questions", tokens=delta)
 
     def event(kind: str, data: dict[str, Any]) -> None:
         message = str(data.pop("message", "")) or ", ".join(f"{k}={v}" for k, v in data.items())

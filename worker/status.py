@@ -183,9 +183,10 @@ class StatusWriter:
                 st.extra.update(extra)
             self.write()
 
-    def progress(self, done: int, total: int, message: str = "") -> None:
-        """Progress of a non-training loop (evaluation batches, probe samples)."""
-        self.step(done, total_steps=total)
+    def progress(self, done: int, total: int, message: str = "", *, tokens: int = 0) -> None:
+        """Progress of a non-training loop (evaluation questions, probe samples): `done` of
+        `total` items, `tokens` forwarded since the previous call (feeds tokens/s)."""
+        self.step(done, total_steps=total, tokens=tokens)
         if message:
             self.update(message=message)
 

@@ -16,79 +16,38 @@ implementation and checks that it reached attention (no silent causal fallback).
 Exact resume: a checkpoint holds the weights, optimizer, scheduler, RNG states and the data
 position (micro-batches consumed); the batch order is a pure function of (seed, epoch), so a
 killed run relaunched in the same run dir replays the same batches and reproduces the loss an
-uninterrupted run has at the same step.
+uninterrupted run has at the same step. Saving, finding and restoring checkpoints lives in
+`worker.checkpoints`, AdamW and the LR schedule in `worker.optimizer`.
 
 Under `torchrun --nproc_per_node N` (env RANK/WORLD_SIZE) it runs DDP (nccl on CUDA, gloo on
-CPU); each rank takes its slice of every global batch; rank 0 writes status and checkpoints.
+CPU; `worker.distributed`); each rank takes its slice of every global batch; rank 0 writes
+status and checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from state import names
 from state.errors import WorkerError
 from state.phases import MaskMode, WorkerPhase
-from state.protocol import atomic_write_json
-from worker import masks
+from worker import checkpoints, masks
+from worker.distributed import Dist
 from worker.lifecycle import LeakageError
 from worker.loggers import make_logger
+from worker.optimizer import build_optimizer
 from worker.probe import ProbeResult, mean_loss, probe, replacement_ids, token_loss_sum
 
 if TYPE_CHECKING:
     from state.worker_config import TrainArgs
     from worker.lifecycle import RunContext
-
-#: Args that change the training trajectory: a checkpoint made with other values is refused.
-CONFIG_KEYS = (
-    "model", "tokenizer", "revision", "attn_implementation", "dtype", "max_length", "seed",
-    "data", "eval_data", "eval_fraction", "mask", "max_steps", "batch_size", "grad_accum", "lr",
-    "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "gradient_checkpointing",
-)  # fmt: skip
-STEP_PREFIX = "step-"
-FINAL = "final"
-TRAINER_STATE = "trainer_state.pt"
-META = "meta.json"
-
-
-# ---- pure pieces ------------------------------------------------------------------------
-
-
-def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
-    """Multiplier of the base LR for optimizer step `step` (0-based): linear warmup, then
-    cosine/linear decay to 0 at `total`, or constant."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def config_of(args: TrainArgs, world_size: int) -> dict[str, Any]:
-    cfg = args.model_dump(mode="json", include=set(CONFIG_KEYS))
-    cfg["world_size"] = world_size
-    return cfg
-
-
-def config_hash(cfg: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -119,164 +78,6 @@ class BatchOrder:
         return self._cache[epoch][start : start + self.batch_size]
 
 
-# ---- checkpoints ------------------------------------------------------------------------
-
-
-def checkpoint_dirs(ckdir: Path) -> list[tuple[int, Path]]:
-    """Complete step checkpoints (those with meta.json), oldest first."""
-    out = []
-    if ckdir.is_dir():
-        for p in ckdir.iterdir():
-            if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / META).is_file():
-                with contextlib.suppress(ValueError):
-                    out.append((int(p.name[len(STEP_PREFIX) :]), p))
-    return sorted(out)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    with contextlib.suppress(ImportError):
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(
-    ckdir: Path,
-    name: str,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    meta: dict[str, Any],
-    trainer_state: dict[str, Any] | None,
-) -> Path:
-    """Write `ckdir/name` atomically: into `.name.tmp`, then rename (a kill mid-save leaves the
-    previous checkpoints intact and no half directory under a real name)."""
-    ckdir.mkdir(parents=True, exist_ok=True)
-    tmp = ckdir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    masks.unwrap(model).save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    atomic_write_json(tmp / META, meta)
-    dest = ckdir / name
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return dest
-
-
-def prune_checkpoints(ckdir: Path, keep: int) -> list[Path]:
-    removed = []
-    for _, p in checkpoint_dirs(ckdir)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load save_pretrained safetensors into `model` exactly (tied weights may be absent)."""
-    from safetensors.torch import load_file
-
-    files = sorted(ckpt.glob("*.safetensors"))
-    if not files:
-        raise WorkerError(
-            f"{ckpt}: no *.safetensors weights",
-            hint="delete the broken checkpoint dir to resume from an older one",
-        )
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    target = masks.unwrap(model)
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k or "embed_tokens" in k}
-    if unexpected or set(missing) - tied:
-        raise WorkerError(
-            f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})",
-            hint="resume with the model the run started with",
-        )
-
-
-def check_resumable(meta: dict[str, Any], cfg: dict[str, Any], ckpt: Path) -> None:
-    if meta.get("config_hash") == config_hash(cfg):
-        return
-    old = meta.get("config", {})
-    diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
-    raise WorkerError(
-        f"checkpoint {ckpt} was made with a different config (differs in: {', '.join(diff) or 'unknown'})",
-        hint="relaunch with the run's original args, or train into a new run dir",
-    )
-
-
-# ---- distributed ------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    started: bool = False
-
-    @classmethod
-    def setup(cls, ctx: RunContext, device_kind: str) -> Dist:
-        d = cls(ctx.rank, ctx.world_size, int(os.environ.get("LOCAL_RANK", "0")))
-        if d.world > 1 and not dist.is_initialized():
-            if device_kind == "cuda":
-                torch.cuda.set_device(d.local_rank)
-            dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-            d.started = True
-        return d
-
-    def _tensor(self, value: float | int, dtype: torch.dtype) -> torch.Tensor:
-        # nccl reduces CUDA tensors only; gloo CPU ones.
-        dev = (
-            torch.device("cuda", self.local_rank)
-            if dist.get_backend() == "nccl"
-            else torch.device("cpu")
-        )
-        return torch.tensor([value], dtype=dtype, device=dev)
-
-    def mean(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = self._tensor(value, torch.float64)
-        dist.all_reduce(t)
-        return float(t.item()) / self.world
-
-    def total(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        t = self._tensor(value, torch.int64)
-        dist.all_reduce(t)
-        return int(t.item())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.started and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 # ---- the run ----------------------------------------------------------------------------
 
 
@@ -303,7 +104,7 @@ class Trainer:
         self.modeling, self.wdata = modeling, wdata
         self.status = ctx.status
         self.ckdir = ctx.run_dir / names.CHECKPOINTS
-        self.cfg = config_of(args, d.world)
+        self.cfg = checkpoints.config_of(args, d.world)
         self.mode = MaskMode(args.mask)
         self.probes: list[dict[str, Any]] = []
         self.first_leak_step: int | None = None
@@ -351,17 +152,7 @@ class Trainer:
             self.collate([self.train_ex[i] for i in self.order.indices(0, self.d.rank)])
         )
 
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=a.lr,
-            weight_decay=a.weight_decay,
-            betas=(0.9, 0.999),
-            foreach=False,  # the same kernel every run: resume must be bit-exact
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, warmup=a.warmup_steps, total=a.max_steps, kind=a.lr_schedule),
-        )
+        self.optimizer, self.scheduler = build_optimizer(self.model, a)
         self.step, self.pos, self.loss_sum, self.runtime_before, self.tokens_before = (
             0,
             0,
@@ -421,20 +212,14 @@ class Trainer:
         self.status.event("info", f"structural leakage check passed for mask {self.mode.value}")
 
     def resume(self) -> None:
-        if self.ctx.is_main and self.ckdir.is_dir():
-            for stale in self.ckdir.glob(".*.tmp"):  # a save cut short by a kill
-                shutil.rmtree(stale, ignore_errors=True)
-        found = checkpoint_dirs(self.ckdir)
-        if not found:
+        """Continue from the latest complete step checkpoint of this run dir, if there is one."""
+        if self.ctx.is_main:
+            checkpoints.remove_partial_saves(self.ckdir)
+        latest = checkpoints.latest_checkpoint(self.ckdir)
+        if latest is None:
             return
-        step, ckpt = found[-1]
-        meta = json.loads((ckpt / META).read_text())
-        check_resumable(meta, self.cfg, ckpt)
-        load_weights(self.model, ckpt)
-        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        _, ckpt = latest
+        meta = checkpoints.restore(ckpt, self.cfg, self.model, self.optimizer, self.scheduler)
         self.step, self.pos = int(meta["step"]), int(meta["data_pos"])
         self.loss_sum = float(meta.get("loss_sum", 0.0))
         self.runtime_before = float(meta.get("train_runtime", 0.0))
@@ -613,7 +398,7 @@ class Trainer:
     # -- saving -------------------------------------------------------------------------
     def _meta(self, runtime: float, tokens: int) -> dict[str, Any]:
         return {
-            "step": self.step, "data_pos": self.pos, "config": self.cfg, "config_hash": config_hash(self.cfg),
+            "step": self.step, "data_pos": self.pos, "config": self.cfg, "config_hash": checkpoints.config_hash(self.cfg),
             "mask": self.mode.value, "loss_sum": self.loss_sum,
             "train_runtime": self.runtime_before + runtime, "train_tokens": self.tokens_before + tokens,
             "probes": self.probes, "first_leak_step": self.first_leak_step, "run_id": self.ctx.run_id,
@@ -622,16 +407,12 @@ class Trainer:
     def save(self, runtime: float, tokens: int) -> None:
         if self.ctx.is_main:
             self.status.update(phase=WorkerPhase.SAVING, message=f"checkpoint step {self.step}")
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": _rng_state(),
-            }
-            name = f"{STEP_PREFIX}{self.step}"
-            save_checkpoint(
+            state = checkpoints.trainer_state(self.optimizer, self.scheduler)
+            name = f"{checkpoints.STEP_PREFIX}{self.step}"
+            checkpoints.save_checkpoint(
                 self.ckdir, name, self.model, self.tokenizer, self._meta(runtime, tokens), state
             )
-            removed = prune_checkpoints(self.ckdir, self.args.keep_checkpoints)
+            removed = checkpoints.prune_checkpoints(self.ckdir, self.args.keep_checkpoints)
             self.status.event(
                 "checkpoint",
                 f"saved {name}",
@@ -645,17 +426,17 @@ class Trainer:
     def save_final(self, runtime: float, tokens: int) -> None:
         if self.ctx.is_main:
             self.status.update(phase=WorkerPhase.SAVING, message="final model")
-            save_checkpoint(
-                self.ckdir, FINAL, self.model, self.tokenizer, self._meta(runtime, tokens), None
+            meta = self._meta(runtime, tokens)
+            checkpoints.save_checkpoint(
+                self.ckdir, checkpoints.FINAL, self.model, self.tokenizer, meta, None
             )
             # Step checkpoints exist to resume; a finished run keeps only the final model.
-            for _, p in checkpoint_dirs(self.ckdir):
-                shutil.rmtree(p, ignore_errors=True)
+            checkpoints.remove_step_checkpoints(self.ckdir)
             self.status.event(
                 "checkpoint",
                 "saved final model",
                 step=self.step,
-                path=f"{names.CHECKPOINTS}/{FINAL}",
+                path=f"{names.CHECKPOINTS}/{checkpoints.FINAL}",
             )
         self.d.barrier()
 
@@ -680,7 +461,7 @@ class Trainer:
             "world_size": self.d.world,
             "device": str(self.device),
             "autocast_bf16": self.autocast,
-            "final_model": f"{names.CHECKPOINTS}/{FINAL}",
+            "final_model": f"{names.CHECKPOINTS}/{checkpoints.FINAL}",
             "structural_check": self.structural,
             "leak_flag": self.first_leak_step is not None,
             "first_leak_step": self.first_leak_step,

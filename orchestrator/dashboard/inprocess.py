@@ -47,11 +47,14 @@ class InProcessMonitor:
         from orchestrator.monitor.lock import WatcherBusyError, WatcherLock
         from orchestrator.monitor.scheduler import Watcher
 
-        lock = WatcherLock(self.ctx.state_dir)
+        # holder="dashboard": a refused `orch watch` then says a dashboard holds the lock.
+        lock = WatcherLock(self.ctx.state_dir, holder="dashboard")
         try:
-            lock.acquire()
-        except WatcherBusyError:
-            self.label = "orch watch"
+            lock.acquire(holder_wait_s=0.0)  # retried every RETRY_S: never stall the screen
+        except WatcherBusyError as exc:
+            self.label = (
+                "orch watch" if exc.holder.get("holder") != "dashboard" else "other dashboard"
+            )
             return
         try:
             watcher = Watcher(self.ctx, lock=lock, echo=False)

@@ -328,6 +328,8 @@ ALERT_STYLE = {
     "timed_out": "red",
     "lost": "magenta",
     "unreachable": "magenta",
+    "reachable": "green",
+    "relaunched": "cyan",
     "idle": "yellow",
 }
 

@@ -7,7 +7,13 @@ All configurable in `[monitor]` (per target), costly ones off by default:
     stop_on_timeout = false    kill the tmux session of a run past its stage timeout
     launch_next_stage = false  launch the stages that were waiting for this one (same target,
                                not waited on: the watcher picks the new run up)
+    pull_checkpoints_every_s = 0
+                               while a training run is active, mirror its new checkpoints to
+                               this machine this often (what an auto-relaunch resumes from)
     idle instances             `[targets.X] idle_action` of a vast target (alert/stop/destroy)
+    auto relaunch              `[targets.X] auto_relaunch` of a vast target: a lost training run
+                               is relaunched on a new box from its newest checkpoint
+                               (orchestrator.vast.relaunch)
 
 Each action is recorded in the store's `run_monitor.actions_done`, so a restarted watcher
 neither repeats a pull nor launches a stage twice; a failed action is retried a few times.
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from orchestrator.monitor import ledger
@@ -44,6 +52,11 @@ def wanted_actions(ctx: Context, rec: RunRecord) -> list[str]:
         out.append("pull")
     if rec.phase is Phase.SUCCEEDED and mon.launch_next_stage:
         out.append("next")
+    if rec.phase is Phase.LOST:
+        from orchestrator.vast.relaunch import is_relaunchable
+
+        if is_relaunchable(ctx, rec):
+            out.append("relaunch")
     return out
 
 
@@ -53,6 +66,12 @@ class Actions:
     def __init__(self, ctx: Context, *, echo: bool = False) -> None:
         self.ctx = ctx
         self.echo = echo
+        # Runs whose actions are under way: the watcher's actions thread and its periodic
+        # retry job both call on_final, and a pull can take minutes; without this the retry
+        # would start a second pull and launch the next stage twice.
+        self._busy: set[str] = set()
+        self._busy_lock = threading.Lock()
+        self._mirrored_at: dict[str, float] = {}  # run key -> monotonic time of the last mirror
 
     def _say(self, text: str) -> None:
         log.info(text)
@@ -61,7 +80,19 @@ class Actions:
 
     # -- completion -------------------------------------------------------------------------
     def on_final(self, rec: RunRecord) -> None:
-        """Run every configured action not yet done for a run in a final phase."""
+        """Run every configured action not yet done for a run in a final phase (at once a
+        no-op for a run whose actions another thread is already running)."""
+        with self._busy_lock:
+            if rec.key in self._busy:
+                return
+            self._busy.add(rec.key)
+        try:
+            self._run_actions(rec)
+        finally:
+            with self._busy_lock:
+                self._busy.discard(rec.key)
+
+    def _run_actions(self, rec: RunRecord) -> None:
         store = self.ctx.store
         done = ledger.actions_done(store, rec.stage_dir, rec.run_id)
         attempts = int(
@@ -139,6 +170,44 @@ class Actions:
                 continue
             new = launch_stage(self.ctx, spec, rec.target, profile=exp.profile)
             self._say(f"{rec.key}: launched next stage {child} as {new.key}")
+
+    def _do_relaunch(self, rec: RunRecord) -> None:
+        from orchestrator.vast.relaunch import relaunch_lost
+
+        res = relaunch_lost(self.ctx, rec)
+        start = res.resumed_from.describe() if res.resumed_from else "step 0"
+        self._say(
+            f"{rec.key}: lost; relaunched as {res.new.key} on instance "
+            f"{res.instance_id}, resuming from {start}"
+        )
+
+    # -- while running -----------------------------------------------------------------------
+    def mirror_checkpoints(self, now: float | None = None) -> list[str]:
+        """Pull the new checkpoints of every active training run whose target asks for it
+        (`pull_checkpoints_every_s` > 0) and is due. Returns the keys of the runs mirrored."""
+        from orchestrator.checkpoints import is_training, pull_checkpoints
+
+        now = time.monotonic() if now is None else now
+        done: list[str] = []
+        for rec in self.ctx.store.list_runs(active_only=True):
+            every = self.ctx.config.monitor_for(rec.target).pull_checkpoints_every_s
+            if every <= 0 or rec.phase is not Phase.RUNNING or not is_training(rec):
+                continue
+            last = self._mirrored_at.get(rec.key)
+            if last is not None and now - last < every:
+                continue
+            try:
+                held = pull_checkpoints(self.ctx, rec)
+            except Exception as exc:  # a box that does not answer now is tried next time
+                log.info("mirroring checkpoints of %s failed: %s", rec.key, exc)
+                continue
+            finally:
+                # The interval runs from the end of a pull: a slow one never runs back to back.
+                self._mirrored_at[rec.key] = max(now, time.monotonic())
+            if held:
+                log.info("%s: checkpoints here: %s", rec.key, ", ".join(held))
+            done.append(rec.key)
+        return done
 
     # -- instances ---------------------------------------------------------------------------
     def check_idle(self, target: str) -> None:

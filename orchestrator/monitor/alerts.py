@@ -172,6 +172,7 @@ _WORDS = {
     "timed_out": "TIMED OUT",
     "lost": "LOST (instance gone)",
     "unreachable": "unreachable",
+    "reachable": "reachable again",
     "cancelled": "cancelled",
 }
 
@@ -209,6 +210,16 @@ def format_alert(payload: dict[str, Any]) -> tuple[str, str]:
             "see: orch status",
         ]
         return title, "\n".join(lines)
+    if kind == "reachable":
+        runs = payload.get("runs") or []
+        title = f"orch: target {payload['target']} {word}"
+        lines = [
+            f"target: {payload['target']}   {payload.get('reason', '')}",
+            f"still running on it: {', '.join(runs)}",
+            "the runs are being judged again; any that ended meanwhile get their own alert",
+            "see: orch status",
+        ]
+        return title, "\n".join(lines)
     title = f"orch: {payload['stage']} {word} on {payload['target']}"
     lines = [
         f"stage: {payload['stage']}   run: {payload['stage_dir']}/{payload['run_id']}",
@@ -231,6 +242,8 @@ def format_alert(payload: dict[str, Any]) -> tuple[str, str]:
 def _notify_type(kind: str) -> str:
     if kind == "succeeded":
         return "success"
+    if kind in ("reachable", "relaunched"):
+        return "info"  # good news, but nothing finished
     if kind in ("unreachable", "hung", "cancelled"):
         return "warning"
     return "failure"
@@ -300,6 +313,14 @@ def send(sink: Sink, title: str, body: str, payload: dict[str, Any], redact: Red
         raise DeliveryError(
             redact(f"{sink.label}: {lines[-1] if lines else 'delivery failed'}"[:500])
         )
+
+
+def is_wanted(kind: str, on: list[str]) -> bool:
+    """Is an alert of `kind` sent under `[alerts] on`? "Reachable again" answers an
+    "unreachable" page, so it is sent only while both are on."""
+    if kind == "reachable":
+        return "reachable" in on and "unreachable" in on
+    return kind in on
 
 
 def backoff_s(attempts: int, rng: random.Random | None = None) -> float:
@@ -376,7 +397,7 @@ def deliver_pending(
             }
         payload = {**payload, "title": row["title"], "body": row["body"]}
         done = {s for s in (row["sinks_done"] or "").split(",") if s}
-        wanted = sinks if row["kind"] in settings.on else []
+        wanted = sinks if is_wanted(str(row["kind"]), settings.on) else []
         errors: list[str] = []
         for sink in wanted:
             if sink.id in done:

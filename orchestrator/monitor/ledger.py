@@ -9,6 +9,7 @@ Tables: `runs` and `phase_history` (core), `run_monitor` and the extra `alerts` 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -30,6 +31,12 @@ _RUN_FIELDS = (
     "unreachable_since",
 )
 _MON_FIELDS = ("gone_since", "unreachable_alerted", "cancel_requested")
+
+
+#: An alert as recorded: (alert, title, body, payload).
+Recorded = tuple[Alert, str, str, dict[str, Any]]
+#: One run's part of a grouped save: (old, new, the run's own alerts, status_json or None).
+Change = tuple[RunState, RunState, list[Recorded], str | None]
 
 
 def _dt(text: str | None) -> datetime | None:
@@ -94,7 +101,7 @@ def save(
     store: Store,
     old: RunState,
     new: RunState,
-    alerts: list[tuple[Alert, str, str, dict[str, Any]]],
+    alerts: list[Recorded],
     *,
     status_json: str | None = None,
 ) -> list[int]:
@@ -103,61 +110,104 @@ def save(
     Returns the ids of alerts recorded now (an alert whose dedup_key exists is not recorded
     again: that is what makes a restarted watcher send nothing twice).
     """
+    changed = _changes(old, new, status_json)
+    if not changed and not _mon_changed(old, new) and not alerts:
+        return []
+    now = now_iso()
+    with store.tx() as db:
+        if not _write_transition(db, old, new, changed, now):
+            return []  # changed under us (e.g. `orch stop`): the next poll starts afresh
+        return _insert_alerts(db, alerts, now)
+
+
+def save_many(store: Store, changes: list[Change], shared: list[Recorded]) -> list[int]:
+    """Several runs' transitions, each with its own alerts, and the alerts they share (one per
+    target: `unreachable`, `reachable`) in ONE transaction, so a watcher killed halfway cannot
+    leave some runs marked as told and others not (which would derive the shared alert again,
+    under another episode key, on restart).
+
+    A run changed under us meanwhile (e.g. `orch stop`) is skipped with its own alerts, and is
+    judged afresh on the next poll; the shared alerts are recorded if any run was written."""
+    now = now_iso()
+    ids: list[int] = []
+    with store.tx() as db:
+        written = False
+        for old, new, alerts, status_json in changes:
+            if _write_transition(db, old, new, _changes(old, new, status_json), now):
+                written = True
+                ids += _insert_alerts(db, alerts, now)
+        if written:
+            ids += _insert_alerts(db, shared, now)
+    return ids
+
+
+def _changes(old: RunState, new: RunState, status_json: str | None) -> dict[str, Any]:
     changed = {f: getattr(new, f) for f in _RUN_FIELDS if getattr(new, f) != getattr(old, f)}
     if status_json is not None:
         changed["status_json"] = status_json
-    mon_changed = any(getattr(new, f) != getattr(old, f) for f in _MON_FIELDS)
-    ids: list[int] = []
-    if not changed and not mon_changed and not alerts:
-        return ids
-    now = now_iso()
-    with store.tx() as db:
-        if changed:
-            changed["updated_at"] = now
-            sets = ", ".join(f"{k} = ?" for k in changed)  # keys from the fixed tuple above
-            cur = db.execute(
-                f"UPDATE runs SET {sets} WHERE stage_dir = ? AND run_id = ? AND phase = ?",
-                (*(to_db(v) for v in changed.values()), new.stage_dir, new.run_id, old.phase.value),
-            )
-            if cur.rowcount == 0:
-                return ids  # changed under us (e.g. `orch stop`): the next poll starts afresh
-            if new.phase != old.phase:
-                db.execute(
-                    "INSERT INTO phase_history (stage_dir, run_id, phase, reason, at) VALUES (?,?,?,?,?)",
-                    (new.stage_dir, new.run_id, new.phase.value, new.reason, now),
-                )
-        if mon_changed:
+    return changed
+
+
+def _mon_changed(old: RunState, new: RunState) -> bool:
+    return any(getattr(new, f) != getattr(old, f) for f in _MON_FIELDS)
+
+
+def _write_transition(
+    db: sqlite3.Connection, old: RunState, new: RunState, changed: dict[str, Any], now: str
+) -> bool:
+    """Update `runs` (only if the run is still in `old.phase`), phase_history and run_monitor;
+    False when the run changed under us and nothing was written."""
+    if changed:
+        changed = {**changed, "updated_at": now}
+        sets = ", ".join(f"{k} = ?" for k in changed)  # keys from the fixed tuple above
+        cur = db.execute(
+            f"UPDATE runs SET {sets} WHERE stage_dir = ? AND run_id = ? AND phase = ?",
+            (*(to_db(v) for v in changed.values()), new.stage_dir, new.run_id, old.phase.value),
+        )
+        if cur.rowcount == 0:
+            return False
+        if new.phase != old.phase:
             db.execute(
-                "INSERT INTO run_monitor (stage_dir, run_id, gone_since, unreachable_alerted, cancel_requested) "
-                "VALUES (?,?,?,?,?) ON CONFLICT(stage_dir, run_id) DO UPDATE SET "
-                "gone_since = excluded.gone_since, unreachable_alerted = excluded.unreachable_alerted, "
-                "cancel_requested = excluded.cancel_requested",
-                (
-                    new.stage_dir,
-                    new.run_id,
-                    to_db(new.gone_since),
-                    int(new.unreachable_alerted),
-                    int(new.cancel_requested),
-                ),
+                "INSERT INTO phase_history (stage_dir, run_id, phase, reason, at) VALUES (?,?,?,?,?)",
+                (new.stage_dir, new.run_id, new.phase.value, new.reason, now),
             )
-        for alert, title, body, payload in alerts:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO alerts (dedup_key, stage_dir, run_id, target, kind, title, body, "
-                "created_at, payload_json) VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    alert.dedup_key,
-                    alert.stage_dir,
-                    alert.run_id,
-                    alert.target,
-                    alert.kind,
-                    title,
-                    body,
-                    now,
-                    json.dumps(payload, sort_keys=True, default=str),
-                ),
-            )
-            if cur.rowcount:
-                ids.append(int(cur.lastrowid or 0))
+    if _mon_changed(old, new):
+        db.execute(
+            "INSERT INTO run_monitor (stage_dir, run_id, gone_since, unreachable_alerted, cancel_requested) "
+            "VALUES (?,?,?,?,?) ON CONFLICT(stage_dir, run_id) DO UPDATE SET "
+            "gone_since = excluded.gone_since, unreachable_alerted = excluded.unreachable_alerted, "
+            "cancel_requested = excluded.cancel_requested",
+            (
+                new.stage_dir,
+                new.run_id,
+                to_db(new.gone_since),
+                int(new.unreachable_alerted),
+                int(new.cancel_requested),
+            ),
+        )
+    return True
+
+
+def _insert_alerts(db: sqlite3.Connection, alerts: list[Recorded], now: str) -> list[int]:
+    ids: list[int] = []
+    for alert, title, body, payload in alerts:
+        cur = db.execute(
+            "INSERT OR IGNORE INTO alerts (dedup_key, stage_dir, run_id, target, kind, title, body, "
+            "created_at, payload_json) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                alert.dedup_key,
+                alert.stage_dir,
+                alert.run_id,
+                alert.target,
+                alert.kind,
+                title,
+                body,
+                now,
+                json.dumps(payload, sort_keys=True, default=str),
+            ),
+        )
+        if cur.rowcount:
+            ids.append(int(cur.lastrowid or 0))
     return ids
 
 

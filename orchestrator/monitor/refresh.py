@@ -10,6 +10,12 @@ life). A poll has a deadline covering connect + command; past it, or on any tran
 connection is dropped and rebuilt later with exponential backoff and jitter. While a target is
 backing off it is not contacted, but its runs still go through the state machine as
 unreachable, so the unreachable alert escalates on time.
+
+`unreachable` and `reachable` alerts are about a box, not a run: the runs' alerts of one poll
+are merged into ONE per target (`@<target>/<kind>/<episode start>`), stored with the runs'
+changes in one transaction. So a target that answers again after an outage it paged about
+sends one "reachable again" alert, and only if a run on it is still going (runs that ended
+meanwhile send their own final alert instead; see `statemachine._reachable_alert`).
 """
 
 from __future__ import annotations
@@ -35,7 +41,14 @@ if TYPE_CHECKING:
     from orchestrator.context import Context
     from orchestrator.targets.base import Target
 
-__all__ = ["Poller", "limits_for", "refresh_once", "wait_for_run", "watcher_running"]
+__all__ = [
+    "Poller",
+    "limits_for",
+    "merge_target_alerts",
+    "refresh_once",
+    "wait_for_run",
+    "watcher_running",
+]
 
 log = logging.getLogger("orch.monitor")
 
@@ -65,6 +78,56 @@ def limits_for(ctx: Context, rec: RunRecord) -> Limits:
         # The wrapper writes exit_code right after the process ends; give it about two polls.
         exit_grace_s=max(3.0, 1.5 * mon.interval_s),
     )
+
+
+#: Alerts about a whole target: merged into one per target and episode.
+TARGET_ALERTS = ("unreachable", "reachable")
+
+
+def merge_target_alerts(
+    target: str, kind: str, parts: list[tuple[RunState, RunState, Alert]]
+) -> tuple[Alert, list[str]]:
+    """One `unreachable`/`reachable` alert for a target from its runs' (prev, new, alert) of
+    one poll, and the runs it covers (pure). A box going silent or answering again is one
+    page, not one per run on it. Keyed by the episode, `@<target>/<kind>/<earliest
+    unreachable_since>`, so a watcher restarted before the change was stored derives the same
+    key (and the store records it once); the reason is that of the longest-silent run."""
+    if not parts:
+        raise ValueError("merge_target_alerts needs at least one run")
+
+    def since(part: tuple[RunState, RunState, Alert]) -> datetime:
+        prev, new, _ = part
+        at = new.unreachable_since or prev.unreachable_since
+        assert at is not None  # both kinds are made only inside an outage episode
+        return at
+
+    earliest = min(parts, key=since)
+    first = parts[0][2]
+    merged = Alert(
+        kind=kind,
+        dedup_key=f"@{target}/{kind}/{since(earliest).isoformat()}",
+        stage=first.stage if len(parts) == 1 else f"{len(parts)} runs",
+        stage_dir=first.stage_dir,
+        run_id=first.run_id,
+        target=target,
+        phase=first.phase,
+        reason=earliest[2].reason,
+        step=first.step,
+        total_steps=first.total_steps,
+        loss=first.loss,
+    )
+    return merged, [f"{new.stage_dir}/{new.run_id}" for _, new, _ in parts]
+
+
+@dataclass(frozen=True)
+class _Grouped:
+    """A run whose transition carries a target-level alert, waiting for the per-target merge."""
+
+    prev: RunState
+    new: RunState
+    alert: Alert  # the run's unreachable/reachable alert
+    own: list[Alert]  # the run's other alerts (e.g. `hung` seen as the box answers again)
+    status_json: str | None
 
 
 @dataclass
@@ -216,7 +279,7 @@ class Poller:
                     log.warning("provider check of %s failed: %s", name, exc)
             by_dir = {r.run_dir: r for r in obs.runs} if obs is not None else {}
             finals: list[RunRecord] = []
-            unreachable: list[tuple[RunState, RunState, Alert]] = []
+            grouped: dict[str, list[_Grouped]] = {kind: [] for kind in TARGET_ALERTS}
             for rec, prev in pairs:
                 run_obs = by_dir.get(rec.run_dir) if obs is not None else None
                 if obs is not None and run_obs is None:
@@ -224,9 +287,6 @@ class Poller:
                 new, alerts = transition(
                     prev, run_obs, now, limits_for(self.ctx, rec), provider_lost=lost
                 )
-                if any(a.kind == "unreachable" for a in alerts):
-                    unreachable.append((prev, new, alerts[0]))
-                    continue
                 status_json = None
                 if (
                     run_obs is not None
@@ -234,6 +294,12 @@ class Poller:
                     and run_obs.status.seq != prev.last_seq
                 ):
                     status_json = run_obs.status.model_dump_json()
+                shared = [a for a in alerts if a.kind in TARGET_ALERTS]
+                if shared:
+                    # Merged per target below (and never final: see statemachine).
+                    own = [a for a in alerts if a.kind not in TARGET_ALERTS]
+                    grouped[shared[0].kind].append(_Grouped(prev, new, shared[0], own, status_json))
+                    continue
                 ledger.save(
                     self.ctx.store,
                     prev,
@@ -246,7 +312,8 @@ class Poller:
                     after = self.ctx.store.get_run(rec.stage_dir, rec.run_id)
                     if after is not None:
                         finals.append(after)
-            self._save_unreachable(name, unreachable)
+            for kind, items in grouped.items():
+                self._save_merged(name, kind, items)
         if self.deliver:
             self.deliver_alerts()
         for rec in finals:
@@ -260,32 +327,18 @@ class Poller:
         out = [self.ctx.store.get_run(rec.stage_dir, rec.run_id) for rec, _ in pairs]
         return [r for r in out if r is not None]
 
-    def _save_unreachable(self, name: str, items: list[tuple[RunState, RunState, Alert]]) -> None:
-        """A silent box is one alert for the target, not one per run on it."""
+    def _save_merged(self, name: str, kind: str, items: list[_Grouped]) -> None:
+        """Store the runs' changes and their one merged target alert in one transaction."""
         if not items:
             return
-        since = min(
-            new.unreachable_since for _, new, _ in items if new.unreachable_since is not None
+        merged, runs = merge_target_alerts(name, kind, [(g.prev, g.new, g.alert) for g in items])
+        ledger.save_many(
+            self.ctx.store,
+            [(g.prev, g.new, [_with_text(a) for a in g.own], g.status_json) for g in items],
+            [_with_text(merged, runs=runs)],
         )
-        first = items[0][2]
-        runs = [f"{new.stage_dir}/{new.run_id}" for _, new, _ in items]
-        merged = Alert(
-            kind="unreachable",
-            dedup_key=f"@{name}/unreachable/{since.isoformat()}",
-            stage=first.stage if len(items) == 1 else f"{len(items)} runs",
-            stage_dir=first.stage_dir,
-            run_id=first.run_id,
-            target=name,
-            phase=first.phase,
-            reason=first.reason,
-            step=first.step,
-            total_steps=first.total_steps,
-            loss=first.loss,
-        )
-        for i, (prev, new, _) in enumerate(items):
-            alerts = [_with_text(merged, runs=runs)] if i == 0 else []
-            ledger.save(self.ctx.store, prev, new, alerts)
-            self._changed(prev, new)
+        for g in items:
+            self._changed(g.prev, g.new)
 
     def _changed(self, prev: RunState, new: RunState) -> None:
         if self.on_change is None:

@@ -8,6 +8,9 @@
                     terminal), removes it when the target has none left, beats the heartbeat
     alerts          retries undelivered alerts whose backoff is over
     actions         retries completion actions (pulls) that failed or were cut off
+    idle            paid boxes with nothing running: their idle policy
+    checkpoints     only when a target sets `pull_checkpoints_every_s`: mirrors the new
+                    checkpoints of active training runs (what an auto-relaunch resumes from)
 
 Nothing contacts a target that has no active run.
 """
@@ -42,6 +45,7 @@ RECONCILE_S = 2.0
 ALERT_RETRY_S = 5.0
 ACTION_RETRY_S = 60.0
 IDLE_CHECK_S = 60.0  # how often paid boxes are checked for idleness
+CHECKPOINT_CHECK_S = 15.0  # how often runs are checked for a due checkpoint mirror
 HEARTBEAT_S = 10.0  # the lock says a watcher runs; the heartbeat file is for humans
 
 
@@ -154,6 +158,12 @@ class Watcher:
             if cfg.kind == "vast" and self.ctx.store.live_instance_for(name) is not None:
                 self.actions.check_idle(name)
 
+    def _mirror(self) -> None:
+        try:
+            self.actions.mirror_checkpoints()
+        except Exception:
+            log.exception("mirroring checkpoints failed")
+
     # -- life ------------------------------------------------------------------------------------
     def start(self) -> None:
         """Resume: undelivered alerts are due now, unfinished actions retried, then schedule."""
@@ -187,6 +197,16 @@ class Watcher:
             id="idle",
             **common,
         )
+        if any(
+            self.ctx.config.monitor_for(name).pull_checkpoints_every_s > 0
+            for name in self.ctx.config.targets
+        ):
+            self.scheduler.add_job(
+                self._mirror,
+                IntervalTrigger(seconds=CHECKPOINT_CHECK_S),
+                id="checkpoints",
+                **common,
+            )
         self._actions_thread.start()
         self.scheduler.start()
 

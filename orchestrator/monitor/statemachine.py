@@ -8,7 +8,9 @@ Verdicts, in the order they are checked (the first that applies wins):
     lost        the provider says the instance is gone or was preempted
     (unreachable overlay)  no observation: keep the phase, start/continue the unreachable clock,
                 escalate with one `unreachable` alert after `unreachable_alert_after_s`.
-                Not hearing from a box is never a crash and never a timeout.
+                Not hearing from a box is never a crash and never a timeout. When the box
+                answers again after that alert, one `reachable` alert says how long it was
+                silent (not for a run that turned final meanwhile: see `_reachable_alert`).
     cancelled   the user asked to stop and the process is gone
     succeeded   `.run_complete` + manifest + exit code 0 (all three)
     failed      `.run_failed`, or a non-zero exit code that is not a signal death, or exit 0
@@ -110,12 +112,13 @@ class RunState:
 class Alert:
     """One alert: a state change worth telling the researcher about, once.
 
-    `dedup_key` is unique per change: `stage_dir/run_id/phase` for final phases; hung and
-    unreachable can happen more than once in a run, so their key names the episode (the `seq`
-    that stalled, the time the box went quiet), which a restarted watcher derives identically.
+    `dedup_key` is unique per change: `stage_dir/run_id/phase` for final phases; hung,
+    unreachable and reachable can happen more than once in a run, so their key names the episode
+    (the `seq` that stalled, the time the box went quiet), which a restarted watcher derives
+    identically.
     """
 
-    kind: str  # a phase value, or "unreachable"
+    kind: str  # a phase value, "unreachable" or "reachable"
     dedup_key: str
     stage: str
     stage_dir: str
@@ -233,6 +236,55 @@ def transition(
             return state, [alert]
         return state, []
 
+    new, alerts = _judge(prev, obs, now, limits)
+    back = _reachable_alert(prev, new, now)
+    return new, ([back, *alerts] if back is not None else alerts)
+
+
+def _reachable_alert(prev: RunState, new: RunState, now: datetime) -> Alert | None:
+    """The box answered after an outage someone was told about: say it is back, once.
+
+    Only for an episode whose `unreachable` alert was recorded (`unreachable_alerted`): a box
+    that comes back before anyone was paged stays silent. A run that turned final in this same
+    observation (crashed, succeeded, ... while nobody could see) gets no `reachable` alert: its
+    final alert already tells that the box answers, and a page saying "back" next to one saying
+    "crashed" is noise. The per-target merge (refresh.py) therefore sends one `reachable` alert
+    for a target only while at least one run on it is still going.
+
+    The key names the episode (`.../reachable/<unreachable_since>`), as the unreachable alert's
+    does, so a watcher restarted before the change was stored derives the same key again.
+    """
+    since = prev.unreachable_since
+    if not prev.unreachable_alerted or since is None or new.phase.is_terminal:
+        return None
+    return _alert(
+        replace(new, reason=silence_reason(prev.target, since, now)),
+        "reachable",
+        since.isoformat(),
+    )
+
+
+def silence_reason(target: str, since: datetime, now: datetime) -> str:
+    """`target 'gpu1' answers again after 12m05s of silence`, counted from the first poll
+    that got no answer."""
+    return (
+        f"target {target!r} answers again after {_span((now - since).total_seconds())} of silence"
+    )
+
+
+def _span(seconds: float) -> str:
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+def _judge(
+    prev: RunState, obs: RunObservation, now: datetime, limits: Limits
+) -> tuple[RunState, list[Alert]]:
+    """The verdict from an observation of a box that answered (see the module docstring)."""
     # The box answered: the unreachable overlay ends here.
     state = replace(prev, unreachable_since=None, unreachable_alerted=False)
     status = obs.status if obs.status_state == "ok" else None

@@ -2,7 +2,9 @@
 
 watch(ctx)                         poll until Ctrl-C / SIGTERM
 watch(ctx, once=True)              one poll of every active run; exit 1 if any is in a bad state
-watch(ctx, stop_when_idle=True)    `orch launch ... --watch`: return once nothing is left
+watch(ctx, stop_when_idle=True)    `orch launch ... --watch`: return once nothing is left (no
+                                   active run, no alert to send, no completion action under
+                                   way or to retry: a pull, the next stage it launches)
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from orchestrator.monitor import ledger
-from orchestrator.monitor.actions import Actions
+from orchestrator.monitor.actions import MAX_ATTEMPTS, Actions, wanted_actions
 from orchestrator.monitor.lock import WatcherBusyError, WatcherLock, watcher_running
 from orchestrator.monitor.refresh import Poller
 from orchestrator.monitor.scheduler import Watcher
 from orchestrator.monitor.statemachine import RunState
 from state.models import RunRecord
+from state.phases import Phase
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
@@ -70,17 +73,15 @@ def watch(
     if once:
         return _once(ctx, only, echo)
 
-    lock = WatcherLock(ctx.state_dir)
+    lock = WatcherLock(ctx.state_dir, holder="watch")
     try:
         lock.acquire()
-    except WatcherBusyError:
+    except WatcherBusyError as exc:
         if not stop_when_idle:
-            raise
-        # `orch launch --watch` beside a running `orch watch`: that one polls and alerts; we
-        # only follow the store until our runs end.
-        ctx.console.print(
-            "another `orch watch` is polling; following the store", style="dim", markup=False
-        )
+            raise  # one line naming the holder (a dashboard, another `orch watch`) and what to do
+        # `orch launch --watch` beside a running watcher: that one polls and alerts; we only
+        # follow the store until our runs end.
+        ctx.console.print(f"{exc.who} is polling; following the store", style="dim", markup=False)
         return _follow_store(ctx, only)
     stop = threading.Event()
     watched: set[tuple[str, str]] = set()
@@ -93,7 +94,9 @@ def watch(
         while not stop.wait(1.0):
             for rec, _ in ledger.load_states(ctx.store, targets=only):
                 watched.add((rec.stage_dir, rec.run_id))
-            if stop_when_idle and watcher.idle:
+            # Idle is not enough: a pull or a next stage may still be under way on the actions
+            # thread, and returning would cut it off (a next stage never launched).
+            if stop_when_idle and watcher.idle and not actions_left(ctx, watched):
                 break
     finally:
         watcher.stop()
@@ -103,6 +106,20 @@ def watch(
         return 0  # stopped by the user (Ctrl-C / SIGTERM): not a verdict on the runs
     finals = [ctx.store.get_run(sd, rid) for sd, rid in sorted(watched)]
     return 1 if any(r is not None and _bad(r) for r in finals) else 0
+
+
+def actions_left(ctx: Context, keys: Iterable[tuple[str, str]]) -> bool:
+    """Does a run among `keys` (stage_dir, run_id) that has ended still have a completion
+    action to do (pull, next stage, ...) that has not failed for good? A stopped run has none."""
+    for stage_dir, run_id in keys:
+        rec = ctx.store.get_run(stage_dir, run_id)
+        if rec is None or not rec.phase.is_terminal or rec.phase is Phase.CANCELLED:
+            continue
+        left = set(wanted_actions(ctx, rec)) - ledger.actions_done(ctx.store, stage_dir, run_id)
+        attempts = int(ledger.monitor_row(ctx.store, stage_dir, run_id).get("action_attempts") or 0)
+        if left and attempts < MAX_ATTEMPTS:
+            return True
+    return False
 
 
 def _follow_store(ctx: Context, only: list[str] | None, every_s: float = 2.0) -> int:

@@ -216,6 +216,14 @@ def test_unreachable_is_never_a_crash(tmp_path: Path, fresh_sshd: SshServer, hoo
         for child in frozen:
             signal_pid(child, signal.SIGCONT)
         assert _phase(ctx, run.key) is Phase.RUNNING and hook.matching("CRASHED") == []
+        # (On a slow machine the frozen connection may itself have been a paged outage, with
+        # its own "reachable again": count from here, once those are delivered.)
+        wait_until(
+            lambda: all(a["delivered_at"] for a in ctx.store.recent_alerts(50)),
+            15,
+            what="alerts so far delivered",
+        )
+        back0 = len(hook.matching("reachable again"))
         # A frozen box: the connection child and the listener stop answering (SIGSTOP).
         fresh_sshd.signal_connections(signal.SIGSTOP)
         signal_pid(listener, signal.SIGSTOP)
@@ -236,8 +244,20 @@ def test_unreachable_is_never_a_crash(tmp_path: Path, fresh_sshd: SshServer, hoo
             what="recovery",
         )
         assert _phase(ctx, run.key) is Phase.RUNNING
+        # The researcher paged "unreachable" is told it is back: one alert for the target,
+        # saying how long it was silent; still no crash.
+        back = hook.wait_for("reachable again", "box", timeout=15, count=back0 + 1)[-1]
+        assert back["title"] == "orch: target box reachable again" and back["type"] == "info"
+        assert "answers again after" in back["message"] and run.key in back["message"]
+        time.sleep(1.0)  # a few more polls: nothing repeats
+        assert len(hook.matching("reachable again")) == back0 + 1
+        assert hook.matching("CRASHED") == []
+        # One alert each way for the outage, keyed by it: a restarted watcher derives the same.
+        keys = {a["kind"]: a["dedup_key"] for a in reversed(ctx.store.recent_alerts(50))}
+        assert keys["reachable"] == keys["unreachable"].replace("/unreachable/", "/reachable/")
         # The box goes away entirely and the job dies meanwhile: once the box answers again
-        # the crash is seen and reported, exactly once.
+        # the crash is seen and reported, exactly once (and no "reachable again" for that
+        # outage: the crash alert already says the box answers).
         fresh_sshd.stop()
         time.sleep(1.5)
         signal_pid(pid, signal.SIGKILL)
@@ -248,6 +268,7 @@ def test_unreachable_is_never_a_crash(tmp_path: Path, fresh_sshd: SshServer, hoo
         time.sleep(1.0)
         assert len(hook.matching("CRASHED")) == 1
         assert len(hook.matching("unreachable")) >= 1  # the outage while sshd was down is a new one
+        assert len(hook.matching("reachable again")) == back0 + 1
     finally:
         signal_pid(listener, signal.SIGCONT)
         fresh_sshd.signal_connections(signal.SIGCONT)

@@ -447,3 +447,220 @@ def test_up_without_key_or_vast_target_is_one_clear_error(env: Env, isolated_hom
     res = env.cli("up", "local")
     assert res.returncode == 2 and "not 'vast'" in res.stderr
     assert main(["down", "nope"]) == 2
+
+
+# -- auto-relaunch of a lost training run -------------------------------------------------------
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small Mistral built offline, shared with the worker tests (same spec, same cache)."""
+    from worker import tiny
+
+    spec = tiny.TinySpec(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        steps=2,
+        train_rows=300,
+        batch_size=16,
+    )
+    return str(tiny.ensure_built(spec, root=tmp_path_factory.getbasetemp() / "tiny-cache"))
+
+
+def small_train_task(model: str, **over: object) -> WorkerTask:
+    """A real (tiny, CPU) training task that checkpoints every 4 steps."""
+    data = {"source": "tiny:recall", "format": "sft"}
+    args: dict[str, object] = {
+        "model": model,
+        "data": {**data, "name": "recall", "split": "train", "limit": 160},
+        "eval_data": {**data, "name": "recall-val", "split": "validation", "limit": 16},
+        "mask": "prefix",
+        "max_steps": 40,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "eval_every": 20,
+        "eval_batches": 2,
+        "probe_every": 20,
+        "probe_batch_size": 8,
+        "save_every": 4,
+        "keep_checkpoints": 2,
+        "heartbeat_s": 0.5,
+        **over,
+    }
+    return WorkerTask(command="train", args=args)
+
+
+def _lose_box(env: Env, ctx: Context, rec: object, iid: int, *, outbid: bool) -> object:
+    """Vast takes the instance away; the monitor's poll marks the run lost (as it would)."""
+    from orchestrator.monitor.actions import Actions
+    from orchestrator.monitor.refresh import Poller
+
+    if outbid:
+        env.server.preempt(iid)
+    else:  # stopped on the host's side, not outbid: the disk survives and it can start again
+        env.server.set_status(iid, actual="stopped", cur="stopped", intended="stopped")
+    # The instance stops: every process of the run dies at once (frozen ones too).
+    with contextlib.suppress(subprocess.CalledProcessError, ProcessLookupError):
+        _signal_run(rec.session, signal.SIGKILL)  # type: ignore[attr-defined]
+    subprocess.run(["tmux", "kill-session", "-t", rec.session], capture_output=True)  # type: ignore[attr-defined]
+    env.sshd.stop()
+    poller = Poller(ctx, deliver=False, provider_verdict=Actions(ctx).provider_verdict)
+    try:
+        poller.poll(["gpu"])
+    finally:
+        poller.close()
+    lost = ctx.store.get_run(rec.stage_dir, rec.run_id)  # type: ignore[attr-defined]
+    assert lost is not None and lost.phase == Phase.LOST, lost
+    env.sshd.start()  # the box orch rents next answers on the same loopback sshd
+    return lost
+
+
+def _signal_run(session: str, sig: int) -> None:
+    """Signal every process of a run's tmux pane (the wrapper and the worker)."""
+    out = subprocess.run(
+        ["tmux", "list-panes", "-t", session, "-F", "#{pane_pid}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    os.killpg(os.getpgid(int(out.stdout.split()[0])), sig)
+
+
+def _freeze(env: Env, rec: object) -> None:
+    """SIGSTOP the worker process itself (tmux resumes a stopped pane process, not its
+    children), so what the run has on disk stops changing."""
+    pid = int((env.remote / rec.run_dir / "pid").read_text())  # type: ignore[attr-defined]
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while _proc_state(pid) != "T":
+        assert time.monotonic() < deadline, _proc_state(pid)
+        time.sleep(0.01)
+
+
+def _proc_state(pid: int) -> str:
+    """The one-letter state of a process (R, S, T ...) from /proc."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_file(path: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def _wait_done(env: Env, run_dir: str, timeout: float = 240) -> dict:
+    import json
+
+    _wait_file(env.remote / run_dir / "exit_code", timeout)
+    return json.loads((env.remote / run_dir / "summary.json").read_text())
+
+
+def test_lost_training_run_relaunches_on_a_new_box_from_the_pulled_checkpoint(
+    env: Env, small_model: str
+) -> None:
+    import json
+
+    from orchestrator.monitor.actions import Actions, wanted_actions
+
+    conf = toml(env.server, env.sshd, env.remote, interruptible="true", auto_relaunch="true")
+    conf = conf.replace(
+        "provider_check_s = 60", "provider_check_s = 60\npull_checkpoints_every_s = 0.3"
+    )
+    (env.root / "orch.toml").write_text(conf)
+    env.server.add_offer(min_bid=0.15)
+    env.server.add_offer(min_bid=0.15, dph_total=0.45)
+    assert env.cli("up").returncode == 0
+    ctx = Context()
+    try:
+        first = int(live_row(ctx)["instance_id"])
+        spec = StageSpec(name="vt-sft", stage_dir="vt-sft", task=small_train_task(small_model))
+        rec = launch_mod.launch_stage(ctx, spec, "gpu")
+        # The watcher's checkpoint mirror pulls each new checkpoint while the run trains.
+        actions = Actions(ctx)
+        local_ck = env.root / rec.run_dir / "checkpoints"
+        remote_ck = env.remote / rec.run_dir / "checkpoints"
+        _wait_file(remote_ck / "step-4" / "meta.json")
+        # Freeze the run where it is (a tiny run would otherwise finish in seconds); it is still
+        # an active run to the store, which is all the mirror looks at.
+        _freeze(env, rec)
+        assert actions.mirror_checkpoints() == [rec.key]
+        assert actions.mirror_checkpoints() == []  # not due again yet
+        assert actions.mirror_checkpoints(now=time.monotonic() + 10) == [rec.key]
+        on_box = sorted(p.name for p in remote_ck.glob("step-*") if (p / "meta.json").exists())
+        steps = sorted(p.name for p in local_ck.glob("step-*") if (p / "meta.json").exists())
+        assert steps == on_box and 1 <= len(steps) <= 2, (steps, on_box)  # keep_checkpoints
+        assert not list(local_ck.glob(".*.tmp")), "a save in progress was mirrored"
+        _signal_run(rec.session, signal.SIGKILL)
+        newest_pulled = max(steps, key=lambda s: int(s.split("-")[1]))
+        # Outbid: the new box is another machine; nothing of the old run is on its disk.
+        shutil.rmtree(env.remote / rec.run_dir)
+        lost = _lose_box(env, ctx, rec, first, outbid=True)
+        assert "outbid" in lost.reason
+
+        assert wanted_actions(ctx, lost) == ["relaunch"]
+        Actions(ctx).on_final(lost)  # what the watcher's completion hook does
+        Actions(ctx).on_final(lost)  # a second call (a restarted watcher) does nothing more
+
+        second = int(live_row(ctx)["instance_id"])
+        assert second != first and first not in env.server.instances  # outbid one destroyed
+        runs = [r for r in ctx.store.list_runs() if r.stage == "vt-sft" and r.key != rec.key]
+        assert len(runs) == 1, runs
+        new = runs[0]
+        summary = _wait_done(env, new.run_dir)
+        assert summary["resumed_from"] == newest_pulled
+        assert summary["steps"] == 40
+        spec_json = json.loads((env.remote / new.run_dir / "spec.json").read_text())
+        assert spec_json["relaunch_of"] == rec.key and spec_json["relaunch_count"] == 1
+        assert "pulled to the laptop" in spec_json["resumed_from"]
+        alerts = [a for a in ctx.store.recent_alerts() if a["kind"] == "relaunched"]
+        assert len(alerts) == 1 and new.key in alerts[0]["body"], alerts
+        assert newest_pulled in alerts[0]["body"]
+    finally:
+        ctx.close()
+
+
+def test_relaunch_resumes_from_the_surviving_disk_and_respects_the_limit(
+    env: Env, small_model: str
+) -> None:
+    import json
+
+    from orchestrator.monitor.actions import Actions, wanted_actions
+
+    (env.root / "orch.toml").write_text(
+        toml(env.server, env.sshd, env.remote, auto_relaunch="true", max_relaunches="1")
+    )
+    env.server.add_offer()
+    assert env.cli("up").returncode == 0
+    ctx = Context()
+    try:
+        iid = int(live_row(ctx)["instance_id"])
+        spec = StageSpec(name="vt-sft", stage_dir="vt-sft", task=small_train_task(small_model))
+        rec = launch_mod.launch_stage(ctx, spec, "gpu")
+        _wait_file(env.remote / rec.run_dir / "checkpoints" / "step-8" / "meta.json")
+        _freeze(env, rec)
+        lost = _lose_box(env, ctx, rec, iid, outbid=False)
+        # Nothing pulled: the checkpoint comes from the old run dir on the restarted instance.
+        Actions(ctx).on_final(lost)
+        assert int(live_row(ctx)["instance_id"]) == iid  # started again, not re-rented
+        new = next(r for r in ctx.store.list_runs() if r.stage == "vt-sft" and r.key != rec.key)
+        spec_json = json.loads((env.remote / new.run_dir / "spec.json").read_text())
+        assert "surviving disk" in spec_json["resumed_from"]
+        on_disk = sorted((env.remote / rec.run_dir / "checkpoints").glob("step-*"))
+        newest_box = max((p.name for p in on_disk), key=lambda s: int(s.split("-")[1]))
+        summary = _wait_done(env, new.run_dir)
+        assert summary["resumed_from"] == newest_box and summary["steps"] == 40
+
+        # The relaunched run is lost too: max_relaunches = 1 stops the chain there.
+        lost2 = ctx.store.get_run(new.stage_dir, new.run_id)
+        assert lost2 is not None
+        ctx.store.update_run(new.stage_dir, new.run_id, phase=Phase.LOST, reason="test")
+        lost2 = ctx.store.get_run(new.stage_dir, new.run_id)
+        assert lost2 is not None and wanted_actions(ctx, lost2) == []
+        # An eval run is never relaunched.
+        ev = rec.model_copy(
+            update={"spec_json": rec.spec_json and rec.spec_json.replace('"train"', '"eval"')}
+        )
+        assert wanted_actions(ctx, ev.model_copy(update={"phase": Phase.LOST})) == []
+    finally:
+        ctx.close()

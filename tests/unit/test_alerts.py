@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,9 +26,10 @@ from orchestrator.monitor.alerts import (
     redact_url,
     url_problem,
 )
-from orchestrator.monitor.statemachine import Alert, RunState
+from orchestrator.monitor.refresh import merge_target_alerts
+from orchestrator.monitor.statemachine import Alert, Limits, RunState, transition
 from state.errors import ConfigError
-from state.models import RunRecord
+from state.models import RunObservation, RunRecord, RunStatus
 from state.phases import Phase
 from state.store import Store
 from tests.webhook import Webhook
@@ -296,3 +298,114 @@ def test_backoff_grows_and_is_capped() -> None:
     delays = [backoff_s(n, rng) for n in range(1, 15)]
     assert delays[0] < delays[3] < delays[6]
     assert max(delays) <= 600 * 1.25
+
+
+# -- "reachable again": one per target and episode ------------------------------------------
+def _alerted_outage(store: Store, run_ids: list[str]) -> list[RunState]:
+    """Runs on `box` whose outage (since T0) was already paged, as the store holds them."""
+    for rid in run_ids:
+        prev = _run(store, rid)
+        down = replace(prev, unreachable_since=T0, unreachable_alerted=True)
+        ledger.save(store, prev, down, [])
+    states = [s for _, s in ledger.load_states(store, targets=["box"])]
+    assert [s.run_id for s in states] == run_ids and all(s.unreachable_alerted for s in states)
+    return states
+
+
+def _answer(seq: int, **kw: object) -> RunObservation:
+    fields: dict[str, object] = {
+        "run_dir": "x",
+        "status": RunStatus(run_id="r", stage="stage1", seq=seq),
+        "status_state": "ok",
+        "session_alive": True,
+        "pid_alive": True,
+        **kw,
+    }
+    return RunObservation(**fields)  # type: ignore[arg-type]
+
+
+def _poll_back(
+    store: Store, states: list[RunState], at: datetime, answers: list[RunObservation]
+) -> list[int]:
+    """What the poller does when the box answers: the state machine per run, the target-level
+    alerts merged into one, all stored in one transaction."""
+    lim = Limits(stale_after_s=3600, timeout_s=86400, unreachable_alert_after_s=60)
+    parts, changes = [], []
+    for prev, answer in zip(states, answers, strict=True):
+        new, alerts = transition(prev, answer, at, lim)
+        back = [a for a in alerts if a.kind == "reachable"]
+        own = [_alert(new, a.kind) for a in alerts if a.kind != "reachable"]
+        changes.append((prev, new, own, None))
+        if back:
+            parts.append((prev, new, back[0]))
+    shared = []
+    if parts:
+        merged, runs = merge_target_alerts("box", "reachable", parts)
+        payload = alert_payload(merged, runs=runs)
+        shared = [(merged, *format_alert(payload), payload)]
+    return ledger.save_many(store, changes, shared)
+
+
+def test_reachable_is_one_alert_per_target_and_never_repeated(store: Store, hook: Webhook) -> None:
+    states = _alerted_outage(store, ["20260101-000001", "20260101-000002"])
+    back_at = T0 + timedelta(minutes=12, seconds=5)
+    ids = _poll_back(store, states, back_at, [_answer(1), _answer(1)])
+    assert len(ids) == 1  # two runs, one box: one alert
+    row = store.query("SELECT * FROM alerts WHERE id = ?", (ids[0],))[0]
+    assert row["kind"] == "reachable" and row["dedup_key"] == f"@box/reachable/{T0.isoformat()}"
+    # A watcher killed before that transaction committed polls again from the same stored
+    # states, later: same key, nothing new recorded.
+    assert (
+        _poll_back(store, states, back_at + timedelta(seconds=30), [_answer(2), _answer(2)]) == []
+    )
+    # What the store now says: the episode is over, so the next poll is silent.
+    after = [s for _, s in ledger.load_states(store, targets=["box"])]
+    assert all(s.unreachable_since is None and not s.unreachable_alerted for s in after)
+    assert _poll_back(store, after, back_at + timedelta(seconds=60), [_answer(3), _answer(3)]) == []
+
+    rep = deliver_pending(store, AlertSettings(urls=[hook.url]))
+    assert rep.delivered == ids
+    post = hook.wait_for("reachable again", timeout=5)[0]
+    assert post["title"] == "orch: target box reachable again" and post["type"] == "info"
+    assert "answers again after 12m05s of silence" in post["message"]
+    assert "s1/20260101-000001, s1/20260101-000002" in post["message"]
+    assert len(hook.posts) == 1
+
+
+def test_reachable_skips_runs_that_ended_meanwhile(store: Store) -> None:
+    states = _alerted_outage(store, ["20260101-000001", "20260101-000002"])
+    crashed = _answer(1, exit_code=137, session_alive=False, pid_alive=False)
+    ids = _poll_back(store, states, T0 + timedelta(minutes=5), [crashed, _answer(1)])
+    kinds = {r["kind"]: r for r in store.query("SELECT * FROM alerts")}
+    assert sorted(kinds) == ["crashed", "reachable"] and len(ids) == 2
+    payload = json.loads(kinds["reachable"]["payload_json"])
+    assert payload["runs"] == ["s1/20260101-000002"]  # only the run still going
+
+
+def test_every_run_ended_during_the_outage_means_no_reachable_alert(store: Store) -> None:
+    # Their final alerts already tell that the box answers.
+    states = _alerted_outage(store, ["20260101-000001"])
+    crashed = _answer(1, exit_code=137, session_alive=False, pid_alive=False)
+    _poll_back(store, states, T0 + timedelta(minutes=5), [crashed])
+    assert [r["kind"] for r in store.query("SELECT kind FROM alerts")] == ["crashed"]
+
+
+@pytest.mark.parametrize(
+    ("on", "sent"),
+    [
+        (None, True),  # the default list has both
+        (["crashed", "unreachable", "reachable"], True),
+        (["crashed", "unreachable"], False),  # the user dropped it
+        (["crashed", "reachable"], False),  # never paged "unreachable": no "back" either
+    ],
+)
+def test_reachable_follows_the_on_filter(
+    store: Store, hook: Webhook, on: list[str] | None, sent: bool
+) -> None:
+    states = _alerted_outage(store, ["20260101-000001"])
+    _poll_back(store, states, T0 + timedelta(minutes=3), [_answer(1)])
+    settings = (
+        AlertSettings(urls=[hook.url]) if on is None else AlertSettings(urls=[hook.url], on=on)
+    )
+    assert len(deliver_pending(store, settings).delivered) == 1  # recorded either way
+    assert len(hook.posts) == int(sent)

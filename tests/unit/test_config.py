@@ -90,3 +90,23 @@ def test_local_target_needs_no_fields(tmp_path: Path) -> None:
     assert isinstance(cfg.targets["local"], LocalTarget)
     with pytest.raises(ConfigError, match=r"targets\.box: missing `kind`"):
         load_config(write(tmp_path, "[targets.box]\nhost = 'h'\n"))
+
+
+def test_every_toml_example_in_the_docs_loads() -> None:
+    """A researcher copies these blocks into orch.toml: each must load as written."""
+    import re
+
+    import tomllib
+
+    from orchestrator.config import parse_config
+    from tests.conftest import REPO
+
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    blocks = [
+        (f.name, m.group(1))
+        for f in files
+        for m in re.finditer(r"```toml\n(.*?)```", f.read_text(), re.S)
+    ]
+    assert len(blocks) >= 5, blocks
+    for name, text in blocks:
+        parse_config(tomllib.loads(text), name)

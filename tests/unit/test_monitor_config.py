@@ -8,8 +8,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from orchestrator.context import Context
-from orchestrator.monitor.actions import wanted_actions
+from orchestrator.monitor import ledger
+from orchestrator.monitor.actions import MAX_ATTEMPTS, wanted_actions
 from orchestrator.monitor.refresh import limits_for
+from orchestrator.monitor.watch import actions_left
 from state.models import RunRecord
 from state.phases import Phase
 
@@ -72,3 +74,29 @@ def test_actions_follow_the_config(tmp_path: Path) -> None:
     assert wanted_actions(ctx, _rec("box", Phase.CRASHED)) == ["pull"]
     assert wanted_actions(ctx, _rec("box", Phase.TIMED_OUT)) == ["stop", "pull"]
     assert wanted_actions(ctx, _rec("box", Phase.CANCELLED)) == []
+
+
+def test_launch_watch_waits_for_completion_actions(tmp_path: Path) -> None:
+    """`orch launch --watch` returns only once the ended runs' pulls and next stages are done
+    (or have failed for good): returning earlier would cut them off mid-way."""
+    ctx = _ctx(tmp_path)
+    runs = {
+        phase: RunRecord(**{**_rec("box", phase).model_dump(), "run_id": f"20260101-00000{i}"})
+        for i, phase in enumerate((Phase.SUCCEEDED, Phase.CRASHED, Phase.RUNNING, Phase.CANCELLED))
+    }
+    for rec in runs.values():
+        ctx.store.insert_run(rec)
+    key = {p: (r.stage_dir, r.run_id) for p, r in runs.items()}
+    ok = key[Phase.SUCCEEDED]
+    assert not actions_left(ctx, [key[Phase.RUNNING], key[Phase.CANCELLED]])
+    assert actions_left(ctx, [ok])  # pull and next to do
+    ledger.record_action(ctx.store, *ok, "pull")
+    assert actions_left(ctx, [ok])  # the next stage is still to launch
+    ledger.record_action(ctx.store, *ok, "next")
+    assert not actions_left(ctx, [ok])
+    crashed = key[Phase.CRASHED]  # pull_on_failure: a pull that keeps failing is given up
+    for attempt in range(MAX_ATTEMPTS):
+        assert actions_left(ctx, [crashed]), attempt
+        ledger.record_action(ctx.store, *crashed, "pull", error="box gone")
+    assert not actions_left(ctx, [ok, crashed])
+    ctx.close()

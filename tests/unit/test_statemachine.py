@@ -368,7 +368,160 @@ def test_unreachable_then_back_clears_the_overlay() -> None:
         and back.unreachable_since is None
         and not back.unreachable_alerted
     )
-    assert alerts == []
+    assert [a.kind for a in alerts] == ["reachable"]  # the page said "unreachable": say "back"
+    again, alerts = transition(back, obs(status=status(8)), at(215), LIM)
+    assert again.phase is Phase.RUNNING and alerts == []  # once per episode
+
+
+ALERTED = {"unreachable_since": at(0), "unreachable_alerted": True}
+
+# "Reachable again": (name, previous state, observation, seconds after T0, expected phase,
+# alert kinds, text in the reachable alert's reason or "" when none is expected)
+REACHABLE_CASES = [
+    (
+        "back before the unreachable alert was sent: silent",
+        state(unreachable_since=at(0)),
+        obs(status=status(6)),
+        60,
+        Phase.RUNNING,
+        [],
+        "",
+    ),
+    (
+        "back after an alerted outage: one reachable alert saying how long",
+        state(**ALERTED),
+        obs(status=status(6)),
+        305,
+        Phase.RUNNING,
+        ["reachable"],
+        "answers again after 5m05s of silence",
+    ),
+    (
+        "back after a short alerted outage: seconds",
+        state(**ALERTED),
+        obs(status=status(6)),
+        42,
+        Phase.RUNNING,
+        ["reachable"],
+        "after 42 s of silence",
+    ),
+    (
+        "back after hours: the span in hours",
+        state(started_at=at(7000), last_seq_change_at=at(7600), **ALERTED),
+        obs(status=status(6)),
+        2 * 3600 + 7 * 60,
+        Phase.RUNNING,
+        ["reachable"],
+        "after 2h07m of silence",
+    ),
+    (
+        "back past the stage timeout: timed_out alone",
+        state(**ALERTED),
+        obs(status=status(6)),
+        2 * 3600 + 7 * 60,
+        Phase.TIMED_OUT,  # past the 3600 s stage timeout: final, so its own alert says it
+        ["timed_out"],
+        "",
+    ),
+    (
+        "crashed while unreachable: the crash alert alone",
+        state(**ALERTED),
+        obs(exit_code=137, **GONE),
+        300,
+        Phase.CRASHED,
+        ["crashed"],
+        "",
+    ),
+    (
+        "succeeded while unreachable: the success alert alone",
+        state(**ALERTED),
+        obs(complete=True, manifest_present=True, exit_code=0, **GONE),
+        300,
+        Phase.SUCCEEDED,
+        ["succeeded"],
+        "",
+    ),
+    (
+        "stopped by the user while unreachable: cancelled, silent",
+        state(cancel_requested=True, **ALERTED),
+        obs(exit_code=143, **GONE),
+        300,
+        Phase.CANCELLED,
+        [],
+        "",
+    ),
+    (
+        "back but no progress since before the outage: reachable, then hung",
+        state(**ALERTED),
+        obs(status=status(5)),
+        300,
+        Phase.HUNG,
+        ["reachable", "hung"],
+        "after 5m00s",
+    ),
+    (
+        "back, process gone, within the exit grace: reachable (the verdict comes next poll)",
+        state(**ALERTED),
+        obs(**GONE),
+        300,
+        Phase.RUNNING,
+        ["reachable"],
+        "after 5m00s",
+    ),
+    (
+        "still silent after the alert: nothing",
+        state(**ALERTED),
+        None,
+        300,
+        Phase.RUNNING,
+        [],
+        "",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "prev", "observation", "secs", "phase", "kinds", "reason"),
+    REACHABLE_CASES,
+    ids=[c[0] for c in REACHABLE_CASES],
+)
+def test_reachable_again(
+    name: str,
+    prev: RunState,
+    observation: RunObservation | None,
+    secs: float,
+    phase: Phase,
+    kinds: list[str],
+    reason: str,
+) -> None:
+    new, alerts = transition(prev, observation, at(secs), LIM)
+    assert new.phase is phase, name
+    assert [a.kind for a in alerts] == kinds, name
+    back = [a for a in alerts if a.kind == "reachable"]
+    if back:
+        assert reason and reason in back[0].reason and "'box'" in back[0].reason, back[0].reason
+        assert back[0].dedup_key == "s1/20260101-120000/reachable/" + at(0).isoformat()
+    if observation is not None:
+        assert new.unreachable_since is None and not new.unreachable_alerted, name
+
+
+def test_reachable_key_is_the_same_when_recomputed_after_a_restart() -> None:
+    """A watcher killed before it stored the change polls again from the same stored state,
+    later: the alert it derives has the same key (so the store records it once)."""
+    prev = state(**ALERTED)
+    _, first = transition(prev, obs(status=status(6)), at(300), LIM)
+    _, again = transition(prev, obs(status=status(9)), at(340), LIM)
+    assert [a.kind for a in first] == [a.kind for a in again] == ["reachable"]
+    assert first[0].dedup_key == again[0].dedup_key
+    # A later outage of the same run is a new episode: a new key.
+    down, _ = transition(
+        replace(prev, unreachable_since=None, unreachable_alerted=False), None, at(400), LIM
+    )
+    down, up = transition(down, None, at(600), LIM)
+    _, later = transition(down, obs(status=status(10)), at(610), LIM)
+    assert [a.kind for a in up] == ["unreachable"] and [a.kind for a in later] == ["reachable"]
+    assert later[0].dedup_key != first[0].dedup_key
+    assert later[0].dedup_key.endswith(at(400).isoformat())
 
 
 def test_dedup_keys_name_the_change_and_the_episode() -> None:

@@ -3,12 +3,19 @@ scoring in both modes, acc vs acc_norm by hand, and the tiny model end to end.""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from state import names
 from state.errors import WorkerError
-from state.phases import MaskMode
+from state.models import RunStatus
+from state.phases import MaskMode, WorkerPhase
+from state.protocol import read_model
 from state.worker_config import EvalArgs, TaskSource
 from worker import evaluate as ev
+from worker import lifecycle
 from worker.data import McExample, encode_pair
 
 
@@ -96,11 +103,11 @@ def _args(**kw) -> EvalArgs:
 
 
 def test_tiny_model_end_to_end_well_above_chance(tiny_sdpa) -> None:
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
     events: list[tuple[str, dict]] = []
     res = ev.evaluate(
         _args(),
-        lambda d, t: seen.append((d, t)),
+        lambda d, t, k: seen.append((d, t, k)),
         lambda k, d: events.append((k, d)),
         loaded=tiny_sdpa,
     )
@@ -110,8 +117,11 @@ def test_tiny_model_end_to_end_well_above_chance(tiny_sdpa) -> None:
         assert res["tasks"][name]["n"] == 120
     assert res["macro_acc"] == pytest.approx(sum(t["acc"] for t in res["tasks"].values()) / 3)
     assert res["mask"] == "causal" and res["tokens_forwarded"] > 0
-    assert seen[0] == (0, 360) and seen[-1] == (360, 360)
-    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[0] == (0, 360, 0) and seen[-1] == (360, 360, res["tokens_forwarded"])
+    assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen)
+    # every batch forwards tokens: the running total goes up on every call after the first
+    tokens = [k for _, _, k in seen]
+    assert all(b > a for a, b in zip(tokens, tokens[1:], strict=False)), tokens
     assert [k for k, _ in events] == ["eval", "eval", "eval"]
 
 
@@ -132,3 +142,23 @@ def test_bad_eval_args(tiny_sdpa) -> None:
     with pytest.raises(WorkerError, match="task names repeat"):
         t = TaskSource(name="a", source="tiny:arith")
         ev.evaluate(EvalArgs(tasks=[t, t]), loaded=tiny_sdpa)
+
+
+def test_eval_run_reports_tokens_per_second(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # The real worker entry (`python -m worker eval` runs exactly this): the dashboard reads
+    # tokens/s from status.json, which only moves if evaluation progress carries token counts.
+    rd = tmp_path / "stage1" / "r1"
+    args = _args(model=str(tiny_model_dir), heartbeat_s=0.5).model_copy(update={"batch_size": 8})
+    for t in args.tasks:
+        t.limit = 24
+    assert lifecycle.execute(rd, "eval", args.model_dump(mode="json")) == 0
+    metrics = json.loads((rd / names.METRICS).read_text())
+    st = read_model(rd / names.STATUS, RunStatus).value
+    assert st.phase == WorkerPhase.DONE
+    assert st.step == st.total_steps == metrics["n_questions"] == 72
+    assert st.tokens_per_s is not None and st.tokens_per_s > 0, st
+    assert st.steps_per_s is not None and st.steps_per_s > 0  # questions/s here
+    # Both rates span the whole evaluation (9 batches fit the rate window) over the same
+    # seconds, so their ratio is exactly the tokens forwarded per question.
+    per_question = metrics["tokens_forwarded"] / metrics["n_questions"]
+    assert st.tokens_per_s / st.steps_per_s == pytest.approx(per_question, rel=1e-9)

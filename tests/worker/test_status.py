@@ -95,3 +95,16 @@ def test_failed_write_is_remembered_not_raised(tmp_path: Path) -> None:
     rd.unlink()
     rd.mkdir()
     assert w.write() is True and w.last_error is None
+
+
+def test_progress_carries_tokens_into_the_rates(tmp_path: Path) -> None:
+    # Evaluation reports questions done plus the tokens forwarded since its previous call.
+    w = StatusWriter(tmp_path, "r1", "s", echo=False)
+    w.progress(0, 40, "evaluated 0/40")
+    w.progress(8, 40, "evaluated 8/40", tokens=800)
+    w.progress(16, 40, "evaluated 16/40", tokens=400)
+    st = read_model(tmp_path / names.STATUS, RunStatus).value
+    assert st.step == 16 and st.total_steps == 40 and st.message == "evaluated 16/40"
+    assert st.tokens_per_s is not None and st.tokens_per_s > 0
+    # over one window: 1200 tokens for 16 questions, whatever the seconds were
+    assert abs(st.tokens_per_s / st.steps_per_s - 75.0) < 1e-9

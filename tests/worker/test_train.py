@@ -206,7 +206,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(
 
 
 def test_checkpoints_keep_last_k_with_meta(tmp_path: Path, small_model: str) -> None:
-    from worker import train
+    from worker import checkpoints
 
     rd = tmp_path / "r"
     args = train_args(
@@ -219,11 +219,11 @@ def test_checkpoints_keep_last_k_with_meta(tmp_path: Path, small_model: str) -> 
     pruned = [p for e in events for p in e.data.get("pruned", [])]
     assert pruned == ["step-2", "step-4"]  # only the last 2 were kept while running
     meta = json.loads((rd / "checkpoints" / "final" / "meta.json").read_text())
-    assert meta["step"] == 9 and meta["config_hash"] == train.config_hash(meta["config"])
+    assert meta["step"] == 9 and meta["config_hash"] == checkpoints.config_hash(meta["config"])
 
 
 def test_lr_schedule_shapes() -> None:
-    from worker.train import lr_factor
+    from worker.optimizer import lr_factor
 
     assert [lr_factor(s, warmup=4, total=10, kind="constant") for s in range(6)] == [
         0.25,

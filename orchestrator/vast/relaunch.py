@@ -1,0 +1,171 @@
+"""Auto-relaunch of a lost training run on a vast target, resuming from its newest checkpoint.
+
+Off by default; `[targets.X] auto_relaunch = true` (and `max_relaunches`, default 2) turns it on.
+When the monitor marks a training run `lost` (Vast says the instance was outbid, stopped, or is
+gone), its completion actions call `relaunch_lost(ctx, rec)`, which:
+
+1. rents a box the way `orch up` does: the recorded instance is started again when Vast only
+   stopped it (its disk, and the run's checkpoints, survive), otherwise it is destroyed and the
+   best matching offer is rented, prepared and bootstrapped;
+2. picks the newest *complete* checkpoint (a `checkpoints/step-N` dir holding `meta.json`, which
+   the worker writes last) from two places: the lost run's dir on the box, if its disk survived,
+   and the copy pulled to this laptop (`orch pull RUN --checkpoints`, or the watcher's
+   `pull_checkpoints_every_s`). The higher step wins; a tie goes to the box (no upload);
+3. launches the same stage with the lost run's exact worker task (same args, so the worker's
+   config-hash check accepts the checkpoint) into a new run dir seeded with that checkpoint; the
+   worker resumes from it exactly (weights, optimizer, scheduler, RNG, data position). With no
+   checkpoint anywhere the run starts from step 0, and the alert says so.
+
+The new run's `spec.json` names the run it replaces (`relaunch_of`), how many relaunches the
+chain has had (`relaunch_count`) and where it resumed from (`resumed_from`). A chain stops after
+`max_relaunches`; the action is recorded in the store, so a restarted watcher never relaunches
+the same lost run twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orchestrator.checkpoints import (
+    Checkpoint,
+    local_checkpoints,
+    newest,
+    remote_checkpoints,
+)
+from state import names
+from state.errors import LaunchError
+from state.models import RunRecord, RunSpec
+from state.phases import Phase
+
+if TYPE_CHECKING:
+    from orchestrator.context import Context
+    from orchestrator.targets.base import Target
+
+SEED_TIMEOUT_S = 600.0
+
+# Hard-links a checkpoint into the new run dir (checkpoints are write-once: the worker saves to
+# a temp dir and renames, and pruning removes whole dirs), falling back to a copy.
+_LINK = 'mkdir -p -- "$2" && { cp -al -- "$1" "$2"/ 2>/dev/null || cp -a -- "$1" "$2"/; }'
+
+
+def seed_checkpoint(target: Target, ckpt: Checkpoint, new_run_dir: str) -> None:
+    """Put `ckpt` at `<new_run_dir>/checkpoints/<name>` on the target."""
+    dest = posixpath.join(target.workdir, new_run_dir, names.CHECKPOINTS)
+    if ckpt.where == "box":
+        res = target.run(["sh", "-c", _LINK, "sh", ckpt.path, dest], timeout=SEED_TIMEOUT_S)
+        if res.returncode != 0:
+            why = " ".join(res.stderr.split()) or f"exit {res.returncode}"
+            raise LaunchError(f"cannot copy {ckpt.name} into {new_run_dir} on the box: {why}")
+        return
+    target.sync_up(Path(ckpt.path), posixpath.join(dest, ckpt.name), excludes=[], delete=False)
+
+
+def lineage(rec: RunRecord) -> RunSpec:
+    """The lost run's spec (its exact task, and how many relaunches its chain has had)."""
+    if not rec.spec_json:
+        raise LaunchError(f"run {rec.key} has no recorded spec; cannot relaunch it")
+    return RunSpec.model_validate_json(rec.spec_json)
+
+
+def is_relaunchable(ctx: Context, rec: RunRecord) -> bool:
+    """Pure apart from config: a lost training run on a vast target with auto_relaunch on,
+    whose chain has relaunches left."""
+    from orchestrator.config import VastTarget as VastConfig
+
+    cfg = ctx.config.targets.get(rec.target)
+    if rec.phase is not Phase.LOST or not isinstance(cfg, VastConfig) or not cfg.auto_relaunch:
+        return False
+    try:
+        spec = lineage(rec)
+    except (LaunchError, ValueError):
+        return False
+    return spec.task.command == "train" and spec.relaunch_count < cfg.max_relaunches
+
+
+@dataclass
+class RelaunchResult:
+    new: RunRecord
+    instance_id: int
+    resumed_from: Checkpoint | None
+
+
+def relaunch_lost(ctx: Context, rec: RunRecord) -> RelaunchResult:
+    """Rent a box for the lost run's target and relaunch the run there, resuming from the
+    newest checkpoint (see the module docstring). Raises ProviderError/LaunchError."""
+    from jobs.spec import StageSpec
+    from orchestrator.config import VastTarget as VastConfig
+    from orchestrator.launch import launch_stage
+    from orchestrator.pull import local_run_dir
+    from orchestrator.targets.factory import make_target
+    from orchestrator.vast.provision import up
+
+    name, cfg = ctx.config.target(rec.target)
+    if not isinstance(cfg, VastConfig):
+        raise LaunchError(f"run {rec.key}: target {name} is not a vast target")
+    old = lineage(rec)
+    if old.relaunch_count >= cfg.max_relaunches:
+        raise LaunchError(
+            f"run {rec.key} was already relaunched {old.relaunch_count} time(s) "
+            f"(max_relaunches = {cfg.max_relaunches})",
+            hint=f"relaunch it by hand: orch launch {rec.stage}",
+        )
+    busy = [
+        r
+        for r in ctx.store.list_runs(active_only=True, target=name)
+        if r.stage == rec.stage and r.key != rec.key
+    ]
+    if busy:
+        raise LaunchError(f"{rec.stage} is already running on {name} as {busy[0].key}")
+
+    box = up(ctx, name)
+    found = local_checkpoints(local_run_dir(ctx, rec))
+    target = make_target(ctx, name)
+    try:
+        with contextlib.suppress(Exception):  # a new box has no trace of the old run
+            found += remote_checkpoints(target, rec.run_dir)
+    finally:
+        with contextlib.suppress(Exception):
+            target.close()
+    ckpt = newest(found)
+
+    stage = StageSpec(
+        name=old.stage,
+        stage_dir=old.stage_dir,
+        task=old.task,
+        timeout_s=old.timeout_s,
+        stale_after_s=old.stale_after_s,
+        resources=old.resources,
+        nproc_per_node=old.nproc_per_node,
+    )
+    extra = {
+        "relaunch_of": rec.key,
+        "relaunch_count": old.relaunch_count + 1,
+        "resumed_from": ckpt.describe() if ckpt else None,
+        "inputs": old.inputs,
+    }
+
+    def seed(t: Target, new: RunRecord) -> None:
+        if ckpt is not None:
+            seed_checkpoint(t, ckpt, new.run_dir)
+
+    new = launch_stage(ctx, stage, name, profile=old.profile, seed=seed, spec_extra=extra)
+    iid = box.instance_id
+    start = ckpt.describe() if ckpt else "step 0: no checkpoint on the box or on this laptop"
+    ctx.store.add_alert(
+        f"relaunched:{rec.key}",
+        kind="relaunched",
+        target=name,
+        stage_dir=rec.stage_dir,
+        run_id=rec.run_id,
+        title=f"orch: {rec.stage} relaunched on {name}",
+        body=(
+            f"{rec.key} was lost ({rec.reason}).\n"
+            f"relaunched as {new.key} on Vast instance {iid}, resuming from {start}.\n"
+            f"logs: orch logs {new.key}"
+        ),
+    )
+    return RelaunchResult(new=new, instance_id=iid, resumed_from=ckpt)
