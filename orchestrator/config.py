@@ -166,6 +166,7 @@ class AlertSettings(_Section):
             "reachable",
             "idle",
             "relaunched",
+            "relaunch_failed",
         ],
     )
     retry_max: int = Field(8, ge=0)

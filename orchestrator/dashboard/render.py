@@ -330,6 +330,7 @@ ALERT_STYLE = {
     "unreachable": "magenta",
     "reachable": "green",
     "relaunched": "cyan",
+    "relaunch_failed": "red",
     "idle": "yellow",
 }
 

@@ -174,7 +174,24 @@ class Actions:
     def _do_relaunch(self, rec: RunRecord) -> None:
         from orchestrator.vast.relaunch import relaunch_lost
 
-        res = relaunch_lost(self.ctx, rec)
+        try:
+            res = relaunch_lost(self.ctx, rec)
+        except Exception as exc:
+            # Said once (the retries stay in the log): the researcher must take over.
+            self.ctx.store.add_alert(
+                f"relaunch_failed:{rec.key}",
+                kind="relaunch_failed",
+                target=rec.target,
+                stage_dir=rec.stage_dir,
+                run_id=rec.run_id,
+                title=f"orch: relaunch of {rec.stage} on {rec.target} failed",
+                body=(
+                    f"{rec.key} was lost ({rec.reason}); relaunching it failed: {exc}\n"
+                    f"orch retries {MAX_ATTEMPTS} times; or by hand: orch up {rec.target} && "
+                    f"orch launch {rec.stage} --target {rec.target}"
+                ),
+            )
+            raise
         start = res.resumed_from.describe() if res.resumed_from else "step 0"
         self._say(
             f"{rec.key}: lost; relaunched as {res.new.key} on instance "

@@ -664,3 +664,45 @@ def test_relaunch_resumes_from_the_surviving_disk_and_respects_the_limit(
         assert wanted_actions(ctx, ev.model_copy(update={"phase": Phase.LOST})) == []
     finally:
         ctx.close()
+
+
+def test_a_relaunch_that_cannot_rent_is_one_alert_and_leaves_nothing_running(env: Env) -> None:
+    from datetime import datetime, timezone
+
+    from orchestrator.monitor import ledger
+    from orchestrator.monitor.actions import Actions
+    from state.models import RunRecord, RunSpec
+
+    (env.root / "orch.toml").write_text(
+        toml(env.server, env.sshd, env.remote, auto_relaunch="true")
+    )
+    ctx = Context()
+    try:
+        now = datetime.now(timezone.utc)
+        task = WorkerTask(command="train", args={"model": "tiny://default"})
+        spec = RunSpec(run_id="r1", stage="vt-sft", stage_dir="vt-sft", task=task, target="gpu")
+        rec = RunRecord(
+            run_id="r1",
+            stage="vt-sft",
+            stage_dir="vt-sft",
+            target="gpu",
+            phase=Phase.LOST,
+            reason="instance lost: outbid",
+            session="orch-vt-sft-r1",
+            run_dir="runs/vt-sft/r1",
+            created_at=now,
+            updated_at=now,
+            spec_json=spec.model_dump_json(),
+        )
+        ctx.store.insert_run(rec)
+        # Vast has no offer that matches: the relaunch cannot rent a box.
+        Actions(ctx).on_final(rec)
+        Actions(ctx).on_final(rec)  # the retry fails again: still one alert
+        alerts = [a for a in ctx.store.recent_alerts() if a["run_id"] == "r1"]
+        assert [a["kind"] for a in alerts] == ["relaunch_failed"], alerts
+        assert "orch up gpu" in alerts[0]["body"] and "no offer" in alerts[0]["body"].lower()
+        assert "relaunch" not in ledger.actions_done(ctx.store, "vt-sft", "r1")
+        assert env.server.instances == {}  # nothing rented, nothing to pay for
+        assert [r.key for r in ctx.store.list_runs()] == ["vt-sft/r1"]  # nothing launched
+    finally:
+        ctx.close()
