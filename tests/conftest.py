@@ -29,6 +29,27 @@ def require_tools(*tools: str) -> None:
         pytest.skip(msg)
 
 
+#: A tiny model small enough to fine-tune in seconds on CPU, with its own tokenizer and barely
+#: pre-trained: the worker, next-stage and relaunch tests share it (built once per session).
+SMALL_TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "steps": 2,
+    "train_rows": 300,
+    "batch_size": 16,
+}
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of the SMALL_TINY model dir (worker.tiny builds it offline, under a file lock)."""
+    from worker import tiny
+
+    spec = tiny.TinySpec(**SMALL_TINY)  # type: ignore[arg-type]
+    return str(tiny.ensure_built(spec, root=tmp_path_factory.getbasetemp() / "tiny-cache"))
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch

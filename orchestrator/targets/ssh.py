@@ -43,6 +43,22 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.2, 3.0
 # put_bytes: a temp file created under umask 077 in the destination dir, filled from stdin, given
 # its mode, then renamed over the destination: readers never see half a file, and a secret is
 # never readable by anyone else, even for a moment.
+# Every command runs under the box's own `timeout`, a little past the caller's deadline: when a
+# deadline passes, orch drops the connection, but sshd does not kill an exec'd command whose
+# client went away, so without this a hung command would live on, on a box billed by the hour.
+# A box without `timeout` (not coreutils or busybox) runs the command as is.
+_DEADLINE_SCRIPT = (
+    'if command -v timeout >/dev/null 2>&1; then exec timeout -k 5 "$0" "$@"; fi; exec "$@"'
+)
+REMOTE_GRACE_S = 2  # the box's limit is the caller's deadline plus this
+
+
+def with_remote_deadline(argv: list[str], timeout: float) -> list[str]:
+    """`argv` wrapped so the box itself ends it shortly after `timeout` seconds."""
+    limit = max(1, int(timeout + 0.999)) + REMOTE_GRACE_S
+    return ["sh", "-c", _DEADLINE_SCRIPT, str(limit), *argv]
+
+
 _PUT_SCRIPT = (
     'set -e; d=$(dirname -- "$1"); mkdir -p -- "$d"; umask 077; '
     't=$(mktemp "$d/.orch-put.XXXXXX"); trap \'rm -f -- "$t"\' EXIT; '
@@ -394,7 +410,7 @@ class SshTarget(Target):
     ) -> CommandResult:
         if not argv or not all(isinstance(a, str) for a in argv):
             raise TypeError(f"argv must be a non-empty list of str, got {argv!r}")
-        line = quote_argv(argv)
+        line = quote_argv(with_remote_deadline(argv, timeout))
         if cwd:
             line = f"cd -- {quote_argv([self.path(cwd)])} && {line}"
         rc, out, err = self.exec(line, timeout=timeout, stdin=stdin)

@@ -37,16 +37,6 @@ pytestmark = pytest.mark.integration
 PACKAGES = ("state", "worker", "jobs", "orchestrator")
 UPSTREAM, DOWNSTREAM = "stage3a", "stage4a"  # stage 4A evaluates stage 3A's checkpoint
 
-#: A tiny model small enough to fine-tune in a second (the shape test_train.py uses).
-SMALL = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "steps": 2,
-    "train_rows": 300,
-    "batch_size": 16,
-}
-
 
 def _overrides(model: Path) -> dict[str, object]:
     train = {
@@ -70,15 +60,15 @@ def _overrides(model: Path) -> dict[str, object]:
 
 @pytest.fixture
 def project(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+    small_model: str,
 ) -> Iterator[Path]:
     require_tools("tmux", "rsync")
-    pytest.importorskip("torch")
-    from worker import tiny
-
     fixed = os.environ.get("ORCH_TEST_CACHE_DIR")
     cache = Path(fixed) if fixed else tmp_path_factory.getbasetemp() / "orch-cache"
-    model = tiny.ensure_built(tiny.TinySpec(**SMALL), root=cache / "tiny")  # type: ignore[arg-type]
+    model = Path(small_model)
     root = tmp_path / "proj"
     root.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")

@@ -336,6 +336,32 @@ def test_frozen_box_hits_the_deadline(fresh_sshd: SshServer, tmp_path: Path) -> 
     t.close()
 
 
+def test_a_command_past_its_deadline_does_not_live_on_on_the_box(
+    sshd_server: SshServer, tmp_path: Path
+) -> None:
+    """orch drops the connection at the deadline; the box's own `timeout` then ends the
+    command, so a hung remote command is not left running on a box billed by the hour."""
+    t = ssh_target(sshd_server, tmp_path)
+    marker = f"orch-deadline-{os.getpid()}-{time.monotonic_ns()}"
+    argv = ["sh", "-c", f"sleep 60 # {marker}"]
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(UnreachableError, match="within"):
+            t.run(argv, timeout=1.5)
+        assert time.monotonic() - t0 < 10
+        alive = lambda: subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0  # noqa: E731
+        deadline = time.monotonic() + 20
+        while alive():
+            assert time.monotonic() < deadline, "the command outlived its deadline on the box"
+            time.sleep(0.2)
+        # A command within its deadline is not affected: output, exit code and stdin pass.
+        res = t.run(["sh", "-c", "cat; exit 3"], timeout=20, stdin=b"in\n")
+        assert (res.returncode, res.stdout) == (3, "in\n")
+    finally:
+        subprocess.run(["pkill", "-f", marker], capture_output=True)
+        t.close()
+
+
 def test_sync_down_resumes_after_the_link_is_cut(fresh_sshd: SshServer, tmp_path: Path) -> None:
     t = ssh_target(fresh_sshd, tmp_path)
     art = Path(t.workdir) / "runs" / "s" / "r"

@@ -450,22 +450,6 @@ def test_up_without_key_or_vast_target_is_one_clear_error(env: Env, isolated_hom
 
 
 # -- auto-relaunch of a lost training run -------------------------------------------------------
-@pytest.fixture(scope="session")
-def small_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A small Mistral built offline, shared with the worker tests (same spec, same cache)."""
-    from worker import tiny
-
-    spec = tiny.TinySpec(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        steps=2,
-        train_rows=300,
-        batch_size=16,
-    )
-    return str(tiny.ensure_built(spec, root=tmp_path_factory.getbasetemp() / "tiny-cache"))
-
-
 def small_train_task(model: str, **over: object) -> WorkerTask:
     """A real (tiny, CPU) training task that checkpoints every 4 steps."""
     data = {"source": "tiny:recall", "format": "sft"}

@@ -13,13 +13,13 @@ import pytest
 from state import names
 from state.models import RunStatus
 from state.protocol import read_events, read_model
-from tests.worker.test_train import small_model, train_args  # noqa: F401 - fixture
+from tests.worker.test_train import train_args
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run(tmp_path: Path, small_model: str) -> None:  # noqa: F811
+def test_two_process_gloo_run(tmp_path: Path, small_model: str) -> None:
     rd = tmp_path / "ddp" / "r1"
     args = train_args(
         small_model, max_steps=6, batch_size=4, eval_every=3, probe_every=3, save_every=3

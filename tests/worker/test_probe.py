@@ -23,7 +23,7 @@ from state.models import RunFailed, RunStatus
 from state.phases import MaskMode, WorkerExit
 from state.protocol import read_events, read_model
 from state.worker_config import TaskSource
-from tests.worker.test_train import small_model, train_args  # noqa: F401 - fixture
+from tests.worker.test_train import train_args
 from worker import data, lifecycle, masks, probe
 
 LEAK_RATIO = 0.5  # the seed-style threshold of the ratio rule (TrainArgs.leak_ratio default)
@@ -167,7 +167,7 @@ def test_counterfactual_catches_the_prefix_off_by_one(
 
 
 @pytest.mark.parametrize("mode", ["full_bidir", "prefix", "causal"])
-def test_structural_check_on_a_real_batch(tmp_path: Path, small_model: str, mode: str) -> None:  # noqa: F811
+def test_structural_check_on_a_real_batch(tmp_path: Path, small_model: str, mode: str) -> None:
     rd = tmp_path / "r"
     args = train_args(small_model, mask=mode, max_steps=1, eval_every=100, probe_every=100)
     code = lifecycle.execute(rd, "train", args)

@@ -23,20 +23,6 @@ from state.protocol import read_events, read_model, verify_manifest
 from worker import lifecycle, tiny
 
 REPO = Path(__file__).resolve().parents[2]
-# A small Mistral with its own tokenizer, barely pre-trained: built once per test session.
-SMALL = tiny.TinySpec(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    steps=2,
-    train_rows=300,
-    batch_size=16,
-)
-
-
-@pytest.fixture(scope="session")
-def small_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tiny.ensure_built(SMALL, root=tmp_path_factory.getbasetemp() / "tiny-cache"))
 
 
 def random_sft(
