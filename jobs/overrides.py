@@ -1,8 +1,8 @@
 """`--set KEY=VALUE` overrides: parsing, dotted paths into nested args, stage scoping.
 
 A key is a dotted path into a stage's worker args (`max_steps`, `tasks.0.limit`, `data.limit`)
-or one of the spec-level keys (`timeout_s`, `stale_after_s`, `nproc_per_node`,
-`resources.gpus`, `resources.min_gpu_ram_gb`). A key may be scoped to one stage by prefixing it
+or one of the spec-level keys (`timeout_s`, `stale_after_s`, `poll_interval_s`,
+`nproc_per_node`, `resources.gpus`, `resources.min_gpu_ram_gb`). A key may be scoped to one stage by prefixing it
 with the stage name (`stage3a.max_steps=50`). Values are parsed as JSON when they parse
 (`50` -> 50, `true` -> True, `null` -> None, `[1,2]` -> a list), else kept as strings.
 Pure functions; no I/O.
@@ -20,6 +20,7 @@ from state.errors import ConfigError
 SPEC_KEYS: tuple[str, ...] = (
     "timeout_s",
     "stale_after_s",
+    "poll_interval_s",
     "nproc_per_node",
     "resources.gpus",
     "resources.min_gpu_ram_gb",

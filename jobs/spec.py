@@ -33,6 +33,9 @@ class StageSpec(BaseModel):
     outputs: list[str] = Field(default_factory=list)  # files the run must produce
     timeout_s: float = 9 * 3600  # the seed's TIMEOUT_SECS
     stale_after_s: float = 300
+    #: Poll this stage's target at least this often while it runs (None: the target's own
+    #: `[monitor] interval_s`); e.g. a short stage whose failure should page within a second.
+    poll_interval_s: float | None = Field(None, gt=0)
     resources: Resources = Field(default_factory=Resources)
     nproc_per_node: int = 1
     local_only: bool = False  # e.g. `report`: runs on the laptop, not on a target

@@ -155,6 +155,7 @@ def _spec_fields(r: StageRecipe, p: Profile) -> dict[str, Any]:
     return {
         "timeout_s": p.train_timeout_s if train else p.eval_timeout_s,
         "stale_after_s": p.train_stale_after_s if train else p.eval_stale_after_s,
+        "poll_interval_s": None,  # the target's `[monitor] interval_s`
         "nproc_per_node": p.nproc_per_node if train else 1,
         "resources": (p.train_resources if train else p.eval_resources).model_dump(),
     }
@@ -284,6 +285,7 @@ def get_stage(
             outputs=[names.METRICS] if r.kind == "eval" else [names.SUMMARY, CHECKPOINT],
             timeout_s=spec_fields["timeout_s"],
             stale_after_s=spec_fields["stale_after_s"],
+            poll_interval_s=spec_fields["poll_interval_s"],
             resources=resources,
             nproc_per_node=spec_fields["nproc_per_node"],
         )

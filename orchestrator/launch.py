@@ -310,6 +310,7 @@ def _build_spec(
         inputs=resolved,
         timeout_s=stage.timeout_s,
         stale_after_s=stage.stale_after_s,
+        poll_interval_s=stage.poll_interval_s,
         resources=stage.resources,
         nproc_per_node=stage.nproc_per_node,
         git_commit=commit,

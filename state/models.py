@@ -150,6 +150,7 @@ class RunSpec(_FileModel):
     inputs: dict[str, str] = Field(default_factory=dict)
     timeout_s: float = 9 * 3600
     stale_after_s: float = 300
+    poll_interval_s: float | None = None
     resources: Resources = Field(default_factory=Resources)
     nproc_per_node: int = 1
     git_commit: str | None = None

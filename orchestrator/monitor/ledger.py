@@ -97,6 +97,25 @@ def active_targets(store: Store) -> list[str]:
     return [r["target"] for r in rows]
 
 
+def stage_poll_intervals(store: Store) -> dict[str, float]:
+    """Per target, the shortest `poll_interval_s` that a stage of an active run asks for
+    (targets whose active runs ask for none are absent). Reads the store only."""
+    marks = ",".join("?" for _ in MONITORED_PHASES)
+    rows = store.query(
+        f"SELECT target, spec_json FROM runs WHERE phase IN ({marks})",
+        tuple(p.value for p in MONITORED_PHASES),
+    )
+    out: dict[str, float] = {}
+    for r in rows:
+        try:
+            value = json.loads(r["spec_json"] or "{}").get("poll_interval_s")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(value, (int, float)) and value > 0:
+            out[r["target"]] = min(float(value), out.get(r["target"], float("inf")))
+    return out
+
+
 def save(
     store: Store,
     old: RunState,

@@ -1,6 +1,8 @@
 """The watcher's clock: APScheduler 3.x jobs, one per target that has active runs.
 
     poll:<target>   IntervalTrigger(interval_s, jitter), max_instances=1, coalesce=True,
+                    every `[monitor] interval_s` of the target, or faster while a run of a stage
+                    with a shorter `poll_interval_s` is active on it (see `poll_interval`),
                     misfire_grace_time=misfire_grace_s: a laptop that slept polls once on
                     waking instead of a burst, and a slow box never gets two polls at once
     reconcile       every couple of seconds, reads the store only (no remote call): adds a poll
@@ -47,6 +49,15 @@ ACTION_RETRY_S = 60.0
 IDLE_CHECK_S = 60.0  # how often paid boxes are checked for idleness
 CHECKPOINT_CHECK_S = 15.0  # how often runs are checked for a due checkpoint mirror
 HEARTBEAT_S = 10.0  # the lock says a watcher runs; the heartbeat file is for humans
+MIN_POLL_S = 0.5  # no stage may make a box be polled faster than this
+
+
+def poll_interval(target_s: float, stage_s: float | None) -> float:
+    """Pure: how often to poll a target: its own interval, or the shortest interval a stage
+    running on it asks for when that is shorter; never below MIN_POLL_S. One poll carries
+    every run on the target, so the most demanding active stage sets the pace."""
+    want = target_s if stage_s is None else min(target_s, stage_s)
+    return max(MIN_POLL_S, want)
 
 
 class Watcher:
@@ -101,25 +112,33 @@ class Watcher:
             if self.only is not None:
                 active = [t for t in active if t in self.only]
             self.active_targets = active
+            by_stage = ledger.stage_poll_intervals(self.ctx.store)
             for t in active:
-                if t in self._polling:
-                    continue
                 mon = self.ctx.config.monitor_for(t)
-                self.scheduler.add_job(
-                    self._poll,
-                    IntervalTrigger(
-                        seconds=mon.interval_s, jitter=mon.jitter_s or None, timezone=timezone.utc
-                    ),
-                    args=[t],
-                    id=f"poll:{t}",
-                    name=f"poll {t}",
-                    max_instances=1,
-                    coalesce=True,
-                    misfire_grace_time=int(mon.misfire_grace_s),
-                    next_run_time=datetime.now(timezone.utc),  # a new run is looked at at once
-                    replace_existing=True,
+                every = poll_interval(mon.interval_s, by_stage.get(t))
+                if self._polling.get(t) == every:
+                    continue
+                trigger = IntervalTrigger(
+                    seconds=every,
+                    jitter=min(mon.jitter_s, every / 2) or None,
+                    timezone=timezone.utc,
                 )
-                self._polling[t] = mon.interval_s
+                if t in self._polling:  # the pace changed (a fast stage started or ended)
+                    self.scheduler.reschedule_job(f"poll:{t}", trigger=trigger)
+                else:
+                    self.scheduler.add_job(
+                        self._poll,
+                        trigger,
+                        args=[t],
+                        id=f"poll:{t}",
+                        name=f"poll {t}",
+                        max_instances=1,
+                        coalesce=True,
+                        misfire_grace_time=int(mon.misfire_grace_s),
+                        next_run_time=datetime.now(timezone.utc),  # a new run: look at once
+                        replace_existing=True,
+                    )
+                self._polling[t] = every
             for t in list(self._polling):
                 if t not in active:
                     self.scheduler.remove_job(f"poll:{t}")

@@ -138,6 +138,7 @@ def relaunch_lost(ctx: Context, rec: RunRecord) -> RelaunchResult:
         task=old.task,
         timeout_s=old.timeout_s,
         stale_after_s=old.stale_after_s,
+        poll_interval_s=old.poll_interval_s,
         resources=old.resources,
         nproc_per_node=old.nproc_per_node,
     )

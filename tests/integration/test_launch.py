@@ -141,7 +141,9 @@ def _launch_run_pull(
     ctx: Context, capsys: pytest.CaptureFixture[str], stage_name: str, *, full: bool = True
 ) -> None:
     stage = exec_stage(stage_name, sys.executable, "-c", WRITE_ARTIFACT)
+    stage = stage.model_copy(update={"poll_interval_s": 2.5})
     rec = launch_mod.launch_stage(ctx, stage)
+    assert json.loads(rec.spec_json)["poll_interval_s"] == 2.5  # the watcher's pace for it
     assert rec.phase == Phase.RUNNING
     assert rec.session == f"orch-{stage_name}-{rec.run_id}"
     history = [p for p, _, _ in ctx.store.phase_history(rec.stage_dir, rec.run_id)]

@@ -119,6 +119,7 @@ def test_overrides_apply_with_dotted_keys_and_json_values() -> None:
         ("stage1", {"resources.gpus": "many"}, "resources.gpus"),
         ("stage1", {"max_length.x": 1}, "is a value"),
         ("stage1", {"stage1.max_steps": 5}, "does not take the key 'max_steps'"),
+        ("stage3b", {"poll_interval_s": 0}, "poll_interval_s"),
     ],
 )
 def test_bad_overrides_are_one_clear_config_error(stage: str, overrides: dict, needle: str) -> None:
@@ -126,6 +127,13 @@ def test_bad_overrides_are_one_clear_config_error(stage: str, overrides: dict, n
         get_stage(stage, "tiny", overrides)
     assert needle in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+def test_a_stage_can_ask_for_faster_polls() -> None:
+    assert get_stage("stage3b", "tiny").poll_interval_s is None  # the target's interval
+    spec = get_stage("stage3b", "tiny", {"stage3b.poll_interval_s": "2"})
+    assert spec.poll_interval_s == 2.0
+    assert get_stage("stage1", "tiny", {"stage3b.poll_interval_s": "2"}).poll_interval_s is None
 
 
 def test_unknown_key_lists_allowed_ones() -> None:

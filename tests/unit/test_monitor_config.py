@@ -100,3 +100,45 @@ def test_launch_watch_waits_for_completion_actions(tmp_path: Path) -> None:
         ledger.record_action(ctx.store, *crashed, "pull", error="box gone")
     assert not actions_left(ctx, [ok, crashed])
     ctx.close()
+
+
+def test_poll_interval_takes_the_most_demanding_active_stage() -> None:
+    from orchestrator.monitor.scheduler import MIN_POLL_S, poll_interval
+
+    assert poll_interval(5.0, None) == 5.0
+    assert poll_interval(5.0, 2.0) == 2.0
+    assert poll_interval(5.0, 30.0) == 5.0  # a stage can ask for faster polls, never slower
+    assert poll_interval(5.0, 0.01) == MIN_POLL_S
+
+
+def test_a_fast_stage_speeds_up_its_target_while_it_runs(tmp_path: Path) -> None:
+    """The watcher's poll job for a target follows its active runs' stages (store only)."""
+    from orchestrator.monitor.scheduler import Watcher
+
+    ctx = _ctx(tmp_path)
+    slow = RunRecord(**{**_rec("box", stale_after_s=60).model_dump(), "run_id": "20260101-000001"})
+    fast = RunRecord(**{**_rec("box", poll_interval_s=2).model_dump(), "run_id": "20260101-000002"})
+    other = RunRecord(**{**_rec("local", poll_interval_s=3).model_dump(), "run_id": "20260101-3"})
+    for rec in (slow, fast, other):
+        ctx.store.insert_run(rec)
+    assert ledger.stage_poll_intervals(ctx.store) == {"box": 2.0, "local": 3.0}
+    watcher = Watcher(ctx)
+    try:
+
+        def every(target: str) -> float:
+            job = watcher.scheduler.get_job(f"poll:{target}")
+            assert job is not None
+            return float(job.trigger.interval.total_seconds())
+
+        watcher.reconcile()
+        assert every("box") == 2.0 and every("local") == 3.0
+        # The fast stage ends: the box goes back to its own [targets.box.monitor] interval.
+        ctx.store.update_run(fast.stage_dir, fast.run_id, phase=Phase.SUCCEEDED)
+        watcher.reconcile()
+        assert every("box") == 10.0 and every("local") == 3.0
+        ctx.store.update_run(other.stage_dir, other.run_id, phase=Phase.FAILED)
+        watcher.reconcile()
+        assert watcher.scheduler.get_job("poll:local") is None  # nothing left to poll there
+    finally:
+        watcher.poller.close()
+        ctx.close()
