@@ -172,25 +172,12 @@ class Actions:
             self._say(f"{rec.key}: launched next stage {child} as {new.key}")
 
     def _do_relaunch(self, rec: RunRecord) -> None:
-        from orchestrator.vast.relaunch import relaunch_lost
+        from orchestrator.vast.relaunch import relaunch_failed, relaunch_lost
 
         try:
             res = relaunch_lost(self.ctx, rec)
         except Exception as exc:
-            # Said once (the retries stay in the log): the researcher must take over.
-            self.ctx.store.add_alert(
-                f"relaunch_failed:{rec.key}",
-                kind="relaunch_failed",
-                target=rec.target,
-                stage_dir=rec.stage_dir,
-                run_id=rec.run_id,
-                title=f"orch: relaunch of {rec.stage} on {rec.target} failed",
-                body=(
-                    f"{rec.key} was lost ({rec.reason}); relaunching it failed: {exc}\n"
-                    f"orch retries {MAX_ATTEMPTS} times; or by hand: orch up {rec.target} && "
-                    f"orch launch {rec.stage} --target {rec.target}"
-                ),
-            )
+            relaunch_failed(self.ctx, rec, exc, MAX_ATTEMPTS)
             raise
         start = res.resumed_from.describe() if res.resumed_from else "step 0"
         self._say(

@@ -196,27 +196,30 @@ def alert_payload(alert: Alert, *, runs: list[str] | None = None) -> dict[str, A
     }
 
 
+#: Target-wide alerts: how their body names the runs, and what the researcher should know.
+_TARGET_LINES = {
+    "unreachable": (
+        "runs on it",
+        "not a crash: the runs are judged again as soon as the box answers",
+    ),
+    "reachable": (
+        "still running on it",
+        "the runs are being judged again; any that ended meanwhile get their own alert",
+    ),
+}
+
+
 def format_alert(payload: dict[str, Any]) -> tuple[str, str]:
     """(title, body) of an alert payload: short enough for a phone notification."""
     kind = payload["kind"]
     word = _WORDS.get(kind, kind)
-    if kind == "unreachable":
-        runs = payload.get("runs") or []
+    if kind in _TARGET_LINES:  # about a whole box, not one run
+        label, note = _TARGET_LINES[kind]
         title = f"orch: target {payload['target']} {word}"
         lines = [
             f"target: {payload['target']}   {payload.get('reason', '')}",
-            f"runs on it: {', '.join(runs)}",
-            "not a crash: the runs are judged again as soon as the box answers",
-            "see: orch status",
-        ]
-        return title, "\n".join(lines)
-    if kind == "reachable":
-        runs = payload.get("runs") or []
-        title = f"orch: target {payload['target']} {word}"
-        lines = [
-            f"target: {payload['target']}   {payload.get('reason', '')}",
-            f"still running on it: {', '.join(runs)}",
-            "the runs are being judged again; any that ended meanwhile get their own alert",
+            f"{label}: {', '.join(payload.get('runs') or [])}",
+            note,
             "see: orch status",
         ]
         return title, "\n".join(lines)

@@ -156,17 +156,37 @@ def relaunch_lost(ctx: Context, rec: RunRecord) -> RelaunchResult:
     new = launch_stage(ctx, stage, name, profile=old.profile, seed=seed, spec_extra=extra)
     iid = box.instance_id
     start = ckpt.describe() if ckpt else "step 0: no checkpoint on the box or on this laptop"
-    ctx.store.add_alert(
-        f"relaunched:{rec.key}",
-        kind="relaunched",
-        target=name,
-        stage_dir=rec.stage_dir,
-        run_id=rec.run_id,
-        title=f"orch: {rec.stage} relaunched on {name}",
-        body=(
-            f"{rec.key} was lost ({rec.reason}).\n"
-            f"relaunched as {new.key} on Vast instance {iid}, resuming from {start}.\n"
-            f"logs: orch logs {new.key}"
-        ),
+    record_alert(
+        ctx,
+        rec,
+        "relaunched",
+        f"orch: {rec.stage} relaunched on {name}",
+        f"relaunched as {new.key} on Vast instance {iid}, resuming from {start}.\n"
+        f"logs: orch logs {new.key}",
     )
     return RelaunchResult(new=new, instance_id=iid, resumed_from=ckpt)
+
+
+def relaunch_failed(ctx: Context, rec: RunRecord, exc: BaseException, attempts: int) -> None:
+    """Say once that a relaunch failed (the retries stay in the log): the researcher takes over."""
+    record_alert(
+        ctx,
+        rec,
+        "relaunch_failed",
+        f"orch: relaunch of {rec.stage} on {rec.target} failed",
+        f"relaunching it failed: {exc}\norch retries {attempts} times; or by hand: "
+        f"orch up {rec.target} && orch launch {rec.stage} --target {rec.target}",
+    )
+
+
+def record_alert(ctx: Context, rec: RunRecord, kind: str, title: str, detail: str) -> None:
+    """One alert about a lost run's relaunch (kept once per run and kind; sent by the watcher)."""
+    ctx.store.add_alert(
+        f"{kind}:{rec.key}",
+        kind=kind,
+        target=rec.target,
+        stage_dir=rec.stage_dir,
+        run_id=rec.run_id,
+        title=title,
+        body=f"{rec.key} was lost ({rec.reason}).\n{detail}",
+    )
