@@ -97,22 +97,25 @@ def active_targets(store: Store) -> list[str]:
     return [r["target"] for r in rows]
 
 
-def stage_poll_intervals(store: Store) -> dict[str, float]:
-    """Per target, the shortest `poll_interval_s` that a stage of an active run asks for
-    (targets whose active runs ask for none are absent). Reads the store only."""
+def active_poll_intervals(store: Store) -> dict[str, float | None]:
+    """Every target with a run to poll, with the shortest `poll_interval_s` a stage of its
+    active runs asks for (None: none asks). One query; reads the store only."""
     marks = ",".join("?" for _ in MONITORED_PHASES)
     rows = store.query(
-        f"SELECT target, spec_json FROM runs WHERE phase IN ({marks})",
+        f"SELECT target, spec_json FROM runs WHERE phase IN ({marks}) ORDER BY target",
         tuple(p.value for p in MONITORED_PHASES),
     )
-    out: dict[str, float] = {}
+    out: dict[str, float | None] = {}
     for r in rows:
         try:
             value = json.loads(r["spec_json"] or "{}").get("poll_interval_s")
         except (ValueError, AttributeError):
-            continue
+            value = None
+        have = out.get(r["target"])
         if isinstance(value, (int, float)) and value > 0:
-            out[r["target"]] = min(float(value), out.get(r["target"], float("inf")))
+            out[r["target"]] = float(value) if have is None else min(have, float(value))
+        else:
+            out.setdefault(r["target"], None)
     return out
 
 

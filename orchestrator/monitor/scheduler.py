@@ -108,14 +108,14 @@ class Watcher:
     def reconcile(self) -> None:
         """Match poll jobs to the targets that have active runs (store only, no remote call)."""
         with self._mutex:
-            active = ledger.active_targets(self.ctx.store)
+            by_target = ledger.active_poll_intervals(self.ctx.store)
+            active = list(by_target)
             if self.only is not None:
                 active = [t for t in active if t in self.only]
             self.active_targets = active
-            by_stage = ledger.stage_poll_intervals(self.ctx.store)
             for t in active:
                 mon = self.ctx.config.monitor_for(t)
-                every = poll_interval(mon.interval_s, by_stage.get(t))
+                every = poll_interval(mon.interval_s, by_target[t])
                 if self._polling.get(t) == every:
                     continue
                 trigger = IntervalTrigger(

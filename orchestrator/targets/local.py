@@ -15,7 +15,6 @@ import os
 import select
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -125,14 +124,7 @@ class LocalTarget(Target):
             ) from exc
         except OSError as exc:
             raise TargetError(f"target {self.name}: cannot read {src}: {exc.strerror}") from exc
-        local_path = Path(local_path)
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            dir=local_path.parent, prefix=f".{local_path.name}.", suffix=".tmp"
-        )
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, local_path)
+        atomic_write_bytes(local_path, data)
 
     def sync_up(
         self,

@@ -35,6 +35,7 @@ from state.errors import (
     TargetError,
     UnreachableError,
 )
+from state.protocol import atomic_write_bytes
 
 DEFAULT_WORKDIR = "orch-work"  # relative to the login user's home
 _DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
@@ -440,11 +441,7 @@ class SshTarget(Target):
                 returncode=rc,
                 stderr=err.decode("utf-8", "replace"),
             )
-        local_path = Path(local_path)
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local_path.with_name(f".{local_path.name}.orch-tmp")
-        tmp.write_bytes(out)
-        tmp.replace(local_path)
+        atomic_write_bytes(local_path, out)
 
     def sync_up(
         self,

@@ -35,6 +35,7 @@ from orchestrator.checkpoints import (
     local_checkpoints,
     newest,
     remote_checkpoints,
+    spec_of,
 )
 from state import names
 from state.errors import LaunchError
@@ -66,9 +67,10 @@ def seed_checkpoint(target: Target, ckpt: Checkpoint, new_run_dir: str) -> None:
 
 def lineage(rec: RunRecord) -> RunSpec:
     """The lost run's spec (its exact task, and how many relaunches its chain has had)."""
-    if not rec.spec_json:
-        raise LaunchError(f"run {rec.key} has no recorded spec; cannot relaunch it")
-    return RunSpec.model_validate_json(rec.spec_json)
+    spec = spec_of(rec)
+    if spec is None:
+        raise LaunchError(f"run {rec.key} has no readable recorded spec; cannot relaunch it")
+    return spec
 
 
 def is_relaunchable(ctx: Context, rec: RunRecord) -> bool:
@@ -79,11 +81,12 @@ def is_relaunchable(ctx: Context, rec: RunRecord) -> bool:
     cfg = ctx.config.targets.get(rec.target)
     if rec.phase is not Phase.LOST or not isinstance(cfg, VastConfig) or not cfg.auto_relaunch:
         return False
-    try:
-        spec = lineage(rec)
-    except (LaunchError, ValueError):
-        return False
-    return spec.task.command == "train" and spec.relaunch_count < cfg.max_relaunches
+    spec = spec_of(rec)
+    return (
+        spec is not None
+        and spec.task.command == "train"
+        and spec.relaunch_count < cfg.max_relaunches
+    )
 
 
 @dataclass

@@ -121,7 +121,7 @@ def test_a_fast_stage_speeds_up_its_target_while_it_runs(tmp_path: Path) -> None
     other = RunRecord(**{**_rec("local", poll_interval_s=3).model_dump(), "run_id": "20260101-3"})
     for rec in (slow, fast, other):
         ctx.store.insert_run(rec)
-    assert ledger.stage_poll_intervals(ctx.store) == {"box": 2.0, "local": 3.0}
+    assert ledger.active_poll_intervals(ctx.store) == {"box": 2.0, "local": 3.0}
     watcher = Watcher(ctx)
     try:
 
@@ -134,6 +134,7 @@ def test_a_fast_stage_speeds_up_its_target_while_it_runs(tmp_path: Path) -> None
         assert every("box") == 2.0 and every("local") == 3.0
         # The fast stage ends: the box goes back to its own [targets.box.monitor] interval.
         ctx.store.update_run(fast.stage_dir, fast.run_id, phase=Phase.SUCCEEDED)
+        assert ledger.active_poll_intervals(ctx.store) == {"box": None, "local": 3.0}
         watcher.reconcile()
         assert every("box") == 10.0 and every("local") == 3.0
         ctx.store.update_run(other.stage_dir, other.run_id, phase=Phase.FAILED)
