@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from jobs.spec import StageSpec
 from jobs.stages import RECIPES, REPORT_STAGE, STAGE_NAMES, STUDY_STAGES, recipe
 from state.errors import StageError
+from state.suggest import did_you_mean
 
 Graph = Mapping[str, list[str]]
 
@@ -72,7 +73,10 @@ def topological_order(graph: Graph, stages: Iterable[str] | None = None) -> list
     wanted = list(graph) if stages is None else list(dict.fromkeys(stages))
     for s in wanted:
         if s not in graph:
-            raise StageError(f"unknown stage {s!r}", hint=f"known stages: {', '.join(graph)}")
+            raise StageError(
+                f"unknown stage {s!r}",
+                hint=did_you_mean(s, graph, f"known stages: {', '.join(graph)}"),
+            )
     rank = {n: i for i, n in enumerate(graph)}
     done: set[str] = set()
     out: list[str] = []
@@ -124,7 +128,9 @@ def missing_upstream(stage: str, have_succeeded: set[str], graph: Graph | None =
     """
     g = graph if graph is not None else dependency_graph()
     if stage not in g:
-        raise StageError(f"unknown stage {stage!r}", hint=f"known stages: {', '.join(g)}")
+        raise StageError(
+            f"unknown stage {stage!r}", hint=did_you_mean(stage, g, f"known stages: {', '.join(g)}")
+        )
     missing: set[str] = set()
 
     def need(s: str) -> None:

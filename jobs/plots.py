@@ -33,9 +33,11 @@ def accuracy_by_stage(
     bars: Sequence[tuple[str, float | None]],
     *,
     chance: float | None = None,
+    errors: Sequence[float | None] | None = None,
     title: str = "Macro accuracy by stage",
 ) -> Path:
-    """A bar per stage (missing stages drawn as an empty slot labelled 'not run')."""
+    """A bar per stage (missing stages drawn as an empty slot labelled 'not run'); `errors`
+    draws an error bar of that half-height on each bar (the sd across seeds)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
     try:
@@ -44,11 +46,13 @@ def accuracy_by_stage(
         colors = [
             "#4c72b0" if "causal" in lab or lab.startswith("1") else "#dd8452" for lab in labels
         ]
-        rects = ax.bar(range(len(bars)), values, color=colors)
-        for rect, (_, v) in zip(rects, bars, strict=True):
+        yerr = [e or 0.0 for e in errors] if errors is not None else None
+        rects = ax.bar(range(len(bars)), values, color=colors, yerr=yerr, capsize=4 if yerr else 0)
+        for i, (rect, (_, v)) in enumerate(zip(rects, bars, strict=True)):
+            err = errors[i] if errors is not None else None
             ax.annotate(
-                f"{v:.3f}" if v is not None else "not run",
-                (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+                ("not run" if v is None else f"{v:.3f}" + (f" ± {err:.3f}" if err else "")),
+                (rect.get_x() + rect.get_width() / 2, rect.get_height() + (err or 0.0)),
                 ha="center",
                 va="bottom",
                 fontsize=8,

@@ -42,24 +42,30 @@ class Profile(BaseModel):
     chance: float | None = Field(
         None, description="chance accuracy of the eval tasks, for the report"
     )
+    #: The base model is built from the study's seed (`tiny://NAME?seed=S`), so `--seeds` varies
+    #: its pre-training too. False for a hub model: its weights are what they are.
+    model_follows_seed: bool = False
 
 
 # --- tiny: the embedded default -----------------------------------------------------------
-# The worker's offline tiny model (`tiny://default`: a small Mistral-architecture model that
-# worker/tiny.py trains on its synthetic tasks when first built, then caches) and those tasks,
-# 4 choices each (chance 0.25): `recall` (key-value recall, the task where prompt tokens must
-# find each other), `arith` (addition facts) and `succ` (next number in a run). SFT uses
-# `arith`'s prompt/response rows: the tiny model learned `arith` and `succ` in pre-training but
-# never learned `recall`, and `arith` is where the prefix mask costs accuracy before
-# fine-tuning (measured: 1.00 causal -> 0.775 prefix), so it is the task where stage 3B has
-# something to recover. Prefix-LM SFT on `arith` also makes the weights rely on bidirectional
-# prompt attention: their causal loss rises while the prefix loss falls (measured: ratio 0.15
-# at step 30), which the old loss-ratio leakage rule took for a leak and stopped the run at
-# step 25. The worker's probe now decides by a counterfactual (do the predictions of labels
-# change when later tokens do? see worker/probe.py), which is exactly 0 for prefix and causal.
+# The worker's offline tiny model (`tiny://default?seed=S`: a small Mistral-architecture model
+# that worker/tiny.py pre-trains from the study seed when first built, then caches) and its
+# synthetic tasks, 4 choices each (chance 0.25): `dup` (the item before the repeated one),
+# `arith` (addition facts), `succ` (next number in a run).
+#
+# The tasks are chosen so the study's shape is a property of the design, not of one seed or
+# one machine's rounding. `dup` needs each position to know "my token occurred earlier", which
+# a causal model computes looking back and a bidirectional prompt corrupts (the first
+# occurrence now sees the second), so stage 2 loses accuracy on every seed; arith and succ are
+# solved by the last prompt token, whose attention a prefix mask leaves unchanged, and barely
+# move. SFT covers all three tasks (`tiny:dup+arith+succ`, other rows than the eval's): prefix-LM
+# SFT (3B) teaches the weights to work under the bidirectional prompt, causal SFT (3A) teaches
+# nothing about it, and no task is left out to decay. Measured over seeds and CPU kernels:
+# docs/RESULTS.md. (The earlier design, SFT on arith with a never-learned `recall` task, showed
+# a drop on one machine's build and none on most seeds.)
 # Sizes keep the whole study (7 worker stages) to minutes on a 2-core CPU.
-TINY_TASKS = ("recall", "arith", "succ")
-TINY_SFT_TASK = "arith"
+TINY_TASKS = ("dup", "arith", "succ")
+TINY_SFT_TASK = "dup+arith+succ"
 
 TINY = Profile(
     name="tiny",
@@ -71,6 +77,7 @@ TINY = Profile(
         "attn_implementation": "sdpa",
         "max_length": 128,
         "heartbeat_s": 2.0,
+        "seed": 0,  # the study seed: model build, fine-tune order; `run-all --seeds N` varies it
     },
     eval_tasks=[
         TaskSource(name=t, source=f"tiny:{t}", format="mc", split="test", limit=200)
@@ -78,10 +85,10 @@ TINY = Profile(
     ],
     eval={"batch_size": 32},
     train_data=TaskSource(
-        name=f"{TINY_SFT_TASK}_sft", source=f"tiny:{TINY_SFT_TASK}", format="sft", split="train"
+        name="mix_sft", source=f"tiny:{TINY_SFT_TASK}", format="sft", split="train"
     ),
     train_eval_data=TaskSource(
-        name=f"{TINY_SFT_TASK}_sft_val",
+        name="mix_sft_val",
         source=f"tiny:{TINY_SFT_TASK}",
         format="sft",
         split="validation",
@@ -105,6 +112,7 @@ TINY = Profile(
     eval_stale_after_s=120,
     train_stale_after_s=120,
     chance=0.25,
+    model_follows_seed=True,
 )
 
 # --- ministral-3b: the real study --------------------------------------------------------

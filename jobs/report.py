@@ -1,10 +1,12 @@
-"""`orch report`: read the pulled runs, compute the study's numbers, write docs/RESULTS.md + PNGs.
+"""`orch report`: read the pulled runs, compute the study's numbers, write reports/RESULTS.md + PNGs.
 
     data = collect(runs_dir)                 # latest succeeded run per stage -> ReportData
+    study = collect_study(runs_dir, [0, 1])  # the same per seed, and the spread across seeds
     result = write_report(runs_dir, out)     # RESULTS.md and its plots beside it
     numbers = data.to_json()                 # what `orch report --json` prints
 
-Reads, per stage, the latest run under `runs/<stage_dir>/` that has `.run_complete`:
+Reads, per stage (and per study seed, `task.args.seed` of the run's spec), the latest run under
+`runs/<stage_dir>/` that has `.run_complete`:
 `metrics.json` (eval), `summary.json` (train), `events.jsonl` (loss curves, leakage probes) and
 `spec.json` (commit, profile, target). Readers accept the few shapes the worker's files may take
 and never guess a number that is not there: a missing number is shown as "-".
@@ -23,6 +25,7 @@ from jobs import plots
 from jobs.profiles import PROFILES
 from jobs.recovery import StudyMath, leak_ratio, macro, study_math
 from jobs.report_text import LABELS, render_markdown
+from jobs.seeds import SeedStudy, across_seeds
 from jobs.stages import RECIPES, REPORT_STAGE, recipe
 from state import names
 from state.errors import StageError
@@ -112,6 +115,7 @@ class StageResult:
     train_curve: list[tuple[int, float]] = field(default_factory=list)
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
     profile_chance: float | None = None  # the profile's stated chance level, when tasks omit it
+    seed: int | None = None  # the study seed the run was launched with
 
     @property
     def chance(self) -> float | None:
@@ -128,6 +132,9 @@ class ReportData:
     math: StudyMath
     profiles: list[str]
     generated_at: str
+    seed: int | None = None
+    #: stages of the study with no succeeded pulled run (for this seed)
+    missing: list[str] = field(default_factory=list)
 
     @property
     def profile(self) -> str:
@@ -143,6 +150,8 @@ class ReportData:
             "profiles": self.profiles,
             "generated_at": self.generated_at,
             "runs_dir": self.runs_dir,
+            "seed": self.seed,
+            "missing": self.missing,
             "stages": {},
             "math": self.math.to_dict(),
         }
@@ -163,12 +172,40 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def latest_succeeded(stage_root: Path) -> Path | None:
-    """The newest run dir (run ids sort by time) that has `.run_complete`."""
+def _succeeded(stage_root: Path) -> list[Path]:
+    """Run dirs with `.run_complete`, oldest first (run ids sort by time)."""
     if not stage_root.is_dir():
-        return None
+        return []
     done = [p for p in stage_root.iterdir() if p.is_dir() and (p / names.RUN_COMPLETE).is_file()]
-    return max(done, key=lambda p: p.name) if done else None
+    return sorted(done, key=lambda p: p.name)
+
+
+def run_seed(run_dir: Path) -> int | None:
+    """The study seed of a run: `task.args.seed` of its spec.json (None when absent)."""
+    spec = _read_json(run_dir / names.SPEC) or {}
+    seed = ((spec.get("task") or {}).get("args") or {}).get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+#: `collect(..., seed=ANY_SEED)`: the latest run whatever its seed.
+ANY_SEED: Any = object()
+
+
+def latest_succeeded(stage_root: Path, seed: Any = ANY_SEED) -> Path | None:
+    """The newest run dir that has `.run_complete` (and, given a seed, was run with it)."""
+    done = _succeeded(stage_root)
+    if seed is not ANY_SEED:
+        done = [p for p in done if run_seed(p) == seed]
+    return done[-1] if done else None
+
+
+def seeds_in(runs_dir: Path) -> list[int | None]:
+    """Every study seed with a succeeded pulled run of some stage, in order (None last)."""
+    found: set[int | None] = set()
+    for r in RECIPES:
+        if r.name != REPORT_STAGE:
+            found |= {run_seed(p) for p in _succeeded(runs_dir / r.stage_dir)}
+    return sorted(found, key=lambda s: (s is None, s or 0))
 
 
 def _tasks_of(metrics: dict[str, Any]) -> dict[str, TaskScore]:
@@ -321,18 +358,24 @@ def read_stage(stage: str, run_dir: Path) -> StageResult:
     return result
 
 
-def collect(runs_dir: Path) -> ReportData:
-    """The latest succeeded pulled run of every stage. StageError when there is none at all."""
+def collect(runs_dir: Path, seed: Any = ANY_SEED) -> ReportData:
+    """The latest succeeded pulled run of every stage (of one study seed, if given).
+    StageError when there is none at all."""
     stages: dict[str, StageResult] = {}
+    missing: list[str] = []
     for r in RECIPES:
         if r.name == REPORT_STAGE:
             continue
-        run = latest_succeeded(runs_dir / r.stage_dir)
+        run = latest_succeeded(runs_dir / r.stage_dir, seed)
         if run is not None:
             stages[r.name] = read_stage(r.name, run)
+            stages[r.name].seed = run_seed(run)
+        else:
+            missing.append(r.name)
     if not stages:
+        which = "" if seed is ANY_SEED else f" with seed {seed}"
         raise StageError(
-            f"no pulled succeeded runs under {runs_dir}",
+            f"no pulled succeeded runs{which} under {runs_dir}",
             hint="run the study with `orch run-all`, or pull finished runs with `orch pull RUN`",
         )
     acc = {name: s.macro_acc for name, s in stages.items() if s.kind == "eval"}
@@ -343,7 +386,60 @@ def collect(runs_dir: Path) -> ReportData:
         math=study_math(acc),
         profiles=profiles,
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        seed=None if seed is ANY_SEED else seed,
+        missing=missing,
     )
+
+
+@dataclass
+class StudyReport:
+    """The study per seed (`runs[seed]`, seed order) and its spread across seeds."""
+
+    runs: dict[int | None, ReportData]
+    spread: SeedStudy
+
+    @property
+    def first(self) -> ReportData:
+        return next(iter(self.runs.values()))
+
+    def to_json(self) -> dict[str, Any]:
+        """The first seed's numbers as the top level (the single-seed shape), plus `seeds`."""
+        out = self.first.to_json()
+        out["seeds"] = {
+            "seeds": list(self.runs),
+            "per_seed": {str(k): v.to_json() for k, v in self.runs.items()},
+            **self.spread.to_dict(),
+        }
+        return out
+
+
+def _accuracies(d: ReportData) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {}
+    for name, st in d.stages.items():
+        if st.kind == "eval":
+            out[name] = {"macro": st.macro_acc, **{t: sc.acc for t, sc in st.tasks.items()}}
+    return out
+
+
+def collect_study(runs_dir: Path, seeds: list[int] | None = None) -> StudyReport:
+    """Every seed's study (`seeds`, else every seed found under `runs_dir`) and the spread.
+    StageError naming the seeds that have no run at all."""
+    wanted: list[int | None] = list(seeds) if seeds else seeds_in(runs_dir)
+    if not wanted:
+        collect(runs_dir)  # raises the "no pulled succeeded runs" error
+    runs: dict[int | None, ReportData] = {}
+    absent: list[str] = []
+    for seed in wanted:
+        try:
+            runs[seed] = collect(runs_dir, seed)
+        except StageError:
+            absent.append(str(seed))
+    if absent:
+        raise StageError(
+            f"no pulled succeeded runs with seed {', '.join(absent)} under {runs_dir}",
+            hint="run them with `orch run-all --seeds ...`, or leave those seeds out",
+        )
+    return StudyReport(runs, across_seeds({k: _accuracies(v) for k, v in runs.items()}))
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -353,21 +449,38 @@ class ReportResult:
     plots: list[Path]
     data: ReportData
     plot_note: str = ""
+    study: StudyReport | None = None
+    #: files that existed before this report overwrote them
+    replaced: list[Path] = field(default_factory=list)
 
 
-def make_plots(data: ReportData, out_dir: Path) -> tuple[list[Path], str]:
-    """Draw the PNGs into `out_dir`; ([], reason) when matplotlib is not installed."""
+def make_plots(
+    data: ReportData, out_dir: Path, study: StudyReport | None = None
+) -> tuple[list[Path], str]:
+    """Draw the PNGs into `out_dir`; ([], reason) when matplotlib is not installed. With several
+    seeds the bars are the means across seeds, with their sd as error bars."""
     if not plots.available():
         return [], "plots skipped: matplotlib is not installed (pip install 'orch[report]')"
     out_dir.mkdir(parents=True, exist_ok=True)
-    bars = [
-        (LABELS[s], data.stages[s].macro_acc if s in data.stages else None)
-        for s in ("stage1", "stage2", "stage4a", "stage4")
-    ]
+    order = ("stage1", "stage2", "stage4a", "stage4")
+    multi = study is not None and len(study.runs) > 1
+    errors: list[float | None] | None = None
+    if multi and study is not None:
+        sp = [study.spread.stages.get(s, {}).get("macro") for s in order]
+        bars = [(LABELS[s], x.mean if x else None) for s, x in zip(order, sp, strict=True)]
+        errors = [x.sd if x else None for x in sp]
+        title = f"Macro accuracy by stage (mean ± sd over {len(study.runs)} seeds)"
+    else:
+        bars = [(LABELS[s], data.stages[s].macro_acc if s in data.stages else None) for s in order]
+        title = "Macro accuracy by stage"
     chances = [data.stages[s].chance for s in ("stage1",) if s in data.stages]
     made = [
         plots.accuracy_by_stage(
-            out_dir / plots.ACCURACY_PNG, bars, chance=chances[0] if chances else None
+            out_dir / plots.ACCURACY_PNG,
+            bars,
+            chance=chances[0] if chances else None,
+            errors=errors,
+            title=title,
         )
     ]
     series = {}
@@ -375,14 +488,29 @@ def make_plots(data: ReportData, out_dir: Path) -> tuple[list[Path], str]:
         if stage in data.stages:
             st = data.stages[stage]
             series[LABELS[stage]] = {"train": st.train_curve, "eval": st.eval_curve}
-    made.append(plots.loss_curves(out_dir / plots.LOSS_PNG, series))
+    loss_title = "Training and eval loss: 3A (causal) vs 3B (prefix)"
+    if multi:
+        loss_title += f", seed {data.seed}"
+    made.append(plots.loss_curves(out_dir / plots.LOSS_PNG, series, title=loss_title))
     return made, ""
 
 
-def write_report(runs_dir: Path, out: Path, *, with_plots: bool = True) -> ReportResult:
-    """Collect, draw the plots beside `out`, render and write the markdown atomically."""
-    data = collect(runs_dir)
-    made, note = make_plots(data, out.parent) if with_plots else ([], "plots not requested")
-    text = render_markdown(data, [p.name for p in made], note)
+def write_report(
+    runs_dir: Path, out: Path, *, with_plots: bool = True, seeds: list[int] | None = None
+) -> ReportResult:
+    """Collect (every seed found, or `seeds`), draw the plots beside `out`, render and write the
+    markdown atomically. One seed gives the single-run report; several add the spread across
+    seeds and the claims checked on each."""
+    study = collect_study(runs_dir, seeds)
+    data = study.first
+    targets = [out] + (
+        [out.parent / n for n in (plots.ACCURACY_PNG, plots.LOSS_PNG)] if with_plots else []
+    )
+    replaced = [p for p in targets if p.exists()]
+    made, note = make_plots(data, out.parent, study) if with_plots else ([], "plots not requested")
+    multi = study if len(study.runs) > 1 else None
+    text = render_markdown(data, [p.name for p in made], note, study=multi)
     atomic_write_text(out, text)
-    return ReportResult(path=out, plots=made, data=data, plot_note=note)
+    return ReportResult(
+        path=out, plots=made, data=data, plot_note=note, study=study, replaced=replaced
+    )

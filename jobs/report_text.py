@@ -1,4 +1,4 @@
-"""The markdown of docs/RESULTS.md, rendered from `ReportData` (pure: text in, text out).
+"""The markdown of reports/RESULTS.md, rendered from `ReportData` (pure: text in, text out).
 
 Sections: profile and provenance, headline table, the ablation (delta, retention), recovery
 (3A vs 3B), the leakage probe (3B vs 3B-leaky), plots, one table per stage, what the numbers
@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from jobs.recovery import Ratio
 
 if TYPE_CHECKING:
-    from jobs.report import LeakProbe, ReportData, StageResult
+    from jobs.report import LeakProbe, ReportData, StageResult, StudyReport
+    from jobs.seeds import SeedStudy, Spread
 
 LABELS = {
     "stage1": "1 causal (base)",
@@ -36,12 +37,20 @@ SECTIONS = (
     "## What these numbers mean",
     "## Runs",
 )
+#: Added first when the report covers several seeds.
+SEEDS_SECTION = "## Across seeds"
+EVAL_ORDER = ("stage1", "stage2", "stage4a", "stage4")
 
 
 def f(v: float | None, digits: int = 4, signed: bool = False) -> str:
     if v is None:
         return "-"
     return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+
+
+def num(v: float) -> str:
+    """A count as a count (`600`, not `600.000`); anything else to 3 decimals."""
+    return str(int(v)) if float(v).is_integer() else f"{v:.3f}"
 
 
 def r(x: Ratio, suffix: str = "", digits: int = 3) -> str:
@@ -218,13 +227,19 @@ def stage_table(s: StageResult) -> list[str]:
             ["eval loss", f(s.eval_loss)],
             ["steps", str(s.steps or "-")],
         ]
-    meta += [[k, f(v, 3)] for k, v in s.throughput.items()]
+    meta += [[k, num(v)] for k, v in s.throughput.items()]
     lines += _table(["", ""], meta)
     if s.tasks:
         lines += _table(
             ["task", "acc", "acc_norm", "n", "chance"],
             [
-                [n, f(t.acc), f(t.acc_norm), str(t.n or "-"), f(t.chance, 3)]
+                [
+                    n,
+                    f(t.acc),
+                    f(t.acc_norm),
+                    str(t.n or "-"),
+                    f(t.chance if t.chance is not None else s.profile_chance, 3),
+                ]
                 for n, t in s.tasks.items()
             ],
         )
@@ -332,22 +347,116 @@ def interpretation(d: ReportData) -> list[str]:
             if sp.max_logit_diff is not None:
                 text += (
                     f" with its predictions unchanged when later tokens are replaced (max abs logit "
-                    f"change {f(sp.max_logit_diff, 4)}): a low ratio there is adaptation, not leakage"
+                    f"change {f(sp.max_logit_diff, 4)})"
                 )
+                if sp.ratio is not None and sp.ratio < 0.5:
+                    text += ": a low ratio there is adaptation, not leakage"
         if collapsed:
             text += ". This is the seed's invalid 3B objective, reproduced on purpose and caught"
         out.append(text + ".")
     return [p + "\n" for p in out] or ["No stage numbers to interpret yet.\n"]
 
 
-def render_markdown(d: ReportData, plot_files: list[str], plot_note: str = "") -> str:
+def _sp(x: Spread | None, signed: bool = False) -> str:
+    return x.fmt(3, signed) if x is not None else "-"
+
+
+def _range(x: Spread | None) -> str:
+    return f"{x.lo:.3f} .. {x.hi:.3f}" if x is not None else "-"
+
+
+def across_seeds(st: SeedStudy, detail_seed: int | None) -> list[str]:
+    """The spread of every stage and figure over the seeds, and the claims checked per seed."""
+    from jobs.seeds import FIGURES, JUDGED, NOISE_SDS
+
+    seeds = ", ".join(str(x) for x in st.seeds)
+    tasks = list(dict.fromkeys(t for s in EVAL_ORDER for t in st.stages.get(s, {}) if t != "macro"))
+    rows = []
+    for name in EVAL_ORDER:
+        row = st.stages.get(name, {})
+        m = row.get("macro")
+        rows.append([LABELS[name], _sp(m), _range(m), *[_sp(row.get(t)) for t in tasks]])
+    out = [
+        f"{len(st.seeds)} seeds ({seeds}). A seed sets everything random in a study: on the tiny "
+        "profile the tiny model is rebuilt from it (initial weights, pre-training rows and their "
+        "order), and every stage's fine-tune order follows it; the evaluation questions are the "
+        f"same for every seed. Mean ± sample sd over the seeds, and the range. A figure is "
+        "*larger than the spread* when it has one sign on every seed and its mean exceeds "
+        + ("the sd across seeds." if NOISE_SDS == 1 else f"{NOISE_SDS:g} sd across seeds."),
+        "",
+        *_table(["stage", "macro acc", "range", *tasks], rows),
+    ]
+    frows = []
+    for key, label in FIGURES.items():
+        x = st.figures.get(key)
+        if x is None:
+            continue
+        verdict = "-"
+        if key in JUDGED:
+            verdict = "larger than the spread" if x.beyond_noise else "within the spread"
+        frows.append([label, _sp(x, signed=key in JUDGED), _range(x), verdict])
+    out += _table(["figure", "mean ± sd", "range", "against the seed-to-seed spread"], frows)
+    out += ["What the study claims, checked on each seed separately:", ""]
+    for c in st.claims:
+        failed = [str(k) for k, v in c.per_seed.items() if v is False]
+        unchecked = [str(k) for k, v in c.per_seed.items() if v is None]
+        mark = "holds" if c.holds else "does NOT hold"
+        note = f" (fails on seed {', '.join(failed)})" if failed else ""
+        note += (
+            f" (not checked on seed {', '.join(unchecked)}: a stage is missing)"
+            if unchecked
+            else ""
+        )
+        out.append(f"- **{mark}** on {c.held} of {len(c.per_seed)} seeds{note}: {c.text}.")
+    out.append("")
+    prow = []
+    for seed in st.seeds:
+        prow.append([str(seed), *[_seed_value(st, s, seed) for s in EVAL_ORDER]])
+    out += [
+        "Macro accuracy per seed:",
+        "",
+        *_table(["seed", *(LABELS[s] for s in EVAL_ORDER)], prow),
+    ]
+    out += [
+        f"The sections below show seed {detail_seed}'s runs in detail (probes, loss curves, "
+        "per-stage tables).",
+        "",
+    ]
+    return out
+
+
+def _seed_value(st: SeedStudy, stage: str, seed: int | None) -> str:
+    x = st.stages.get(stage, {}).get("macro")
+    if x is None:
+        return "-"
+    i = st.seeds.index(seed)
+    # a stage missing on some seeds has fewer values: only index when every seed has one
+    return f"{x.values[i]:.4f}" if x.n == len(st.seeds) else "-"
+
+
+def render_markdown(
+    d: ReportData, plot_files: list[str], plot_note: str = "", study: StudyReport | None = None
+) -> str:
+    """The whole document. `study` (several seeds) adds the spread across seeds up front; the
+    detailed sections are then those of `d`'s seed."""
+    seed = f", seed {d.seed}" if d.seed is not None else ""
     lines = [
         "# Results: prefix-mask ablation study",
         "",
-        f"Profile: **{d.profile}**. Generated {d.generated_at} by `orch report` from the pulled runs under "
-        f"`{d.runs_dir}` (the latest succeeded run of each stage).",
+        f"Profile: **{d.profile}**{seed if study is None else ''}. Generated {d.generated_at} by "
+        f"`orch report` from the pulled runs under `{d.runs_dir}` (the latest succeeded run of each "
+        "stage" + (" for each seed" if study is not None else "") + ").",
         "",
-        SECTIONS[0],
+    ]
+    if d.missing:
+        lines += [
+            f"Not in this report (no succeeded pulled run{seed}): {', '.join(d.missing)}.",
+            "",
+        ]
+    if study is not None:
+        lines += [SEEDS_SECTION, "", *across_seeds(study.spread, d.seed)]
+    lines += [
+        SECTIONS[0] + (f" (seed {d.seed})" if study is not None else ""),
         "",
         *headline(d),
         SECTIONS[1],
@@ -373,8 +482,18 @@ def render_markdown(d: ReportData, plot_files: list[str], plot_note: str = "") -
         else:
             lines += [f"### {LABELS[name]} (`{name}`)", "", "not run (no succeeded pulled run)", ""]
     lines += [SECTIONS[6], "", *interpretation(d), SECTIONS[7], ""]
-    lines += _table(
-        ["stage", "run dir", "commit", "target"],
-        [[n, f"`{s.run_dir}`", _commit(s), s.target or "-"] for n, s in d.stages.items()],
-    )
+    runs = list(study.runs.values()) if study is not None else [d]
+    rows = []
+    for rd in runs:
+        for n, st in rd.stages.items():
+            rows.append(
+                [
+                    n,
+                    "-" if st.seed is None else str(st.seed),
+                    f"`{st.run_dir}`",
+                    _commit(st),
+                    st.target or "-",
+                ]
+            )
+    lines += _table(["stage", "seed", "run dir", "commit", "target"], rows)
     return "\n".join(lines).rstrip() + "\n"

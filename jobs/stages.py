@@ -8,7 +8,7 @@
     stage3b-leaky   stage3_finetune_full_bidir            SFT, full_bidir forced (the seed's leak)
     stage4          stage4_post_ft_ablation_eval          eval, prefix mask, 3B checkpoint
     stage4a         stage4a_post_ft_causal_ablation_eval  eval, prefix mask, 3A checkpoint
-    report          (local)                               recovery ratios + docs/RESULTS.md
+    report          (local)                               recovery ratios + reports/RESULTS.md
 
 `get_stage(name, profile, overrides)` returns a `StageSpec` whose `task.args` are complete and
 validated by the worker's own args model (`state.worker_config`), so a typo in `--set` fails on
@@ -31,6 +31,7 @@ from state import names
 from state.errors import ConfigError, StageError
 from state.models import Resources, WorkerTask
 from state.phases import MaskMode
+from state.suggest import did_you_mean
 from state.worker_config import ARGS_BY_COMMAND
 
 
@@ -105,7 +106,10 @@ RECIPES: tuple[StageRecipe, ...] = (
         input_stage="stage3a",
     ),
     StageRecipe(
-        REPORT_STAGE, "report", "report", "recovery ratios and docs/RESULTS.md (runs on the laptop)"
+        REPORT_STAGE,
+        "report",
+        "report",
+        "recovery ratios and reports/RESULTS.md (runs on the laptop)",
     ),
 )
 
@@ -121,8 +125,15 @@ def recipe(name: str) -> StageRecipe:
         return RECIPE_BY_NAME[name]
     except KeyError:
         raise StageError(
-            f"unknown stage {name!r}", hint=f"known stages: {', '.join(STAGE_NAMES)}"
+            f"unknown stage {name!r}",
+            hint=did_you_mean(name, STAGE_NAMES, f"known stages: {', '.join(STAGE_NAMES)}"),
         ) from None
+
+
+def seeded_model(model: str, seed: int) -> str:
+    """The base model built from `seed`: `tiny://default` -> `tiny://default?seed=3`, the form
+    `worker.tiny.parse_uri` reads (every random choice of the tiny build follows the seed)."""
+    return f"{model.partition('?')[0]}?seed={seed}"
 
 
 def _input_placeholder(stage: str) -> str:
@@ -170,6 +181,11 @@ def allowed_keys(name: str) -> list[str]:
     return sorted(model.model_fields) + list(ov.SPEC_KEYS)
 
 
+def _key_hint(key: str, allowed: list[str]) -> str:
+    """`did you mean 'max_steps'? allowed keys: ...` (the guess only when one is close)."""
+    return did_you_mean(key, allowed, f"allowed keys: {', '.join(allowed)}")
+
+
 def _takes(name: str, key: str) -> bool:
     head = key.split(".", 1)[0]
     if key in ov.SPEC_KEYS or head == "resources":
@@ -198,7 +214,10 @@ def _format_error(
             inner = getattr(ann, "__args__", None) or (ann,)
             sub = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
         allowed = sorted(sub.model_fields) if sub is not None else []
-        return f"stage {name}: unknown key {loc!r}; allowed keys there: {', '.join(allowed)}"
+        there = did_you_mean(
+            str(err["loc"][-1]), allowed, f"allowed keys there: {', '.join(allowed)}"
+        )
+        return f"stage {name}: unknown key {loc!r}; {there}"
     given = next(
         (
             f" (override {k}={v!r})"
@@ -237,7 +256,7 @@ def get_stage(
             task=WorkerTask(
                 command="exec", args={"argv": ["python", "-m", "orchestrator", "report"]}
             ),
-            outputs=["docs/RESULTS.md"],
+            outputs=["reports/RESULTS.md"],
             timeout_s=600,
             stale_after_s=600,
             local_only=True,
@@ -254,7 +273,7 @@ def get_stage(
                 if strict or scope == name:
                     raise ConfigError(
                         f"stage {name} ({r.kind}) does not take the key {key!r}",
-                        hint=f"allowed keys: {', '.join(allowed_keys(name))}",
+                        hint=_key_hint(key, allowed_keys(name)),
                     )
                 continue
             applied[key] = val
@@ -266,6 +285,8 @@ def get_stage(
             ov.set_path(spec_fields, key, val)
         else:
             ov.set_path(args, key, val)
+    if p.model_follows_seed and args.get("model") == p.model and isinstance(args.get("seed"), int):
+        args["model"] = seeded_model(p.model, args["seed"])
 
     model = ARGS_BY_COMMAND[r.kind]
     try:
@@ -326,10 +347,10 @@ def check_shared(shared: Mapping[str, Any] | None, stages: tuple[str, ...] | lis
             keys = sorted({k for s in candidates for k in allowed_keys(s)})
             raise ConfigError(
                 f"no stage of {', '.join(candidates)} takes the key {key!r}",
-                hint=f"allowed keys: {', '.join(keys)}",
+                hint=_key_hint(key, keys),
             )
         if scope is not None and not _takes(scope, key):
             raise ConfigError(
                 f"stage {scope} does not take the key {key!r}",
-                hint=f"allowed keys: {', '.join(allowed_keys(scope))}",
+                hint=_key_hint(key, allowed_keys(scope)),
             )

@@ -22,11 +22,13 @@ import json
 import re
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.context import Context
+from orchestrator.progress import QUIET, Steps
 from orchestrator.targets.base import Target
 from state.errors import ConfigError, LaunchError, RemoteCommandError
 
@@ -156,24 +158,36 @@ def _record(ctx: Context, target: Target, python: str, lock: str = "") -> str:
     return python
 
 
-def ensure_env(ctx: Context, target: Target, *, base_python: str = BASE_PYTHON) -> str:
+def ensure_env(
+    ctx: Context,
+    target: Target,
+    *,
+    base_python: str = BASE_PYTHON,
+    report: Steps | None = None,
+) -> str:
     """Make sure the target can run the worker; return the interpreter to use there.
 
     Idempotent: a second call with unchanged dependencies costs one probe round trip.
-    Raises LaunchError with the installer's last lines when venv/pip fails.
+    Raises LaunchError with the installer's last lines when venv/pip fails. `report` says
+    which way it went (`bootstrap: unchanged, skipped`, `bootstrap: installing deps ...`).
     """
+    say = report or QUIET
     _, cfg = ctx.config.target(target.name)
     if cfg.python:
+        say.note(f"bootstrap: skipped, using python = {cfg.python} (orch.toml)")
         return _record(ctx, target, cfg.python)
     if target.kind == "local" and local_interpreter_ready():
+        say.note(f"bootstrap: skipped, this Python has the worker's deps ({sys.executable})")
         return _record(ctx, target, sys.executable)
 
     requirements = worker_requirements(ctx.project_root / "pyproject.toml")
     venv = f"{target.workdir.rstrip('/')}/{VENV_DIR}"
     venv_python = f"{venv}/bin/python"
-    probe = _probe(target, base_python, venv)
+    with say.step(f"bootstrap: checking the env on {target.name}"):
+        probe = _probe(target, base_python, venv)
     digest = lock_hash(requirements, probe.version)
     if probe.venv_python and probe.lock and probe.lock.get("hash") == digest:
+        say.note(f"bootstrap: unchanged (hash {digest[:12]}), skipped")
         return _record(ctx, target, venv_python, digest)
 
     # A venv made by another Python version cannot be upgraded in place: start it again.
@@ -181,7 +195,8 @@ def ensure_env(ctx: Context, target: Target, *, base_python: str = BASE_PYTHON) 
     if not probe.venv_python or stale:
         argv = [base_python, "-m", "venv", "--system-site-packages"]
         argv += ["--clear", venv] if stale else [venv]
-        res = target.run(argv, timeout=VENV_TIMEOUT_S)
+        with say.step(f"bootstrap: creating the venv {venv}"):
+            res = target.run(argv, timeout=VENV_TIMEOUT_S)
         if res.returncode != 0:
             raise LaunchError(
                 f"target {target.name!r}: creating the venv failed: {_tail(res.stderr or res.stdout)}",
@@ -195,8 +210,15 @@ def ensure_env(ctx: Context, target: Target, *, base_python: str = BASE_PYTHON) 
             cpath = f"{venv}/{CONSTRAINTS_FILE}"
             target.put_bytes("".join(c + "\n" for c in constraints).encode(), cpath)
             pip += ["-c", cpath]
+        n = len(to_install)
+        what = f"{n} package{'' if n == 1 else 's'}"
+        what += f", torch {probe.torch} kept" if probe.torch else ""
+        t0 = time.monotonic()
         try:
-            res = target.run([*pip, *to_install], timeout=PIP_TIMEOUT_S)
+            with say.step(f"bootstrap: installing deps (hash {digest[:12]}, {what})") as step:
+                res = target.run([*pip, *to_install], timeout=PIP_TIMEOUT_S)
+                if res.returncode == 0:
+                    step.done(f"bootstrap: installed deps in {time.monotonic() - t0:.0f}s")
         except RemoteCommandError as exc:  # pragma: no cover - run() is called without check
             raise LaunchError(f"target {target.name!r}: pip failed: {exc}") from exc
         if res.returncode != 0:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from state.errors import ConfigError
 from state.names import check_name
+from state.suggest import did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,6 +56,15 @@ class MonitorSettings(_Section):
     )
     provider_check_s: float = Field(
         60.0, gt=0, description="at most one provider call per instance per this"
+    )
+    pull_retry_s: float = Field(
+        60.0, gt=0, description="a failed auto-pull is tried again after this (box answering)"
+    )
+    pull_backoff_cap_s: float = Field(
+        600.0, gt=0, description="longest wait between pulls of a box that does not answer"
+    )
+    pull_stuck_alert_after_s: float = Field(
+        900.0, ge=0, description="one `pull_stuck` alert once no pull has worked for this long"
     )
 
 
@@ -126,6 +137,29 @@ class VastTarget(_TargetBase):
         description="relaunch a lost training run on a new box, resuming from its checkpoint",
     )
     max_relaunches: int = Field(2, ge=0, description="relaunches per run chain")
+    max_bid_dph: float | None = Field(
+        None,
+        gt=0,
+        description="the most an outbid instance's raised bid may be, $/h (default: offer.max_dph)",
+    )
+    expected_hours: float | None = Field(
+        None,
+        gt=0,
+        description="how long you will use a box: offers must last that long and the account "
+        "must afford it (default: one hour of credit, any contract length)",
+    )
+    boot_grace_s: float = Field(
+        180.0,
+        ge=0,
+        description="how long a booting instance may stay in a state that usually recovers "
+        "(unknown/offline heartbeat, an error status_msg such as a retried image pull)",
+    )
+    heartbeat_grace_s: float = Field(
+        600.0,
+        ge=0,
+        description="how long Vast may report a running instance unknown/offline before its "
+        "runs are lost",
+    )
 
     @field_validator("identity_file", "known_hosts")
     @classmethod
@@ -164,6 +198,8 @@ class AlertSettings(_Section):
             "lost",
             "unreachable",
             "reachable",
+            "host_key",
+            "pull_stuck",
             "idle",
             "relaunched",
             "relaunch_failed",
@@ -191,12 +227,31 @@ class AlertSettings(_Section):
         return v
 
 
+class SyncSettings(_Section):
+    """What code sync (orchestrator/codesync.py) must never send, on top of its built-in list."""
+
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="patterns never sent to a box, whatever git says (`secrets/`, `*.key`, "
+        "`/conf/local.toml`); see docs/configuration.md",
+    )
+
+    @field_validator("exclude")
+    @classmethod
+    def _check_patterns(cls, v: list[str]) -> list[str]:
+        for i, pat in enumerate(v):
+            if not pat.strip("/").strip() or "\0" in pat or "\n" in pat:
+                raise ValueError(f"sync.exclude[{i}] {pat!r}: not a usable pattern")
+        return v
+
+
 class OrchConfig(_Section):
     default_target: str = "local"
     targets: dict[str, TargetConfig] = Field(default_factory=lambda: _default_targets())
     experiment: ExperimentSettings = Field(default_factory=ExperimentSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    sync: SyncSettings = Field(default_factory=SyncSettings)
     #: Where the config came from (None = embedded default); the project root is its folder.
     source: Path | None = Field(None, exclude=True)
 
@@ -237,7 +292,11 @@ class OrchConfig(_Section):
         if name not in self.targets:
             raise ConfigError(
                 f"unknown target {name!r}",
-                hint=f"known targets: {', '.join(sorted(self.targets))}; add [targets.{name}] to orch.toml",
+                hint=did_you_mean(
+                    name,
+                    self.targets,
+                    f"known targets: {', '.join(sorted(self.targets))}; add [targets.{name}] to orch.toml",
+                ),
             )
         return name, self.targets[name]
 
@@ -249,12 +308,56 @@ class OrchConfig(_Section):
         return self.monitor
 
 
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys orch.toml allows at `loc` (a pydantic error location under OrchConfig; a target's
+    `kind` tag picks its model), for "did you mean"; empty when the path cannot be followed."""
+    tp: Any = OrchConfig
+    parts = [str(p) for p in loc]
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        if get_origin(tp) in (Union, UnionType):
+            members = [a for a in get_args(tp) if a is not type(None)]
+            tagged = {_kind_of(a): a for a in members}
+            if parts and parts[0] in tagged:
+                tp = tagged[parts.pop(0)]
+                continue
+            if len(members) != 1:
+                return []
+            tp = members[0]
+            continue
+        if not parts:
+            break
+        part = parts.pop(0)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part)
+            if field is None:
+                return []
+            tp = field.annotation
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        elif get_origin(tp) is list:
+            tp = get_args(tp)[0]
+        else:
+            return []
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [n for n, f in tp.model_fields.items() if not f.exclude]
+    return []
+
+
+def _kind_of(model: Any) -> str:
+    field = getattr(model, "model_fields", {}).get("kind")
+    return str(field.default) if field is not None else ""
+
+
 def _format_validation(exc: ValidationError, where: str) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see docs/configuration.md for the allowed keys)"
+        guess = did_you_mean(str(err["loc"][-1]), _keys_at(err["loc"][:-1]))
+        msg = "unknown key (" + (guess or "check the spelling;")
+        msg += " see docs/configuration.md for the allowed keys)"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{where}: {loc or '(top level)'}: {msg}{more}"
 

@@ -96,6 +96,7 @@ def check_or_pin(
             "this is what a man-in-the-middle looks like; if the box was rebuilt or its key rotated "
             f"on purpose, drop the old pin with `ssh-keygen -R '{entry}' -f {path}` and connect again"
         ),
+        offered=f"{key.get_name()} {fingerprint(key)}",
     )
 
 

@@ -3,16 +3,19 @@
     rec = launch_stage(ctx, stage, "box")      # -> RunRecord, phase `running`
     stop_run(ctx, rec)                         # kill its tmux session, record `cancelled`
 
-The run is recorded in the store first (`pending`), then moves `syncing -> launching -> running`
-with history. On ANY failure after that row exists the tmux session (if it started) is killed,
-the row is marked `failed` with the reason, and LaunchError says what went wrong in one line:
-nothing is left half-started and no row stays in `launching`.
+The target is checked first (its static configuration, then one round trip): a missing key
+file or a box that does not answer is one error line and no run row. Then the run is recorded
+(`pending`) and moves `syncing -> launching -> running` with history. On ANY failure after that
+row exists the tmux session (if it started) is killed, the row is marked `failed` with the
+reason (or dropped, when the box stopped answering before anything ran), and LaunchError says
+what went wrong in one line: nothing is left half-started and no row stays in `launching`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import posixpath
 import secrets
@@ -30,9 +33,10 @@ from pydantic import ValidationError
 from jobs.spec import InputRef, StageSpec
 from orchestrator import __version__, bootstrap, wrapper
 from orchestrator.context import Context
+from orchestrator.progress import Steps
 from orchestrator.targets.base import Target
 from state import names
-from state.errors import LaunchError, OrchError, StageError
+from state.errors import ConfigError, LaunchError, OrchError, StageError, UnreachableError
 from state.models import RunRecord, RunSpec, WorkerTask
 from state.phases import Phase
 from state.worker_config import ARGS_BY_COMMAND
@@ -121,15 +125,29 @@ def resolve_inputs(ctx: Context, stage: StageSpec, target_name: str) -> dict[str
     return resolved
 
 
+def run_seed(rec: RunRecord) -> int | None:
+    """The study seed a run was launched with (`task.args.seed` of its spec), if any."""
+    try:
+        seed = json.loads(rec.spec_json or "{}").get("task", {}).get("args", {}).get("seed")
+    except (ValueError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def _resolve_one(ctx: Context, stage: StageSpec, ref: InputRef, target_name: str) -> str:
     runs = ctx.store.list_runs(stage=ref.stage, target=target_name)
     done = [r for r in runs if r.phase == Phase.SUCCEEDED]
-    if not done:
+    # A seeded study chains runs of one seed: stage 4 of seed 3 evaluates 3B's seed-3
+    # checkpoint, never the newest checkpoint of another seed.
+    seed = stage.task.args.get("seed")
+    same = [r for r in done if run_seed(r) == seed] if isinstance(seed, int) else done
+    if not same:
+        which = f" with seed {seed}" if done else ""
         raise StageError(
-            f"stage {stage.name} needs a succeeded run of {ref.stage} on target {target_name!r}; there is none",
+            f"stage {stage.name} needs a succeeded run of {ref.stage}{which} on target {target_name!r}; there is none",
             hint=f"run `orch launch {stage.name} --with-deps --target {target_name}`, or launch {ref.stage} first",
         )
-    return f"{done[0].run_dir}/{check_artifact(ref.artifact)}"
+    return f"{same[0].run_dir}/{check_artifact(ref.artifact)}"
 
 
 def new_unique_run_id(ctx: Context, stage_dir: str) -> str:
@@ -151,8 +169,11 @@ def launch_stage(
     profile: str | None = None,
     seed: Callable[[Target, RunRecord], None] | None = None,
     spec_extra: dict[str, Any] | None = None,
+    report: Steps | None = None,
 ) -> RunRecord:
     """Launch `stage` on a target and return its record (phase `running`).
+
+    `report` says what each step is doing (code sync, bootstrap) to a person waiting.
 
     `seed(target, rec)` runs once the new run dir exists and before the worker starts (an
     auto-relaunch puts the checkpoint to resume from there); `spec_extra` sets further
@@ -183,8 +204,9 @@ def launch_stage(
 
     merge_inputs(stage.task, resolved, "/")  # validate the args now; the real paths need the box
     target = make_target(ctx, tname)
+    _reach(target, stage.name)  # a misconfigured or silent target leaves no run row behind
     rec = _insert_new_run(ctx, stage, tname, rid, fixed=run_id is not None)
-    started = False
+    started = sending = False
     try:
         if missing:
             ctx.err.print(
@@ -194,9 +216,9 @@ def launch_stage(
             _set_phase(ctx, rec, Phase.SYNCING)
             from orchestrator.codesync import sync_code
 
-            sync_code(target, ctx.project_root)
+            sync_code(target, ctx.project_root, report=report, exclude=ctx.config.sync.exclude)
         _set_phase(ctx, rec, Phase.LAUNCHING)
-        python = bootstrap.ensure_env(ctx, target)
+        python = bootstrap.ensure_env(ctx, target, report=report)
         task = merge_inputs(stage.task, resolved, target.workdir)
         spec = _build_spec(ctx, stage, task, rec, resolved, profile)
         if spec_extra:
@@ -214,6 +236,7 @@ def launch_stage(
                 _abs(target, f"{rec.run_dir}/{wrapper.SECRETS_FILE}"),
                 mode=0o600,
             )
+        sending = True  # from here a session may exist even if its answer never arrives
         started = _start_session(target, tcfg.env, spec, rec, python, stage.nproc_per_node, wpath)
         ctx.store.update_run(
             rec.stage_dir, rec.run_id, phase=Phase.RUNNING, spec_json=spec_json, reason=""
@@ -224,9 +247,13 @@ def launch_stage(
             with contextlib.suppress(Exception):
                 kill_session(target, rec.session)
         with contextlib.suppress(Exception):
-            ctx.store.update_run(
-                rec.stage_dir, rec.run_id, phase=Phase.FAILED, reason=f"launch failed: {reason}"
-            )
+            if not sending and any(isinstance(e, UnreachableError) for e in (exc, exc.__cause__)):
+                # The box stopped answering before anything ran: no run to keep on record.
+                ctx.store.delete_run(rec.stage_dir, rec.run_id)
+            else:
+                ctx.store.update_run(
+                    rec.stage_dir, rec.run_id, phase=Phase.FAILED, reason=f"launch failed: {reason}"
+                )
         if isinstance(exc, LaunchError):
             raise
         if isinstance(exc, OrchError):
@@ -240,6 +267,23 @@ def launch_stage(
     final = ctx.store.get_run(rec.stage_dir, rec.run_id)
     assert final is not None
     return final
+
+
+def _reach(target: Target, stage: str) -> None:
+    """Before the run is recorded: the target's static checks (`preflight`: key file, host),
+    then one real round trip. ConfigError as it is; no answer is a LaunchError."""
+    try:
+        target.preflight()
+        target.run(["true"], timeout=QUICK_TIMEOUT_S, check=True)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            target.close()
+        if isinstance(exc, ConfigError) or not isinstance(exc, Exception):
+            raise
+        raise LaunchError(
+            f"launch of {stage} on {target.name!r} failed: {_reason(exc)}",
+            hint="nothing was started or recorded",
+        ) from exc
 
 
 def _insert_new_run(

@@ -28,12 +28,14 @@ from jobs.pipeline import Scheduler, dependency_graph, plan
 from jobs.spec import StageSpec
 from jobs.stages import REPORT_STAGE, check_shared, get_stage
 from orchestrator.context import Context
+from orchestrator.progress import StagesProgress, Steps
 from state.errors import OrchError, StageError
 from state.models import RunRecord
 from state.phases import Phase
 
-#: Where `run-all` writes the report when the plan includes the `report` stage.
-DEFAULT_REPORT = Path("docs") / "RESULTS.md"
+#: Where `run-all` and `orch report` write the report unless told otherwise (ignored by git:
+#: a run never rewrites the repository's own files).
+DEFAULT_REPORT = Path("reports") / "RESULTS.md"
 #: Extra time past a stage's own timeout before the runner gives up waiting (the monitor
 #: normally marks the run timed_out well before this).
 WAIT_GRACE_S = 900.0
@@ -46,13 +48,20 @@ class _Outcome:
     error: str = ""
 
 
-def succeeded_on(ctx: Context, stages: list[str], targets: list[str]) -> dict[str, str]:
-    """`{stage: target}` for stages with a succeeded run on one of `targets` (the latest one)."""
+def succeeded_on(
+    ctx: Context, stages: list[str], targets: list[str], seed: int | None = None
+) -> dict[str, str]:
+    """`{stage: target}` for stages with a succeeded run on one of `targets` (the latest one;
+    of study seed `seed` when given)."""
+    from orchestrator.launch import run_seed
+
     found: dict[str, str] = {}
     for name in stages:
         if name == REPORT_STAGE:
             continue
         for rec in ctx.store.list_runs(stage=name):  # newest first
+            if seed is not None and run_seed(rec) != seed:
+                continue
             if rec.phase == Phase.SUCCEEDED and rec.target in targets:
                 found[name] = rec.target
                 break
@@ -74,7 +83,12 @@ def resolve_specs(
 
 
 def _run_one(
-    ctx: Context, spec: StageSpec, target: str, profile: str, out: queue.Queue[_Outcome]
+    ctx: Context,
+    spec: StageSpec,
+    target: str,
+    profile: str,
+    out: queue.Queue[_Outcome],
+    live: StagesProgress,
 ) -> None:
     """Thread body: launch, wait, pull. Always puts exactly one outcome on `out`."""
     from orchestrator.launch import launch_stage
@@ -82,15 +96,21 @@ def _run_one(
     from orchestrator.pull import pull_run
 
     rec: RunRecord | None = None
+    steps = Steps(ctx.console, prefix=f"  {spec.name}: ", spinner=False)  # above the live table
     try:
-        rec = launch_stage(ctx, spec, target, profile=profile)
+        live.set(spec.name, target=target, state="launching")
+        rec = launch_stage(ctx, spec, target, profile=profile, report=steps)
+        live.set(spec.name, rec=rec)
         ctx.console.print(f"  started  {spec.name} on {target}: {rec.key}")
-        rec = wait_for_run(ctx, rec.stage_dir, rec.run_id, timeout_s=spec.timeout_s + WAIT_GRACE_S)
+        rec = wait_for_run(
+            ctx, rec.stage_dir, rec.run_id, timeout_s=spec.timeout_s + WAIT_GRACE_S,
+            on_poll=lambda r: live.set(spec.name, rec=r),
+        )  # fmt: skip
         if rec.phase != Phase.SUCCEEDED:
             why = f": {rec.reason}" if rec.reason else ""
             out.put(_Outcome(spec.name, rec, f"{rec.key} {rec.phase.value}{why}"))
             return
-        pulled = pull_run(ctx, rec)
+        pulled = pull_run(ctx, rec, report=steps)
         out.put(_Outcome(spec.name, pulled.rec))
     except OrchError as exc:
         out.put(_Outcome(spec.name, rec, str(exc)))
@@ -98,14 +118,44 @@ def _run_one(
         out.put(_Outcome(spec.name, rec, f"{type(exc).__name__}: {exc}"))
 
 
-def _run_report(ctx: Context, report_out: Path | None) -> None:
+def run_report(
+    ctx: Context, report_out: Path | None, seeds: list[int] | None = None, indent: str = "  "
+) -> None:
+    """Write the report (of `seeds`, else every seed pulled) and say where, what it replaced
+    outside `reports/`, and which stages it lacks."""
     from jobs.report import write_report
 
     out = report_out or ctx.project_root / DEFAULT_REPORT
-    res = write_report(ctx.runs_dir, out)
+    res = write_report(ctx.runs_dir, out, seeds=seeds)
+    shown = _rel(ctx, res.path)
     ctx.console.print(
-        f"  report   {res.path}" + (f" (+ {len(res.plots)} plots)" if res.plots else "")
+        f"{indent}report   {shown}" + (f" (+ {len(res.plots)} plots)" if res.plots else "")
     )
+    default_dir = (ctx.project_root / DEFAULT_REPORT).parent
+    replaced = [p for p in res.replaced if p.parent.resolve() != default_dir.resolve()]
+    if replaced:
+        ctx.console.print(
+            f"{indent}[yellow]replaced[/] {', '.join(_rel(ctx, p) for p in replaced)}"
+        )
+    if res.study is not None and len(res.study.runs) > 1:
+        held = [c for c in res.study.spread.claims if c.holds]
+        ctx.console.print(
+            f"{indent}seeds    {', '.join(map(str, res.study.runs))}: "
+            f"{len(held)} of {len(res.study.spread.claims)} claims hold on every seed"
+        )
+    if res.data.missing:
+        ctx.console.print(
+            f"{indent}[yellow]not in the report[/] (no pulled run): {', '.join(res.data.missing)}"
+        )
+    if res.plot_note and res.plot_note != "plots not requested":
+        ctx.console.print(f"{indent}[yellow]{res.plot_note}[/]")
+
+
+def _rel(ctx: Context, path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ctx.project_root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def run_stages(
@@ -118,46 +168,64 @@ def run_stages(
     profile: str | None = None,
     skip_succeeded: bool = False,
     report_out: Path | None = None,
+    progress: StagesProgress | None = None,
+    seed: int | None = None,
+    report_seeds: list[int] | None = None,
 ) -> list[RunRecord]:
     """Run `stages` (names, or `all`) and, with `with_deps`, their missing upstream stages.
+    Shows a live table of the stages (`progress`, else one of its own; plain lines when
+    stdout is not a terminal).
 
     Returns the final records of the runs launched, in completion order. Raises StageError
     (after in-flight runs end) if any stage failed, naming it and the stages not launched.
     `skip_succeeded`: stages that already have a succeeded run on one of the targets are not
-    run again (resume a study).
+    run again (resume a study). `seed`: the study seed of every stage (`--set seed=S`; on the
+    tiny profile it also picks the tiny model built from it); upstream runs and resumed runs are
+    then those of that seed. `report_seeds`: the seeds the `report` stage covers.
     """
     target_names = list(dict.fromkeys(targets or [ctx.config.default_target]))
     for t in target_names:
         ctx.config.target(t)  # ConfigError for an unknown target, before anything starts
     prof = profile or ctx.config.experiment.profile
     graph = dependency_graph()
-    have = succeeded_on(ctx, list(graph), target_names)
+    if seed is not None:
+        overrides = {**ov.normalize(overrides), "seed": seed}
+    have = succeeded_on(ctx, list(graph), target_names, seed)
     order = plan(stages, set(have), with_deps=with_deps, graph=graph)
     if skip_succeeded:
         order = [s for s in order if s not in have]
     specs = resolve_specs(order, prof, overrides, ctx.config.experiment.overrides)
     located = {s: t for s, t in have.items() if s not in order}
     sched = Scheduler(order=order, targets=target_names, graph=graph, located=located)
-    ctx.console.print(f"pipeline ({prof}): {' -> '.join(order)} on {', '.join(target_names)}")
+    seeded = f", seed {seed}" if seed is not None else ""
+    ctx.console.print(
+        f"pipeline ({prof}{seeded}): {' -> '.join(order)} on {', '.join(target_names)}"
+    )
+    live = progress or StagesProgress(ctx.console, order)
 
     out: queue.Queue[_Outcome] = queue.Queue()
     records: list[RunRecord] = []
     failures: list[str] = []
     in_flight = 0
+    if progress is None:
+        live.start()
     try:
         while True:
             for stage, target in sched.next_launches():
                 if stage == REPORT_STAGE:
+                    live.set(stage, target="here", state="writing")
                     try:
-                        _run_report(ctx, report_out)
+                        run_report(ctx, report_out, report_seeds)
                         sched.finished(stage, True)
+                        live.set(stage, state="succeeded")
                     except OrchError as exc:
                         failures.append(f"report: {exc}")
                         sched.finished(stage, False)
+                        live.set(stage, state="failed")
                     continue
                 ctx.console.print(f"  launch   {stage} on {target}")
                 thread = threading.Thread(
-                    target=_run_one, args=(ctx, specs[stage], target, prof, out), daemon=True,
+                    target=_run_one, args=(ctx, specs[stage], target, prof, out, live), daemon=True,
                     name=f"orch-stage-{stage}",
                 )  # fmt: skip
                 thread.start()
@@ -170,6 +238,7 @@ def run_stages(
             if got.rec is not None:
                 records.append(got.rec)
             colour, word = ("green", "succeeded") if ok else ("red", "failed")
+            live.set(got.stage, rec=got.rec, state=word)
             ctx.console.print(
                 f"  [{colour}]{word}[/] {got.stage}" + ("" if ok else f": {got.error}")
             )
@@ -181,6 +250,9 @@ def run_stages(
             "[yellow]interrupted: runs already started keep running on their targets; see `orch status`[/]"
         )
         raise
+    finally:
+        if progress is None:
+            live.stop()
     if failures:
         skipped = sched.not_launched()
         hint = f"not launched: {', '.join(skipped)}" if skipped else "fix it and run again"

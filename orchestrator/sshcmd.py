@@ -100,6 +100,19 @@ def rsync_shell(ep: SshEndpoint) -> str:
     return quote_argv(ssh_options(ep))
 
 
+#: What a pull from a box adds to `-a`: a run dir there may hold a link to anything (`x ->
+#: /etc/shadow`): it is skipped, not copied, so nothing here ever follows it.
+UNTRUSTED_SOURCE = [
+    "--no-links",
+    "--no-devices",
+    "--no-specials",
+    "--no-owner",
+    "--no-group",
+    "--chmod=ugo-s",
+]
+_SKIPPED_RE = re.compile(r'^skipping non-regular file "(.*)"$', re.M)
+
+
 def rsync_argv(
     src: str,
     dest: str,
@@ -110,12 +123,15 @@ def rsync_argv(
     filter_file: Path | None = None,
     io_timeout: int = 60,
     extra: list[str] | None = None,
+    untrusted_source: bool = False,
 ) -> list[str]:
     """An rsync argv: archive mode, partial-resume, an I/O stall timeout, --stats.
 
     `filter_file` holds NUL-separated include rules (`--from0 --include-from`) followed by an
     exclude-all, so exactly the listed files are mirrored; with `delete` everything else in
-    `dest` goes too (`--delete-excluded`).
+    `dest` goes too (`--delete-excluded`). `untrusted_source` (a pull from a rented box): only
+    regular files and dirs arrive (symlinks, devices and FIFOs are skipped, never recreated
+    here), with this user as owner and no setuid/setgid bits (UNTRUSTED_SOURCE).
     """
     argv = [
         "rsync",
@@ -126,6 +142,8 @@ def rsync_argv(
     ]
     if ep is not None:
         argv += ["-e", rsync_shell(ep)]
+    if untrusted_source:
+        argv += UNTRUSTED_SOURCE
     if delete:
         argv.append("--delete")
     for pattern in excludes or []:
@@ -222,8 +240,12 @@ def run_rsync(argv: list[str], *, timeout: float | None, what: str) -> SyncStats
         raise RemoteCommandError(
             f"{what}: rsync failed (exit {rc}): {_tail(stderr)}", returncode=rc, stderr=stderr
         )
-    stats = parse_rsync_stats(out.decode("utf-8", "replace"))
+    text = out.decode("utf-8", "replace")
+    stats = parse_rsync_stats(text)
     stats.seconds = time.monotonic() - start
+    skipped = _SKIPPED_RE.findall(text)
+    if skipped:  # symlinks and special files of a pull (UNTRUSTED_SOURCE)
+        stats.extra["skipped"] = skipped
     if rc == 24:
         stats.extra["vanished"] = True
     return stats

@@ -52,7 +52,12 @@ class UnreachableError(TargetError):
 
 
 class HostKeyError(TargetError):
-    """The host key differs from the pinned one: possible man-in-the-middle or a new box."""
+    """The host key differs from the pinned one: possible man-in-the-middle or a new box.
+    `offered` is the fingerprint of the key now offered ("" when not known)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, offered: str = "") -> None:
+        self.offered = offered
+        super().__init__(message, hint=hint)
 
 
 class RemoteCommandError(TargetError):

@@ -63,6 +63,9 @@ class RunStatus(_FileModel):
     gpus: list[GpuStat] = Field(default_factory=list)
     message: str = ""
     leak_flag: bool = False
+    #: The first step the leakage probe flagged. The worker's summary.json carries it; the
+    #: observer copies it from there when the worker did not set it here.
+    first_leak_step: int | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

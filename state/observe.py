@@ -8,8 +8,10 @@ where `nvidia-smi` exists, GPU stats (cached for a few seconds: it costs tens of
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import stat
 import subprocess
 import time
 from collections import deque
@@ -25,7 +27,15 @@ from state.models import (
     RunStatus,
     TargetObservation,
 )
-from state.protocol import parse_events, read_exit_code, read_model
+from state.protocol import (
+    MAX_STATUS_BYTES,
+    TooBig,
+    parse_events,
+    read_bounded,
+    read_exit_code,
+    read_model,
+    read_small_int,
+)
 
 
 class RunQuery(BaseModel):
@@ -127,7 +137,9 @@ def _num(text: str) -> float | None:
 
 def _tail_lines(path: Path, n: int, max_bytes: int = 65536) -> list[str]:
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return []  # a FIFO or device would block or stream forever
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - max_bytes))
@@ -137,10 +149,23 @@ def _tail_lines(path: Path, n: int, max_bytes: int = 65536) -> list[str]:
     return list(deque(data.splitlines(), maxlen=n))
 
 
+def first_leak_step(run_dir: Path) -> int | None:
+    """The first step the leakage probe flagged, from a training run's summary.json (written
+    when training ends); None while there is none or it names no step."""
+    try:
+        step = json.loads(read_bounded(run_dir / names.SUMMARY, MAX_STATUS_BYTES)).get(
+            "first_leak_step"
+        )
+    except (OSError, TooBig, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def observe_run(workdir: Path, q: RunQuery, sessions: set[str] | None) -> RunObservation:
     rd = workdir / q.run_dir
-    st = read_model(rd / names.STATUS, RunStatus)
-    failed = read_model(rd / names.RUN_FAILED, RunFailed)
+    # Capped: a runaway or hostile status file is "unreadable", never read or sent whole.
+    st = read_model(rd / names.STATUS, RunStatus, max_bytes=MAX_STATUS_BYTES)
+    failed = read_model(rd / names.RUN_FAILED, RunFailed, max_bytes=MAX_STATUS_BYTES)
     obs = RunObservation(
         run_dir=q.run_dir,
         status=st.value,
@@ -153,13 +178,13 @@ def observe_run(workdir: Path, q: RunQuery, sessions: set[str] | None) -> RunObs
     )
     if q.session and sessions is not None:
         obs.session_alive = q.session in sessions
-    pid = None
-    with contextlib.suppress(OSError, ValueError):
-        pid = int((rd / names.PID).read_text().strip())
+    pid = read_small_int(rd / names.PID)
     if pid is None and st.value is not None:
         pid = st.value.pid
-    if pid is not None:
+    if pid is not None and 0 < pid < 2**31:  # 0 and -1 would name a process group, not a run
         obs.pid_alive = pid_alive(pid)
+    if obs.status is not None and obs.status.leak_flag and obs.status.first_leak_step is None:
+        obs.status.first_leak_step = first_leak_step(rd)
     if q.events_tail:
         obs.last_events = list(parse_events(_tail_lines(rd / names.EVENTS, q.events_tail)))
     return obs

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,13 @@ from state.models import SCHEMA_VERSION, Event, Manifest, ManifestEntry
 
 M = TypeVar("M", bound=BaseModel)
 ReadState = Literal["ok", "missing", "unreadable", "newer_schema"]
+
+#: The largest `status.json` (or `.run_failed`) a reader accepts. The worker writes a few KB;
+#: anything bigger is refused as "unreadable" without being read whole, so a runaway or hostile
+#: file cannot fill the agent's memory, its answer line or the controller's store.
+MAX_STATUS_BYTES = 256 * 1024
+#: The largest `pid` / `exit_code` file read (they hold one integer).
+MAX_SMALL_BYTES = 64
 
 
 def _fsync_dir(path: Path) -> None:
@@ -101,12 +109,39 @@ def parse_model(text: str | bytes, model: type[M]) -> Read[M]:
         return Read("unreadable", detail=f"invalid: {exc.error_count()} field error(s)")
 
 
-def read_model(path: str | os.PathLike[str], model: type[M]) -> Read[M]:
-    """Read a JSON file into `model`; never raises for missing or partial files."""
+class TooBig(Exception):
+    """A file over the reader's cap (the message says how big)."""
+
+
+def read_bounded(path: str | os.PathLike[str], max_bytes: int | None = None) -> bytes:
+    """A regular file's bytes, at most `max_bytes` (TooBig past it, before reading it whole).
+    A FIFO, device or directory is refused (OSError) instead of blocking or streaming forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path}: not a regular file")
+        if max_bytes is None:
+            return f.read()
+        if st.st_size > max_bytes:
+            raise TooBig(f"{st.st_size} bytes, over the cap of {max_bytes}")
+        data = f.read(max_bytes + 1)  # it may have grown since the stat
+        if len(data) > max_bytes:
+            raise TooBig(f"over {max_bytes} bytes, the cap")
+        return data
+
+
+def read_model(
+    path: str | os.PathLike[str], model: type[M], *, max_bytes: int | None = None
+) -> Read[M]:
+    """Read a JSON file into `model`; never raises for missing or partial files. A file over
+    `max_bytes` is "unreadable" and is never read whole."""
     try:
-        data = Path(path).read_bytes()
+        data = read_bounded(path, max_bytes)
     except FileNotFoundError:
         return Read("missing")
+    except TooBig as exc:
+        return Read("unreadable", detail=str(exc))
     except OSError as exc:
         return Read("unreadable", detail=str(exc))
     return parse_model(data, model)
@@ -180,35 +215,101 @@ def build_manifest(run_dir: str | os.PathLike[str], run_id: str) -> Manifest:
     return Manifest(run_id=run_id, files=entries)
 
 
+def manifest_path_problem(path: str) -> str | None:
+    """Why a manifest entry's path cannot name a file inside the run dir, or None. It must be
+    relative, POSIX, normalised (no `.`, `..` or empty parts) and free of NUL/backslashes."""
+    if not isinstance(path, str) or not path:
+        return "empty path"
+    if "\0" in path or "\\" in path:
+        return "NUL or backslash in the path"
+    if path.startswith("/"):
+        return "absolute path"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "not a normalised relative path (empty, '.' or '..' parts)"
+    return None
+
+
+def _open_inside(root: Path, rel: str) -> int:
+    """An fd for the regular file `rel` under `root`, following no symlink on the way (each
+    parent is opened with O_NOFOLLOW relative to the last one). OSError otherwise: ELOOP /
+    ENOTDIR for a symlink, ENOENT for a missing file."""
+    parts = rel.split("/")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    dir_flags = flags | getattr(os, "O_DIRECTORY", 0)
+    fd = os.open(root, dir_flags)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, dir_flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        out = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(out).st_mode):
+        os.close(out)
+        raise OSError(f"{rel}: not a regular file")
+    return out
+
+
 def verify_manifest(
     run_dir: str | os.PathLike[str],
     manifest: Manifest,
     *,
     include_checkpoints: bool = True,
+    source: str | None = None,
 ) -> int:
     """Check every manifest entry against the files in `run_dir`; return the count verified.
 
-    Raises VerifyError naming the first file that is missing or differs. With
-    `include_checkpoints=False`, entries under `checkpoints/` are skipped (not pulled).
+    Raises VerifyError naming the first entry that is unsafe, missing or differs: with the file
+    on the box (`source`: where the run dir was pulled from) and the copy here. Entry paths must
+    stay inside `run_dir` (see `manifest_path_problem`), and no symlink is followed on the way
+    to a file: a manifest cannot make this machine read, stat or hash anything outside the run.
+    With `include_checkpoints=False`, entries under `checkpoints/` are skipped (not pulled).
     """
     root = Path(run_dir)
+    where = (source or str(root)).rstrip("/")
     checked = 0
     for entry in manifest.files:
+        box_file = f"{where}/{entry.path}"
+        problem = manifest_path_problem(entry.path)
+        if problem:
+            raise VerifyError(
+                f"{where}/{names.MANIFEST}: entry {entry.path!r} is refused ({problem})",
+                hint="manifest paths name files inside the run dir; this run's files were not "
+                "written by orch's worker, do not trust them",
+            )
         if not include_checkpoints and entry.path.startswith(names.CHECKPOINTS + "/"):
             continue
-        p = root / entry.path
-        if not p.is_file():
-            raise VerifyError(f"{p}: listed in the manifest but missing", hint="pull again")
-        size = p.stat().st_size
-        if size != entry.size:
+        local = root / entry.path
+        try:
+            fd = _open_inside(root, entry.path)
+        except FileNotFoundError:
             raise VerifyError(
-                f"{p}: size {size} != manifest {entry.size}",
-                hint="pull again; if it repeats, the file changed on the box",
-            )
-        digest = sha256_file(p)
-        if digest != entry.sha256:
+                f"{entry.path}: listed in the manifest but missing here ({local}; on the box: "
+                f"{box_file})",
+                hint="pull again",
+            ) from None
+        except OSError as exc:
             raise VerifyError(
-                f"{p}: sha256 differs from manifest",
+                f"{entry.path}: not a regular file inside the run (a symlink or special file; "
+                f"on the box: {box_file}): {exc.strerror or exc}",
+                hint="orch never follows links out of a run; look at that file on the box",
+            ) from None
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry.size:
+                raise VerifyError(
+                    f"{entry.path}: size {size} != manifest {entry.size} (on the box: {box_file}; "
+                    f"here: {local})",
+                    hint="pull again; if it repeats, the file changed on the box",
+                )
+            h = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != entry.sha256:
+            raise VerifyError(
+                f"{entry.path}: sha256 differs from the manifest (on the box: {box_file}; "
+                f"here: {local})",
                 hint="pull again; if it repeats, the file changed on the box",
             )
         checked += 1
@@ -216,12 +317,13 @@ def verify_manifest(
 
 
 def read_exit_code(run_dir: str | os.PathLike[str]) -> int | None:
-    """The wrapper's `exit_code` file, or None if absent or partial."""
+    """The wrapper's `exit_code` file, or None if absent, partial or not a small number."""
+    return read_small_int(Path(run_dir) / names.EXIT_CODE)
+
+
+def read_small_int(path: str | os.PathLike[str]) -> int | None:
+    """The integer in a small file (`pid`, `exit_code`), or None (missing, garbage, too big)."""
     try:
-        text = (Path(run_dir) / names.EXIT_CODE).read_text().strip()
-    except OSError:
-        return None
-    try:
-        return int(text)
-    except ValueError:
+        return int(read_bounded(path, MAX_SMALL_BYTES).decode("ascii").strip())
+    except (OSError, TooBig, ValueError):
         return None

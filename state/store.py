@@ -121,9 +121,37 @@ MIGRATIONS: list[str] = [
     ALTER TABLE alerts ADD COLUMN next_attempt_at TEXT;
     ALTER TABLE alerts ADD COLUMN gave_up INTEGER NOT NULL DEFAULT 0
     """,
+    # 3: delivery claims (orchestrator/monitor/alerts.py): who is sending an alert now, and
+    # the sinks whose send started but whose outcome was never recorded (the sender died);
+    # the retry schedule of a failing completion action (orchestrator/monitor/actions.py).
+    """
+    ALTER TABLE alerts ADD COLUMN claimed_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE alerts ADD COLUMN claimed_until TEXT;
+    ALTER TABLE alerts ADD COLUMN sinks_sending TEXT NOT NULL DEFAULT '';
+    ALTER TABLE run_monitor ADD COLUMN action_failing_since TEXT;
+    ALTER TABLE run_monitor ADD COLUMN action_next_try TEXT;
+    ALTER TABLE run_monitor ADD COLUMN action_gave_up INTEGER NOT NULL DEFAULT 0
+    """,
+    # 4: Vast creates (orchestrator/vast/ledger.py): each create's unique label, written before
+    # the request is sent, so an instance whose create answer was lost can be found again.
+    """
+    CREATE TABLE vast_creates (
+        label TEXT PRIMARY KEY,
+        target TEXT NOT NULL,
+        api_url TEXT NOT NULL,
+        offer_id INTEGER,
+        requested_at TEXT NOT NULL,
+        instance_id TEXT,
+        outcome TEXT NOT NULL DEFAULT '',
+        resolved_at TEXT
+    )
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+#: Every form `Store.resolve_run` accepts, for the help of commands that take a RUN.
+RUN_FORMS = "a run id, stage_dir/run_id, STAGE:latest (the newest run of STAGE), or latest"
 
 _RUN_COLUMNS = frozenset(RunRecord.model_fields) - {"run_id", "stage_dir"}
 _TARGET_COLUMNS = frozenset(

@@ -60,6 +60,7 @@ def isolated_home(
     monkeypatch.setenv("ORCH_STATE_DIR", str(home / ".orch-state"))
     monkeypatch.delenv("ORCH_CONFIG", raising=False)
     monkeypatch.delenv("VAST_API_KEY", raising=False)
+    monkeypatch.delenv("VAST_URL", raising=False)
     return home
 
 

@@ -10,11 +10,18 @@ from typing import Any
 
 
 class Webhook:
-    """Collects JSON POSTs; `fail_with` makes it answer that status instead (to test retries)."""
+    """Collects JSON POSTs; `fail_with` makes it answer that status instead (to test retries).
+
+    `headers` holds every request's headers (in arrival order, answered or not); with `hold`
+    cleared, a request is received and recorded there but not answered until `hold` is set
+    again (a POST in flight, for killing the sender mid-delivery)."""
 
     def __init__(self) -> None:
         self.posts: list[tuple[float, dict[str, Any]]] = []
+        self.headers: list[dict[str, str]] = []
         self.fail_with: int | None = None
+        self.hold = threading.Event()
+        self.hold.set()
         self.cond = threading.Condition()
         hook = self
 
@@ -22,6 +29,10 @@ class Webhook:
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 data = self.rfile.read(n)
+                with hook.cond:
+                    hook.headers.append(dict(self.headers.items()))
+                    hook.cond.notify_all()
+                hook.hold.wait()
                 if hook.fail_with is not None:
                     self.send_response(hook.fail_with)
                     self.end_headers()
@@ -83,6 +94,20 @@ class Webhook:
                     )
                 self.cond.wait(left)
 
+    def wait_for_requests(self, count: int, timeout: float = 30.0) -> list[dict[str, str]]:
+        """The headers of the first `count` requests received (answered or not)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(self.headers) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"{len(self.headers)} request(s) within {timeout} s, wanted {count}"
+                    )
+                self.cond.wait(left)
+            return list(self.headers[:count])
+
     def close(self) -> None:
+        self.hold.set()
         self.server.shutdown()
         self.server.server_close()

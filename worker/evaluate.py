@@ -368,6 +368,7 @@ def run_eval(args: EvalArgs, ctx: Any) -> dict[str, Any]:
     from worker import modeling
 
     ctx.status.set_phase(WorkerPhase.LOADING, f"loading {args.model}")
+    modeling.prebuild(args.model, ctx.status)
     loaded = modeling.load(args)
     mask = MaskMode(args.mask).value
     ctx.status.set_phase(WorkerPhase.EVALUATING, f"{mask} mask on {len(args.tasks)} task(s)")

@@ -72,6 +72,20 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def prebuild(model: str, status: Any) -> None:
+    """Build a `tiny://` model now if it is not cached, saying how far along in the status
+    message (the live line of `orch launch --wait`) and the run's events, so a first run is
+    not a silent minute. Any other model: nothing to do here."""
+    if not model.startswith(tiny.SCHEME):
+        return
+
+    def say(line: str) -> None:
+        status.update(message=line)
+        status.event("info", line)
+
+    tiny.resolve(model, progress=say)
+
+
 def resolve_model_path(model: str) -> str:
     """`tiny://NAME` -> its cache dir; an existing local path -> its absolute path; else a hub id."""
     if model.startswith(tiny.SCHEME):

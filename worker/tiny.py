@@ -7,12 +7,15 @@ hash covers the whole build recipe (`TinySpec` + `RECIPE_VERSION`). The first ca
 under a file lock, into a temp dir renamed into place, so concurrent processes neither race nor
 see a half-written model.
 
-Tasks (`tiny:<name>` data sources, 4 choices each):
-    recall   key-value recall: "recall : k3 = v7 , k1 = v2 ... . k1 ?" -> " v2"
+Tasks (`tiny:<name>` data sources, 4 choices each; `tiny:a+b` mixes tasks row by row):
+    dup      the item before the repeat: "dup : v3 v7 v1 v8 v7 v9 ." -> " v8"
     arith    addition facts: "sum : 3 plus 4 is" -> " 7"
     succ     successor in a counting run: "count : 4 5 6 7 next" -> " 8"
+    recall   key-value recall: "recall : k3 = v7 , k1 = v2 ... . k1 ?" -> " v2" (not learned
+             by the tiny model; kept as a data source)
 Each yields multiple-choice rows (context, choices, label) and SFT rows (prompt, response), with
-disjoint random streams per split.
+disjoint random streams per split. `dup` is the task a bidirectional prompt breaks in any causal
+solution (see `_dup`); arith and succ are solved by the last token alone and barely notice it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +82,31 @@ def _succ(rng: random.Random) -> Row:
     return f"count : {run} next", choices, label
 
 
+def _dup(rng: random.Random) -> Row:
+    # Which item came right before the repeat: "dup : v3 v7 v1 v8 v7 v9 ." -> " v8" (v7 repeats;
+    # the item before its second occurrence). A causal model marks each position "my token
+    # occurred earlier" (a duplicate-token head: content, looking back) and copies the token
+    # before the marked one. Under a bidirectional prompt the first occurrence sees the second
+    # one too and is marked as well, so the item before the first occurrence (v3, always among
+    # the choices) competes with the answer.
+    items = rng.sample(range(N_KEYS), 5)
+    i = rng.randrange(1, 3)  # first occurrence, with an item before it
+    j = rng.randrange(i + 2, 6)  # second occurrence, not adjacent
+    seq = items[:j] + [items[i]] + items[j:]
+    seq = seq[:6]
+    answer = seq[j - 1]
+    decoys = [seq[i - 1], seq[i]]
+    rest = [v for v in seq if v not in decoys and v != answer]
+    decoys.append(rng.choice(rest))
+    rng.shuffle(decoys)
+    label = rng.randrange(4)
+    decoys.insert(label, answer)
+    listed = " ".join(f"v{v}" for v in seq)
+    return f"dup : {listed} .", [f"v{v}" for v in decoys], label
+
+
 TASKS: dict[str, Callable[[random.Random], Row]] = {
+    "dup": _dup,
     "recall": _recall,
     "arith": _arith,
     "succ": _succ,
@@ -92,8 +119,25 @@ def _rng(task: str, split: str, seed: int) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+def _mixture(task: str) -> Callable[[random.Random], Row]:
+    """`a+b+c`: each row drawn from one of the named tasks, in turn (equal shares)."""
+    parts = task.split("+")
+    state = {"i": 0}
+
+    def draw(rng: random.Random) -> Row:
+        gen = TASKS[parts[state["i"] % len(parts)]]
+        state["i"] += 1
+        return gen(rng)
+
+    return draw
+
+
+def _generator(task: str) -> Callable[[random.Random], Row]:
+    return TASKS[task] if task in TASKS else _mixture(task)
+
+
 def _check_task(task: str, split: str) -> None:
-    if task not in TASKS:
+    if not all(t in TASKS for t in task.split("+")):
         raise WorkerError(
             f"unknown tiny task {task!r}",
             hint=f"use one of {', '.join(f'tiny:{t}' for t in TASKS)}",
@@ -108,9 +152,10 @@ def mc_rows(task: str, split: str = "test", n: int = 200, seed: int = 0) -> list
     """`n` multiple-choice rows in the generic `mc` schema (context, choices, label)."""
     _check_task(task, split)
     rng = _rng(task, split, seed)
+    gen = _generator(task)
     out = []
     for _ in range(n):
-        ctx, choices, label = TASKS[task](rng)
+        ctx, choices, label = gen(rng)
         out.append({"context": ctx, "choices": choices, "label": label})
     return out
 
@@ -125,7 +170,7 @@ def sft_rows(task: str, split: str = "train", n: int = 2000, seed: int = 0) -> l
 
 def task_words() -> list[str]:
     """Every word any task can produce (the tiny tokenizer's vocabulary)."""
-    words = {"recall", ":", "=", ",", ".", "?", "sum", "plus", "is", "count", "next"}
+    words = {"recall", ":", "=", ",", ".", "?", "sum", "plus", "is", "count", "next", "dup"}
     words |= {f"k{i}" for i in range(N_KEYS)} | {f"v{i}" for i in range(N_KEYS)}
     words |= {str(i) for i in range(max(19, N_NUM + 1))}
     return sorted(words)
@@ -145,13 +190,15 @@ class TinySpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 512
-    train_tasks: tuple[str, ...] = ("recall", "arith", "succ")
+    train_tasks: tuple[str, ...] = ("dup", "arith", "succ")
     train_rows: int = 6000  # per task
-    steps: int = 500
+    # `dup` needs a two-layer circuit that forms late: measured on seeds 0-1, 1500 steps left
+    # it at 0.64-0.76, 4000 at 0.90-1.00 (causal); arith and succ are learned by step 500
+    steps: int = 4000
     batch_size: int = 128
     lr: float = 3e-3
     loss_on: str = "response"  # "response": answer tokens only (learns the tasks fastest); "all"
-    seed: int = 1234
+    seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def key(self) -> str:
@@ -182,34 +229,64 @@ def cache_root() -> Path:
     return root / "tiny"
 
 
-def resolve(uri: str) -> Path:
-    """`tiny://NAME` -> a save_pretrained directory, built on first use."""
+def parse_uri(uri: str) -> TinySpec:
+    """`tiny://NAME` or `tiny://NAME?seed=N` -> its TinySpec. The seed drives everything random
+    in the build (initial weights, pre-training rows, batch order), so `--seeds` varies the
+    tiny model's pre-training as well as the fine-tune."""
     if not uri.startswith(SCHEME):
         raise WorkerError(f"{uri!r} is not a tiny model id", hint="use tiny://default")
-    name = uri[len(SCHEME) :]
+    name, _, query = uri[len(SCHEME) :].partition("?")
     if name not in SPECS:
         raise WorkerError(
             f"unknown tiny model {uri!r}", hint=f"use one of {', '.join(SCHEME + n for n in SPECS)}"
         )
-    return ensure_built(SPECS[name])
+    spec = SPECS[name]
+    if not query:
+        return spec
+    key, _, value = query.partition("=")
+    if key != "seed" or not value.lstrip("-").isdigit():
+        raise WorkerError(
+            f"bad tiny model id {uri!r}", hint=f"the only option is seed: {SCHEME}{name}?seed=3"
+        )
+    return replace(spec, seed=int(value))
+
+
+def uri_for(name: str = "default", seed: int | None = None) -> str:
+    """The id `parse_uri` reads back: the plain name for the spec's own seed."""
+    if seed is None or seed == SPECS[name].seed:
+        return SCHEME + name
+    return f"{SCHEME}{name}?seed={seed}"
+
+
+def resolve(uri: str, progress: Callable[[str], None] | None = None) -> Path:
+    """`tiny://NAME[?seed=N]` -> a save_pretrained directory, built on first use. `progress`
+    gets a line now and then while a build runs (steps, loss, ETA)."""
+    return ensure_built(parse_uri(uri), progress=progress)
 
 
 _DONE = "tiny_spec.json"  # written last: its presence means the directory is complete
 
 
-def ensure_built(spec: TinySpec, root: Path | None = None) -> Path:
+def ensure_built(
+    spec: TinySpec, root: Path | None = None, progress: Callable[[str], None] | None = None
+) -> Path:
     root = root or cache_root()
     dest = root / spec.key()
     if (dest / _DONE).exists():
         return dest
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{spec.key()}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                progress(f"tiny model {spec.key()}: another process is building it; waiting")
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if (dest / _DONE).exists():  # another process built it while we waited
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=f".{spec.key()}-", dir=root))
         try:
-            build(spec, tmp)
+            build(spec, tmp, progress=progress)
             if dest.exists():
                 shutil.rmtree(dest)  # a partial leftover without the done marker
             os.replace(tmp, dest)
@@ -245,7 +322,7 @@ def build_tokenizer(texts: Iterator[str] | list[str]) -> Any:
     )
 
 
-def build(spec: TinySpec, dest: Path) -> None:
+def build(spec: TinySpec, dest: Path, progress: Callable[[str], None] | None = None) -> None:
     """Build, pre-train and save the tiny model into `dest` (deterministic for a spec)."""
     import torch
 
@@ -255,12 +332,12 @@ def build(spec: TinySpec, dest: Path) -> None:
     # only fight over shared cores (measured: 2 threads ran 7x slower on a busy 2-core box).
     torch.set_num_threads(1)
     try:
-        _train_and_save(spec, dest, t0)
+        _train_and_save(spec, dest, t0, progress or (lambda _line: None))
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_and_save(spec: TinySpec, dest: Path, t0: float) -> None:
+def _train_and_save(spec: TinySpec, dest: Path, t0: float, progress: Callable[[str], None]) -> None:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -302,7 +379,9 @@ def _train_and_save(spec: TinySpec, dest: Path, t0: float) -> None:
     )
     gen = torch.Generator().manual_seed(spec.seed)
     model.train()
-    for _ in range(spec.steps):
+    progress(f"building the tiny model (seed {spec.seed}): pre-training {spec.steps} steps")
+    every = max(1, spec.steps // 10)
+    for step in range(1, spec.steps + 1):
         idx = torch.randint(0, len(enc), (spec.batch_size,), generator=gen)
         out = model(input_ids=ids[idx], attention_mask=am[idx], labels=labels[idx])
         out.loss.backward()
@@ -310,6 +389,13 @@ def _train_and_save(spec: TinySpec, dest: Path, t0: float) -> None:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if step % every == 0 or step == spec.steps:
+            took = time.monotonic() - t0
+            eta = took / step * (spec.steps - step)
+            progress(
+                f"building the tiny model (seed {spec.seed}): step {step}/{spec.steps}, "
+                f"loss {float(out.loss.detach()):.3f}, {took:.0f} s, ETA {eta:.0f} s"
+            )
     model.eval()
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)

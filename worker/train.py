@@ -116,6 +116,7 @@ class Trainer:
         torch.manual_seed(a.seed)
         random.seed(a.seed)
         self.status.set_phase(WorkerPhase.LOADING, f"loading {a.model}")
+        self.modeling.prebuild(a.model, self.status)  # ranks wait on the build's file lock
         loaded = self.modeling.load(a, training=True, local_rank=self.d.local_rank)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device = loaded.device
@@ -383,7 +384,8 @@ class Trainer:
         if r.leak:
             if self.first_leak_step is None:
                 self.first_leak_step = self.step
-            self.status.update(leak_flag=True)
+            # the step too, so status and the dashboard say "LEAK at step N" while it trains
+            self.status.update(leak_flag=True, first_leak_step=self.first_leak_step)
             msg = f"label leakage at step {self.step}: {r.describe()}"
             if not self.args.allow_leaky:
                 raise LeakageError(

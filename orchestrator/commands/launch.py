@@ -1,12 +1,16 @@
-"""`orch launch STAGE [--target NAME] [--set KEY=VALUE ...] [--no-sync] [--wait] [--watch] [--with-deps]`."""
+"""`orch launch STAGE [--target NAME] [--set KEY=VALUE ...] [--no-sync] [--wait [--no-pull]] [--watch] [--with-deps]`."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
+
+from rich.markup import escape
 
 from orchestrator.context import Context
 from orchestrator.launch import launch_stage
+from orchestrator.progress import RunProgress, Steps
 from state.errors import OrchError
 from state.models import RunRecord
 from state.phases import Phase
@@ -45,6 +49,12 @@ def register(sub: Any) -> None:
         "--watch", action="store_true", help="watch the run (monitor + alerts) after launching"
     )
     p.add_argument(
+        "--no-pull",
+        dest="pull",
+        action="store_false",
+        help="with --wait: do not pull the results into runs/ when the run succeeds",
+    )
+    p.add_argument(
         "--with-deps",
         action="store_true",
         help="first run the stages it depends on that have no succeeded run on the target",
@@ -53,10 +63,12 @@ def register(sub: Any) -> None:
 
 
 def print_launched(ctx: Context, rec: RunRecord) -> None:
+    from orchestrator.pull import run_location
+
     lines = [
         f"launched [bold]{rec.stage}[/] on [bold]{rec.target}[/]",
         f"  run id   {rec.run_id}",
-        f"  run dir  {rec.run_dir}",
+        f"  run dir  {escape(run_location(ctx, rec))}",
         f"  session  {rec.session}",
         f"  follow   orch logs -f {rec.run_id}   |   tmux attach -t {rec.session}",
     ]
@@ -95,30 +107,74 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
         from jobs.stages import get_stage
 
         stage = get_stage(args.stage, profile, overrides, shared=shared)
-        rec = launch_stage(ctx, stage, args.target, sync=args.sync, profile=profile)
+        rec = launch_stage(
+            ctx, stage, args.target, sync=args.sync, profile=profile, report=Steps(ctx.console)
+        )
         print_launched(ctx, rec)
     if args.watch:
-        from orchestrator.monitor.watch import watch
-
-        return int(watch(ctx, targets=[rec.target], stop_when_idle=True) or 0)
+        return watch_with_progress(ctx, rec)
     if args.wait:
-        return wait_and_report(ctx, rec)
+        return wait_and_report(ctx, rec, pull=args.pull)
     return 0
 
 
-def wait_and_report(ctx: Context, rec: RunRecord) -> int:
-    """Block until the run ends (the monitor's wait_for_run); 0 only if it succeeded."""
+def watch_with_progress(ctx: Context, rec: RunRecord) -> int:
+    """`--watch`: the watcher (alerts, completion actions) with the run's live line."""
+    from orchestrator.monitor.watch import watch
+
+    def tick() -> None:
+        got = ctx.store.get_run(rec.stage_dir, rec.run_id)
+        if got is not None:
+            live.update(got)
+
+    with RunProgress(ctx.console) as live:
+        live.update(rec)
+        rc = int(watch(ctx, targets=[rec.target], stop_when_idle=True, on_tick=tick) or 0)
+        tick()  # the live line ends on the run's final state
+    final = ctx.store.get_run(rec.stage_dir, rec.run_id)
+    if final is not None and final.pulled_at is not None:
+        from orchestrator.pull import local_run_dir
+
+        ctx.console.print(f"  results  {escape(shown_path(ctx, local_run_dir(ctx, final)))}")
+    return rc
+
+
+def shown_path(ctx: Context, path: Path) -> str:
+    """`path` relative to where orch was started when it is below it, else absolute."""
+    try:
+        return str(path.relative_to(ctx.cwd))
+    except ValueError:
+        return str(path)
+
+
+def wait_and_report(ctx: Context, rec: RunRecord, *, pull: bool = True) -> int:
+    """Block until the run ends (the monitor's wait_for_run) with its live line, then (with
+    `pull`, after a success) pull its results into `runs/`; 0 only if it succeeded."""
     try:
         from orchestrator.monitor.refresh import wait_for_run
     except ImportError as exc:  # pragma: no cover - the monitor ships with orch
         raise OrchError("--wait needs orch's monitor (orchestrator.monitor.refresh)") from exc
-    ctx.console.print(f"waiting for {rec.key} ...")
-    final = wait_for_run(ctx, rec.stage_dir, rec.run_id)
+    ctx.console.print(
+        f"waiting for {rec.key} (Ctrl-C stops waiting, not the run)", markup=False, soft_wrap=True
+    )
+    with RunProgress(ctx.console) as live:
+        live.update(rec)
+        final = wait_for_run(ctx, rec.stage_dir, rec.run_id, on_poll=live.update)
     colour = "green" if final.phase == Phase.SUCCEEDED else "red"
     line = f"{final.key}: [{colour}]{final.phase.value}[/]"
     if final.exit_code is not None:
         line += f" (exit code {final.exit_code})"
     if final.reason:
-        line += f": {final.reason}"
+        line += f": {escape(final.reason)}"
     ctx.console.print(line)
-    return 0 if final.phase == Phase.SUCCEEDED else 1
+    if final.phase != Phase.SUCCEEDED:
+        return 1
+    from orchestrator.pull import local_run_dir, pull_run
+
+    if pull and final.pulled_at is None:  # a running `orch watch` may have pulled it already
+        pull_run(ctx, final, report=Steps(ctx.console))
+    if pull:
+        ctx.console.print(f"  results  {escape(shown_path(ctx, local_run_dir(ctx, final)))}")
+    else:
+        ctx.console.print(f"  not pulled (--no-pull): `orch pull {final.key}` copies it here")
+    return 0

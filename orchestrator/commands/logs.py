@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import posixpath
 import sys
 import time
 from typing import Any
 
+from rich.markup import escape
+
 from orchestrator.context import Context
+from orchestrator.dashboard.snapshot import run_view
 from orchestrator.targets.base import Target
 from state import names
-from state.errors import RemoteCommandError
+from state.errors import ConfigError, RemoteCommandError
 from state.models import RunRecord
+from state.store import RUN_FORMS
 
 READ_TIMEOUT_S = 30.0
 
@@ -25,7 +30,7 @@ def register(sub: Any) -> None:
         metavar="RUN",
         nargs="?",
         default="latest",
-        help="run id, stage_dir/run_id, or latest",
+        help=f"{RUN_FORMS} (default: latest)",
     )
     p.add_argument(
         "-f",
@@ -89,10 +94,51 @@ def ended(target: Target, rec: RunRecord) -> bool:
     return res.returncode == 0
 
 
+def recorded(ctx: Context, rec: RunRecord, lines: int) -> int:
+    """What orch knows of a run whose target left orch.toml, connecting nowhere: its phase,
+    exit code and reason from the store, and the end of its output if a pull left a copy under
+    runs/. ConfigError (non-zero) only when there is nothing to show."""
+    from orchestrator.targets.factory import missing_target_hint
+
+    local = ctx.runs_dir / rec.stage_dir / rec.run_id / names.STDOUT
+    try:
+        with open(local, encoding="utf-8", errors="replace") as f:
+            text = "".join(collections.deque(f, maxlen=max(0, lines)))
+    except OSError:
+        text = None
+    message = "" if rec.phase.is_terminal else run_view(rec).message
+    if text is None and not rec.reason and not message:
+        raise ConfigError(
+            f"run {rec.key} ran on target {rec.target!r}, which is no longer in orch.toml, "
+            f"and no copy of its {names.STDOUT} is under runs/",
+            hint=missing_target_hint(rec.target, "read its output from the box"),
+        )
+    ctx.err.print(
+        f"[yellow]note:[/] target {escape(repr(rec.target))} is no longer in orch.toml; "
+        "showing what orch recorded of this run",
+        soft_wrap=True,
+    )
+    out = sys.stdout
+    head = f"{rec.key}: {rec.phase.value}"
+    if rec.exit_code is not None:
+        head += f" (exit {rec.exit_code})"
+    out.write(" · ".join(x for x in (head, rec.reason, message) if x) + "\n")
+    if text is None:
+        out.write(f"(no copy of {names.STDOUT} under {local.parent})\n")
+    else:
+        out.write(f"--- {local} (pulled copy) ---\n{text}")
+        if text and not text.endswith("\n"):
+            out.write("\n")
+    out.flush()
+    return 0
+
+
 def handle(args: argparse.Namespace, ctx: Context) -> int:
     from orchestrator.targets.factory import make_target
 
     rec = ctx.store.resolve_run(args.run)
+    if rec.target not in ctx.config.targets:
+        return recorded(ctx, rec, args.lines)
     target = make_target(ctx, rec.target)
     out = sys.stdout
     try:

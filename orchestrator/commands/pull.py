@@ -6,10 +6,12 @@ import argparse
 from typing import Any
 
 from orchestrator.context import Context
+from orchestrator.progress import Steps
 from orchestrator.pull import PullResult, pull_run
 from state.errors import OrchError, StageError
 from state.models import RunRecord
 from state.phases import Phase
+from state.store import RUN_FORMS
 
 
 def register(sub: Any) -> None:
@@ -20,7 +22,7 @@ def register(sub: Any) -> None:
         "runs",
         metavar="RUN",
         nargs="*",
-        help="run id, stage_dir/run_id, or latest (default: latest)",
+        help=f"{RUN_FORMS} (default: latest)",
     )
     p.add_argument("--all", action="store_true", help="every succeeded run not pulled yet")
     p.add_argument("--checkpoints", action="store_true", help="include checkpoints/ (large)")
@@ -31,9 +33,17 @@ def select_runs(ctx: Context, refs: list[str], all_: bool) -> list[RunRecord]:
     if all_:
         if refs:
             raise StageError("give RUN names or --all, not both")
-        return [
+        todo = [
             r for r in ctx.store.list_runs() if r.phase == Phase.SUCCEEDED and r.pulled_at is None
         ]
+        gone = [r.key for r in todo if r.target not in ctx.config.targets]
+        if gone:
+            ctx.err.print(
+                f"[yellow]note:[/] skipped, their target is no longer in orch.toml: {', '.join(gone)}",
+                markup=True,
+                highlight=False,
+            )
+        return [r for r in todo if r.target in ctx.config.targets]
     return [ctx.store.resolve_run(ref) for ref in (refs or ["latest"])]
 
 
@@ -51,10 +61,14 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
     if not runs:
         ctx.console.print("nothing to pull")
         return 0
+    from orchestrator.targets.factory import require_run_target
+
     failures = 0
     for rec in runs:
         try:
-            ctx.console.print(format_result(pull_run(ctx, rec, checkpoints=args.checkpoints)))
+            require_run_target(ctx, rec, "pull")
+            res = pull_run(ctx, rec, checkpoints=args.checkpoints, report=Steps(ctx.console))
+            ctx.console.print(format_result(res))
         except OrchError as exc:
             if len(runs) == 1:
                 raise

@@ -1,5 +1,5 @@
-"""`orch run-all [--targets a,b] [--set KEY=VALUE ...] [--profile P] [--resume] [--out PATH]`:
-the whole study, stage 1 to the report, in dependency order."""
+"""`orch run-all [--targets a,b] [--set KEY=VALUE ...] [--profile P] [--seeds N|a,b] [--resume]
+[--out PATH]`: the whole study, stage 1 to the report, in dependency order (once per seed)."""
 
 from __future__ import annotations
 
@@ -41,23 +41,80 @@ def register(sub: Any) -> None:
         action="store_true",
         help="skip stages that already have a succeeded run on the targets",
     )
-    p.add_argument("--out", type=Path, help="where to write the report (default: docs/RESULTS.md)")
+    p.add_argument(
+        "--seeds",
+        help="run the study once per seed and report the spread: N (seeds 0..N-1) or a list "
+        "a,b,c. On the tiny profile a seed also rebuilds the tiny model from it",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="where to write the report (default: reports/RESULTS.md, ignored by git)",
+    )
     p.set_defaults(func=handle)
+
+
+def parse_seeds(text: str | None, *, count: bool = True) -> list[int] | None:
+    """`3` -> [0, 1, 2] (with `count`; else [3]); `0,4,7` -> [0, 4, 7]; ConfigError else."""
+    from state.errors import ConfigError
+
+    if text is None:
+        return None
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [int(t) for t in parts]
+    except ValueError:
+        values = []
+    as_count = count and len(values) == 1 and "," not in text
+    if not values or (as_count and values[0] < 1) or any(v < 0 for v in values):
+        what = (
+            "a count (3: seeds 0, 1, 2) or a list of seeds (0,4,7)"
+            if count
+            else "a list of seeds (0,4,7)"
+        )
+        raise ConfigError(f"--seeds {text!r}: expected {what}", hint="e.g. --seeds 0,1,2")
+    seeds = list(range(values[0])) if as_count else values
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: a seed is listed twice", hint="list each seed once")
+    return seeds
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
     from jobs import overrides as ov
-    from orchestrator.pipeline_runner import run_stages
+    from jobs.stages import STAGE_NAMES, STUDY_STAGES
+    from orchestrator.pipeline_runner import run_report, run_stages
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    recs = run_stages(
-        ctx,
-        ["all"],
-        targets=targets,
-        overrides=ov.parse_assignments(args.overrides),
-        profile=args.profile,
-        skip_succeeded=args.resume,
-        report_out=args.out,
-    )
-    ctx.console.print(f"[green]study done[/]: {len(recs)} run(s)")
+    overrides = ov.parse_assignments(args.overrides)
+    seeds = parse_seeds(args.seeds)
+    if seeds is None:
+        recs = run_stages(
+            ctx,
+            ["all"],
+            targets=targets,
+            overrides=overrides,
+            profile=args.profile,
+            skip_succeeded=args.resume,
+            report_out=args.out,
+        )
+        ctx.console.print(f"[green]study done[/]: {len(recs)} run(s)")
+        return 0
+    if any(ov.split_scope(k, STAGE_NAMES)[1] == "seed" for k in ov.normalize(overrides)):
+        from state.errors import ConfigError
+
+        raise ConfigError("--seeds and --set seed=... both set the seed", hint="use one of them")
+    recs = []
+    for i, seed in enumerate(seeds, 1):
+        ctx.console.print(f"[bold]seed {seed}[/] ({i} of {len(seeds)})")
+        recs += run_stages(
+            ctx,
+            list(STUDY_STAGES),
+            targets=targets,
+            overrides=overrides,
+            profile=args.profile,
+            skip_succeeded=args.resume,
+            seed=seed,
+        )
+    run_report(ctx, args.out, seeds, indent="")
+    ctx.console.print(f"[green]study done[/]: {len(recs)} run(s) over {len(seeds)} seeds")
     return 0

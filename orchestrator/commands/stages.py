@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from rich.cells import cell_len
 from rich.table import Table
 
 from jobs.spec import StageSpec
@@ -40,12 +41,39 @@ def stage_row(s: StageSpec) -> list[str]:
     ]
 
 
-def stages_table(stages: list[StageSpec], profile: str) -> Table:
+COLUMNS = ("stage", "run dir", "command", "mask", "inputs", "timeout")
+
+
+def table_width(headers: tuple[str, ...], rows: list[list[str]]) -> int:
+    """The width rich's default table needs to show every cell on one line (pure)."""
+    widths = [max(cell_len(c) for c in col) for col in zip(headers, *rows, strict=True)]
+    return sum(widths) + 3 * len(widths) + 1  # a border and a blank either side of each cell
+
+
+def task_text(row: list[str]) -> str:
+    """command, mask, timeout and inputs as words that may wrap: `eval prefix, 30m, input stage3a`."""
+    _, _, command, mask, inputs, timeout = row
+    words = f"{command} {mask}, {timeout}" if mask != "-" else f"{command}, {timeout}"
+    return words + (f", input {inputs}" if inputs != "-" else "")
+
+
+def stages_table(stages: list[StageSpec], profile: str, width: int | None = None) -> Table:
+    """The stages, names (stage, run dir, mask, inputs) never broken: one column each when the
+    table fits `width`; else command, mask, timeout and inputs share one column that wraps
+    between words, so an 80-column terminal still shows every name whole."""
+    rows = [stage_row(s) for s in stages]
     table = Table(title=f"stages (profile {profile})")
-    for col in ("stage", "run dir", "command", "mask", "inputs", "timeout"):
-        table.add_column(col, overflow="fold")
-    for s in stages:
-        table.add_row(*stage_row(s))
+    if width is None or table_width(COLUMNS, rows) <= width:
+        for col in COLUMNS:
+            table.add_column(col, no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        return table
+    table.add_column("stage", no_wrap=True)
+    table.add_column("run dir", no_wrap=True)
+    table.add_column("command, mask, timeout, inputs")
+    for row in rows:
+        table.add_row(row[0], row[1], task_text(row))
     return table
 
 
@@ -54,5 +82,5 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
 
     profile = args.profile or ctx.config.experiment.profile
     stages = list_stages(profile, shared=ctx.config.experiment.overrides)
-    ctx.console.print(stages_table(stages, profile))
+    ctx.console.print(stages_table(stages, profile, ctx.console.width))
     return 0

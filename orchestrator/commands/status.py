@@ -96,7 +96,7 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
     width = ctx.console.width
 
     def table() -> None:
-        ctx.console.print(runs_table(snap, width, now))
+        ctx.console.print(runs_table(snap, width, now, wrap_notes=True))
         if any(t.instance is not None or t.reachable is False for t in snap.targets):
             ctx.console.print()
             ctx.console.print(targets_table(snap, width, now))

@@ -7,19 +7,23 @@ from typing import Any
 
 from orchestrator.context import Context
 from orchestrator.launch import stop_run
+from state.store import RUN_FORMS
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("stop", help="stop a run (kill its tmux session, record cancelled)")
-    p.add_argument("run", metavar="RUN", help="run id, stage_dir/run_id, or latest")
+    p.add_argument("run", metavar="RUN", help=RUN_FORMS)
     p.set_defaults(func=handle)
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
+    from orchestrator.targets.factory import require_run_target
+
     rec = ctx.store.resolve_run(args.run)
     if rec.phase.is_terminal:
         ctx.console.print(f"{rec.key} already ended: {rec.phase.value}")
         return 0
+    require_run_target(ctx, rec, "stop")
     final = stop_run(ctx, rec)
     code = f" (exit code {final.exit_code})" if final.exit_code is not None else ""
     ctx.console.print(f"{final.key}: cancelled{code}")

@@ -1,5 +1,5 @@
-"""`orch up [TARGET] [--keep] [--no-bootstrap]`: rent a Vast box for a vast target and make it
-ready (see orchestrator/vast/provision.py)."""
+"""`orch up [TARGET] [--keep] [--no-bootstrap] [--hours H]`: rent a Vast box for a vast target
+and make it ready (see orchestrator/vast/provision.py)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,22 @@ def register(sub: Any) -> None:
         help="keep the instance if anything fails or on Ctrl-C (default: destroy it)",
     )
     p.add_argument("--no-bootstrap", action="store_true", help="skip setting up the Python env")
+    p.add_argument(
+        "--hours",
+        type=float,
+        default=None,
+        help="how long you will use the box: offers must last that long and the account's "
+        "credit must cover it (default: expected_hours, else one hour of credit)",
+    )
     p.set_defaults(func=handle)
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
     from orchestrator.vast.provision import up
 
-    up(ctx, args.target, keep=args.keep, bootstrap=not args.no_bootstrap)
+    if args.hours is not None and args.hours <= 0:
+        from state.errors import ConfigError
+
+        raise ConfigError(f"--hours must be positive, not {args.hours:g}")
+    up(ctx, args.target, keep=args.keep, bootstrap=not args.no_bootstrap, hours=args.hours)
     return 0

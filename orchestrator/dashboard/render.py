@@ -1,7 +1,8 @@
 """Pure rendering: (snapshot, width, now) -> a rich renderable. No I/O, no clock, no globals.
 
 Columns carry a priority; a narrow terminal drops the least important ones instead of letting
-rich wrap cells into garbage, and every cell is `no_wrap` with an ellipsis. Nothing relies on
+rich wrap cells into garbage, and every cell is `no_wrap` with an ellipsis (except the reasons of
+`orch status`, which continue on the next lines rather than vanish). Nothing relies on
 colour alone (phases are words, bars use distinct glyphs), so `NO_COLOR` loses no information;
 rich's Console honours `NO_COLOR` itself.
 """
@@ -127,9 +128,17 @@ def heartbeat_style(age_s: float | None, limit_s: float) -> str:
     return "green"
 
 
+#: A run the leakage guard flagged: its phase is not shown as a plain success, and its note
+#: starts with the verdict (`LEAK at step 0`).
+LEAK_PHASE_STYLE = "bold yellow"
+LEAK_STYLE = "bold red"
+
+
 def phase_text(run: RunView) -> Text:
     if run.is_active and run.unreachable_since is not None:
         return Text("unreachable", style=UNREACHABLE_STYLE)
+    if run.leak and run.phase is Phase.SUCCEEDED:
+        return Text(run.phase.value, style=LEAK_PHASE_STYLE)
     return Text(run.phase.value, style=PHASE_STYLE.get(run.phase, ""))
 
 
@@ -139,7 +148,21 @@ def _clock(at: datetime, now: datetime) -> str:
 
 
 # -- runs ------------------------------------------------------------------------------------
-def _run_note(run: RunView, now: datetime) -> Text:
+def _run_note(run: RunView, now: datetime, width: int | None = None) -> Text:
+    """The note column: the leak verdict first (if any), then exit code / reason / state.
+    Within `width` (a cell that is cut) the verdict alone, so nothing after it cuts it."""
+    note = _state_note(run, now)
+    if not run.leak:
+        return note
+    text = Text()
+    text.append(run.leak_text, style=LEAK_STYLE)
+    if note.plain and (width is None or len(run.leak_text) + 3 + len(note.plain) <= width):
+        text.append(" · ")
+        text.append_text(note)
+    return text
+
+
+def _state_note(run: RunView, now: datetime) -> Text:
     if run.is_active and run.unreachable_since is not None:
         gone = fmt_duration((now - run.unreachable_since).total_seconds())
         return Text(f"{run.phase.value}; no answer for {gone}", style="magenta")
@@ -167,10 +190,13 @@ def runs_table(
     *,
     selected: int | None = None,
     max_rows: int | None = None,
+    wrap_notes: bool = False,
 ) -> FixedTable:
     """The runs as a table that fits `width` without wrapping (shared by `orch status`).
 
     `selected` marks a row (the dashboard's cursor); `max_rows` shows a window around it.
+    `wrap_notes` (`orch status`) continues a long exit code / reason on the next lines
+    instead of cutting it; the dashboard keeps one line per run.
     """
     runs = snapshot.runs
     start, stop = 0, len(runs)
@@ -196,12 +222,13 @@ def runs_table(
         Col("eta", "ETA", 7, 8, "right"),
         Col("elapsed", "elapsed", 7, 10, "right"),
         Col("beat", "beat", 6, 4, "right"),
-        Col("note", "exit / reason", 13, 5, flex=True),
+        Col("note", "exit / reason", 13, 5, flex=True, wrap=wrap_notes),
     ]
     if selected is None:
         cols = cols[1:]
     fitted = fit_columns(cols, width)
     table = make_table(fitted)
+    note_width = next((c.width for c in fitted if c.key == "note"), 0)
     cells: dict[str, Callable[[RunView, int], Text | str]] = {
         "cursor": lambda r, i: "›" if i == selected else " ",
         "stage": lambda r, i: r.stage,
@@ -217,7 +244,7 @@ def runs_table(
         "eta": lambda r, i: fmt_duration(r.remaining_s()),
         "elapsed": lambda r, i: fmt_duration(r.elapsed_s(now)),
         "beat": lambda r, i: _beat(r, now),
-        "note": lambda r, i: _run_note(r, now),
+        "note": lambda r, i: _run_note(r, now, None if wrap_notes else note_width),
     }
     for i, run in enumerate(shown, start=start):
         table.add_row(

@@ -86,6 +86,16 @@ class RunView:
     worker_phase: str = ""
     message: str = ""
     ended_at: datetime | None = None  # when it entered its terminal phase (phase history)
+    leak: bool = False  # the worker's leakage guard flagged the run (status.json leak_flag)
+    leak_step: int | None = None  # the first step it flagged, once known
+
+    @property
+    def leak_text(self) -> str:
+        """`LEAK at step 0` for a run the leakage guard flagged (`LEAK` before the step is
+        known); empty otherwise."""
+        if not self.leak:
+            return ""
+        return "LEAK" if self.leak_step is None else f"LEAK at step {self.leak_step}"
 
     @property
     def key(self) -> str:
@@ -211,6 +221,8 @@ class _StatusBits:
     worker_phase: str = ""
     message: str = ""
     loss: float | None = None
+    leak: bool = False
+    leak_step: int | None = None
 
 
 @lru_cache(maxsize=2048)
@@ -231,6 +243,8 @@ def _status_bits(status_json: str) -> _StatusBits:
         worker_phase=st.phase.value,
         message=st.message,
         loss=st.loss,
+        leak=st.leak_flag,
+        leak_step=st.first_leak_step,
     )
 
 
@@ -282,6 +296,8 @@ def run_view(rec: RunRecord, stale_override_s: float | None = None) -> RunView:
         pulled_at=rec.pulled_at,
         worker_phase=bits.worker_phase,
         message=bits.message,
+        leak=bits.leak,
+        leak_step=bits.leak_step,
     )
 
 
@@ -484,4 +500,6 @@ def run_json(run: RunView, now: datetime) -> dict[str, Any]:
         "updated_at": run.updated_at.isoformat(),
         "ended_at": run.finished_at.isoformat() if not run.is_active else None,
         "pulled": run.pulled_at is not None,
+        "leak": run.leak,
+        "first_leak_step": run.leak_step,
     }

@@ -1,11 +1,12 @@
-"""Fixed-width text tables that never wrap: column fitting by priority, cells cut with an
-ellipsis, one line of text per row. Pure; shared by the dashboard and `orch status`."""
+"""Fixed-width text tables: column fitting by priority, cells cut with an ellipsis, one line
+of text per row, except that a `wrap` column (`orch status`'s reasons) continues on the next
+lines instead of being cut. Pure; shared by the dashboard and `orch status`."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.style import Style
@@ -22,6 +23,7 @@ class Col:
     priority: int
     justify: str = "left"
     flex: bool = False
+    wrap: bool = False  # continue a long cell on the next lines (at spaces) instead of cutting it
 
 
 def fit_columns(cols: Sequence[Col], width: int) -> list[Col]:
@@ -39,14 +41,15 @@ def fit_columns(cols: Sequence[Col], width: int) -> list[Col]:
     out = []
     for c in kept:
         if c.flex and spare > 0:
-            c = Col(c.key, c.header, c.width + spare, c.priority, c.justify, True)
+            c = replace(c, width=c.width + spare)
             spare = 0
         out.append(c)
     return out
 
 
 class FixedTable:
-    """A table of fixed-width, never-wrapping columns, rendered as one line of text per row.
+    """A table of fixed-width columns, rendered as one line of text per row (a `wrap` column's
+    long cell adds lines below it; every other cell is cut to its width).
 
     rich's `Table` measures and wraps every cell on every frame (tens of ms for a screenful);
     the widths here are already decided by `fit_columns`, so each row is just its cells cut
@@ -78,7 +81,15 @@ class FixedTable:
         return line
 
     def add_row(self, *cells: Text | str, style: str | None = None) -> None:
-        self.rows.append(self._line(cells, style))
+        """One row: one line, or more when a `wrap` column's cell is longer than its width
+        (the other cells stay on the first line)."""
+        pieces = [
+            wrap_cell(value, col.width) if col.wrap else [value]
+            for col, value in zip(self.cols, cells, strict=True)
+        ]
+        for i in range(max((len(p) for p in pieces), default=1)):
+            line = [p[i] if i < len(p) else "" for p in pieces]
+            self.rows.append(self._line(line, style))
 
     @property
     def row_count(self) -> int:
@@ -103,6 +114,34 @@ def clean_log_line(line: str) -> str:
     line = _ANSI_RE.sub("", line)
     line = line.rstrip("\r").rsplit("\r", 1)[-1]
     return line.translate(CONTROL_BLANKS)
+
+
+def wrap_spans(plain: str, width: int) -> list[tuple[int, int]]:
+    """(start, end) of each line of `plain` wrapped to `width` characters: greedy, at spaces,
+    a word longer than a line cut where the line ends (pure)."""
+    out: list[tuple[int, int]] = []
+    start, n = 0, len(plain)
+    while start < n:
+        while start < n and plain[start] == " ":
+            start += 1
+        if start >= n:
+            break
+        if n - start <= width:
+            out.append((start, n))
+            break
+        cut = plain.rfind(" ", start, start + width + 1)
+        end = cut if cut > start else start + width
+        out.append((start, end))
+        start = end
+    return out or [(0, 0)]
+
+
+def wrap_cell(value: Text | str, width: int) -> list[Text | str]:
+    """A cell as the lines it takes at `width` (styles kept); one line when it fits."""
+    plain = value if isinstance(value, str) else value.plain
+    if width <= 0 or len(plain) <= width:
+        return [value]
+    return [value[a:b] for a, b in wrap_spans(plain, width)]
 
 
 def _fit_cell(value: Text | str, width: int, justify: str) -> tuple[str, list[Span]]:

@@ -16,7 +16,12 @@ All configurable in `[monitor]` (per target), costly ones off by default:
                                (orchestrator.vast.relaunch)
 
 Each action is recorded in the store's `run_monitor.actions_done`, so a restarted watcher
-neither repeats a pull nor launches a stage twice; a failed action is retried a few times.
+neither repeats a pull nor launches a stage twice. A failed action is retried a few times
+(MAX_ATTEMPTS in a row), except the pull: while a run's results are only on the box it is
+retried every `pull_retry_s`, backing off up to `pull_backoff_cap_s` while the box does not
+answer, and ONE `pull_stuck` alert goes out once no pull has worked for
+`pull_stuck_alert_after_s` (or at once when it cannot work: a file that does not match its
+manifest MAX_ATTEMPTS times in a row, the target gone from orch.toml, the instance destroyed).
 """
 
 from __future__ import annotations
@@ -25,11 +30,16 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.monitor import ledger
+from orchestrator.monitor.statemachine import Alert
+from state.errors import ConfigError, HostKeyError, UnreachableError, VerifyError
 from state.models import RunRecord
 from state.phases import Phase
+from state.store import parse_time
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
@@ -60,12 +70,66 @@ def wanted_actions(ctx: Context, rec: RunRecord) -> list[str]:
     return out
 
 
+def pull_delay_s(failures: int, error: BaseException, retry_s: float, cap_s: float) -> float:
+    """Seconds before the next pull after `failures` failures in a row (pure): `retry_s` while
+    the box answers; doubling from `retry_s` up to `cap_s` while it does not (or refuses)."""
+    if isinstance(error, (UnreachableError, HostKeyError)):
+        return min(cap_s, retry_s * 2 ** max(0, failures - 1))
+    return min(cap_s, retry_s)
+
+
+def pull_stuck_alert(rec: RunRecord, why: str, *, final: bool) -> Alert:
+    """The one `pull_stuck` alert of a run (keyed by the run: sent once whatever follows)."""
+    return Alert(
+        kind="pull_stuck",
+        dedup_key=f"{rec.stage_dir}/{rec.run_id}/pull_stuck",
+        stage=rec.stage,
+        stage_dir=rec.stage_dir,
+        run_id=rec.run_id,
+        target=rec.target,
+        phase=rec.phase.value,
+        reason=why,
+        step=rec.step,
+        total_steps=rec.total_steps,
+        loss=rec.loss,
+        extra={
+            "fix": ("orch gave up pulling it; " if final else "orch keeps trying; ")
+            + f"pull by hand with `orch pull {rec.stage_dir}/{rec.run_id}` once the box answers"
+        },
+    )
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def action_may_run(row: dict[str, Any], now: datetime) -> bool:
+    """May a run's pending actions be tried now (pure): not given up, and the failed one's next
+    try is due."""
+    if row.get("action_gave_up"):
+        return False
+    due = parse_time(row.get("action_next_try"))
+    return due is None or now >= due
+
+
+def action_stuck(row: dict[str, Any], stuck_after_s: float, now: datetime) -> bool:
+    """Has a run's pending action given up, or failed for `stuck_after_s` (pure)? `orch launch
+    --watch` stops waiting for it then: the `pull_stuck` alert has said where the results are."""
+    if row.get("action_gave_up"):
+        return True
+    since = parse_time(row.get("action_failing_since"))
+    return since is not None and (now - since).total_seconds() >= stuck_after_s
+
+
 class Actions:
     """Completion hooks and provider verdicts for one watcher."""
 
-    def __init__(self, ctx: Context, *, echo: bool = False) -> None:
+    def __init__(
+        self, ctx: Context, *, echo: bool = False, clock: Callable[[], datetime] = _utcnow
+    ) -> None:
         self.ctx = ctx
         self.echo = echo
+        self.clock = clock
         # Runs whose actions are under way: the watcher's actions thread and its periodic
         # retry job both call on_final, and a pull can take minutes; without this the retry
         # would start a second pull and launch the next stage twice.
@@ -95,23 +159,85 @@ class Actions:
     def _run_actions(self, rec: RunRecord) -> None:
         store = self.ctx.store
         done = ledger.actions_done(store, rec.stage_dir, rec.run_id)
-        attempts = int(
-            ledger.monitor_row(store, rec.stage_dir, rec.run_id).get("action_attempts") or 0
-        )
-        if attempts >= MAX_ATTEMPTS:
+        row = ledger.monitor_row(store, rec.stage_dir, rec.run_id)
+        if not action_may_run(row, self.clock()):
             return
         for action in wanted_actions(self.ctx, rec):
             if action in done:
+                continue
+            if action != "pull" and int(row.get("action_attempts") or 0) >= MAX_ATTEMPTS:
+                return
+            fresh = store.get_run(rec.stage_dir, rec.run_id)
+            if action == "pull" and fresh is not None and fresh.pulled_at is not None:
+                # Pulled and verified already (`orch pull` by hand): nothing is only on the box.
+                ledger.record_action(store, rec.stage_dir, rec.run_id, action)
+                row = {}
                 continue
             try:
                 getattr(self, f"_do_{action}")(rec)
             except Exception as exc:  # recorded and retried; never stops the watcher
                 msg = f"{type(exc).__name__}: {exc}"
-                ledger.record_action(store, rec.stage_dir, rec.run_id, action, error=msg[:500])
+                if action == "pull":
+                    self._pull_failed(rec, row, exc, msg)
+                else:
+                    ledger.record_action(store, rec.stage_dir, rec.run_id, action, error=msg[:500])
                 self._say(f"{rec.key}: {action} failed: {msg}")
                 return  # later actions depend on earlier ones (next stage needs the pull)
             ledger.record_action(store, rec.stage_dir, rec.run_id, action)
+            row = {}  # the streak ended: the next action starts with a clean slate
         self.check_idle(rec.target)
+
+    def _pull_failed(
+        self, rec: RunRecord, row: dict[str, Any], exc: BaseException, msg: str
+    ) -> None:
+        """Schedule the next pull (or give it up when it cannot work) and, once, alert."""
+        now = self.clock()
+        mon = self.ctx.config.monitor_for(rec.target)
+        failures = int(row.get("action_attempts") or 0) + 1
+        since = parse_time(row.get("action_failing_since")) or now
+        gone = self._results_gone(rec)
+        final = (
+            gone is not None
+            or isinstance(exc, ConfigError)
+            or (isinstance(exc, VerifyError) and failures >= MAX_ATTEMPTS)
+        )
+        delay = pull_delay_s(failures, exc, mon.pull_retry_s, mon.pull_backoff_cap_s)
+        ledger.record_action(
+            self.ctx.store,
+            rec.stage_dir,
+            rec.run_id,
+            "pull",
+            error=msg[:500],
+            at=now,
+            next_try=None if final else now + timedelta(seconds=delay),
+            gave_up=final,
+        )
+        waited = (now - since).total_seconds()
+        if not final and waited < mon.pull_stuck_alert_after_s:
+            return
+        from orchestrator.monitor.alerts import alert_payload, format_alert
+
+        where = f"{gone}, and its results with it" if gone else "still only on the box"
+        why = (
+            f"results not pulled after {failures} tries over {waited:.0f} s, {where}; "
+            f"last error: {msg[:300]}"
+        )
+        alert = pull_stuck_alert(rec, why, final=final)
+        payload = alert_payload(alert)
+        title, body = format_alert(payload)
+        if ledger.record_alerts(self.ctx.store, [(alert, title, body, payload)]):
+            self._say(f"{rec.key}: {why}")
+
+    def _results_gone(self, rec: RunRecord) -> str | None:
+        """Why nothing is left to pull from (a vast instance destroyed), or None."""
+        cfg = self.ctx.config.targets.get(rec.target)
+        if (
+            cfg is not None
+            and cfg.kind == "vast"
+            and not self.ctx.store.live_instance_for(rec.target)
+        ):
+            return f"the instance of target {rec.target} was destroyed"
+        return None
 
     def retry_pending(self) -> None:
         """Re-run actions that failed earlier (or were cut off by a watcher restart)."""

@@ -163,6 +163,13 @@ def save_many(store: Store, changes: list[Change], shared: list[Recorded]) -> li
     return ids
 
 
+def record_alerts(store: Store, alerts: list[Recorded]) -> list[int]:
+    """Record alerts that come with no run transition (e.g. a target's changed host key);
+    an alert whose dedup_key exists is not recorded again."""
+    with store.tx() as db:
+        return _insert_alerts(db, alerts, now_iso())
+
+
 def _changes(old: RunState, new: RunState, status_json: str | None) -> dict[str, Any]:
     changed = {f: getattr(new, f) for f in _RUN_FIELDS if getattr(new, f) != getattr(old, f)}
     if status_json is not None:
@@ -251,9 +258,20 @@ def actions_done(store: Store, stage_dir: str, run_id: str) -> set[str]:
 
 
 def record_action(
-    store: Store, stage_dir: str, run_id: str, action: str, *, error: str = ""
+    store: Store,
+    stage_dir: str,
+    run_id: str,
+    action: str,
+    *,
+    error: str = "",
+    at: datetime | None = None,
+    next_try: datetime | None = None,
+    gave_up: bool = False,
 ) -> None:
-    """Record that `action` finished (error == "") or failed once (attempts counted)."""
+    """Record that `action` finished (error == "": the failure streak ends) or failed once:
+    attempts counted, the streak's start kept (`action_failing_since`, from `at`), the next
+    try (`next_try`, None: whenever asked) and whether it is given up for good."""
+    when = to_db(at) if at is not None else now_iso()
     with store.tx() as db:
         db.execute(
             "INSERT INTO run_monitor (stage_dir, run_id) VALUES (?,?) ON CONFLICT(stage_dir, run_id) DO NOTHING",
@@ -266,8 +284,16 @@ def record_action(
         done = {a for a in (row["actions_done"] or "").split(",") if a}
         if not error:
             done.add(action)
+            db.execute(
+                "UPDATE run_monitor SET actions_done = ?, action_error = '', action_attempts = 0, "
+                "action_failing_since = NULL, action_next_try = NULL, action_gave_up = 0 "
+                "WHERE stage_dir = ? AND run_id = ?",
+                (",".join(sorted(done)), stage_dir, run_id),
+            )
+            return
         db.execute(
-            "UPDATE run_monitor SET actions_done = ?, action_error = ?, "
-            "action_attempts = action_attempts + ? WHERE stage_dir = ? AND run_id = ?",
-            (",".join(sorted(done)), error, 1 if error else 0, stage_dir, run_id),
+            "UPDATE run_monitor SET action_error = ?, action_attempts = action_attempts + 1, "
+            "action_failing_since = COALESCE(action_failing_since, ?), action_next_try = ?, "
+            "action_gave_up = ? WHERE stage_dir = ? AND run_id = ?",
+            (error, when, to_db(next_try), int(gave_up), stage_dir, run_id),
         )

@@ -20,13 +20,15 @@ meanwhile send their own final alert instead; see `statemachine._reachable_alert
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +36,9 @@ from orchestrator.monitor import alerts as alerts_mod
 from orchestrator.monitor import ledger
 from orchestrator.monitor.lock import watcher_running
 from orchestrator.monitor.statemachine import Alert, Limits, RunState, transition
-from state.errors import OrchError, StageError, UnreachableError
+from state.errors import HostKeyError, OrchError, StageError, UnreachableError
 from state.models import RunRecord, TargetObservation
+from state.protocol import MAX_STATUS_BYTES
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
@@ -138,6 +141,7 @@ class _Link:
     failures: int = 0
     next_try: float = 0.0  # monotonic
     last_error: str = ""
+    refused: HostKeyError | None = None  # the last try met a changed host key
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -226,10 +230,12 @@ class Poller:
             else:
                 stuck = None
         if th.is_alive():
+            link.refused = None
             self._drop(link, f"no answer within {deadline:.0f} s", stuck)
             return None
         target = result.get("target")
         exc = result.get("error")
+        link.refused = exc if isinstance(exc, HostKeyError) else None
         if exc is not None:
             if isinstance(exc, OrchError) and not isinstance(exc, UnreachableError):
                 log.warning("target %s: %s", name, exc)
@@ -271,6 +277,11 @@ class Poller:
             obs = self._request(name, link, payload)
             now = self.clock()
             self._record_target(name, obs, now, link.last_error)
+            # A changed host key is not silence: it gets its own page at once (with the fix),
+            # instead of an `unreachable` one later; the runs stay unjudged meanwhile.
+            refused = link.refused if obs is None else None
+            if refused is not None:
+                self._host_key_alert(name, refused, [prev for _, prev in pairs])
             lost = None
             if obs is None and self.provider_verdict is not None:
                 try:
@@ -284,16 +295,20 @@ class Poller:
                 run_obs = by_dir.get(rec.run_dir) if obs is not None else None
                 if obs is not None and run_obs is None:
                     continue  # the agent skipped it: judge it next time rather than guess
-                new, alerts = transition(
-                    prev, run_obs, now, limits_for(self.ctx, rec), provider_lost=lost
-                )
+                limits = limits_for(self.ctx, rec)
+                if refused is not None:
+                    limits = replace(limits, unreachable_alert_after_s=math.inf)
+                new, alerts = transition(prev, run_obs, now, limits, provider_lost=lost)
                 status_json = None
                 if (
                     run_obs is not None
                     and run_obs.status is not None
-                    and run_obs.status.seq != prev.last_seq
+                    # the final status too: it may carry what only the end says (the leak step)
+                    and (run_obs.status.seq != prev.last_seq or new.phase.is_terminal)
                 ):
                     status_json = run_obs.status.model_dump_json()
+                    if len(status_json) > MAX_STATUS_BYTES:  # an old agent sent it uncapped
+                        status_json = None
                 shared = [a for a in alerts if a.kind in TARGET_ALERTS]
                 if shared:
                     # Merged per target below (and never final: see statemachine).
@@ -326,6 +341,24 @@ class Poller:
             return []
         out = [self.ctx.store.get_run(rec.stage_dir, rec.run_id) for rec, _ in pairs]
         return [r for r in out if r is not None]
+
+    def _host_key_alert(self, name: str, exc: HostKeyError, runs: list[RunState]) -> None:
+        """Record one `host_key` alert per target and offered key (a restarted watcher, or the
+        same wrong key seen for hours, records nothing new; another new key is a new alert)."""
+        first = runs[0]
+        offered = exc.offered or hashlib.sha256(exc.message.encode()).hexdigest()[:16]
+        alert = Alert(
+            kind="host_key",
+            dedup_key=f"@{name}/host_key/{offered}",
+            stage=first.stage if len(runs) == 1 else f"{len(runs)} runs",
+            stage_dir=first.stage_dir,
+            run_id=first.run_id,
+            target=name,
+            phase=first.phase.value,
+            reason=exc.message,
+            extra={"fix": exc.hint or "drop the old pin only once you know why the key changed"},
+        )
+        ledger.record_alerts(self.ctx.store, [_with_text(alert, runs=[r.key for r in runs])])
 
     def _save_merged(self, name: str, kind: str, items: list[_Grouped]) -> None:
         """Store the runs' changes and their one merged target alert in one transaction."""
@@ -444,9 +477,11 @@ def wait_for_run(
     *,
     poll_s: float = 2.0,
     timeout_s: float | None = None,
+    on_poll: Callable[[RunRecord], None] | None = None,
 ) -> RunRecord:
     """Block until the run reaches a final phase and return it. When an `orch watch` is running
     this only reads the store (the watcher polls); otherwise it polls the run's target itself.
+    `on_poll(rec)` sees the record after every poll (live progress).
     StageError if the run is unknown or `timeout_s` passes first."""
     rec = ctx.store.get_run(stage_dir, run_id)
     if rec is None:
@@ -467,6 +502,8 @@ def wait_for_run(
             if got is None:
                 raise StageError(f"run {stage_dir}/{run_id} disappeared from the store")
             rec = got
+            if on_poll is not None:
+                on_poll(rec)
             if rec.phase.is_terminal:
                 return rec
             if deadline is not None and time.monotonic() >= deadline:

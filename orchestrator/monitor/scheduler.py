@@ -45,7 +45,7 @@ log = logging.getLogger("orch.monitor.scheduler")
 
 RECONCILE_S = 2.0
 ALERT_RETRY_S = 5.0
-ACTION_RETRY_S = 60.0
+ACTION_RETRY_S = 10.0  # how often failed actions are looked at (each has its own next try)
 IDLE_CHECK_S = 60.0  # how often paid boxes are checked for idleness
 CHECKPOINT_CHECK_S = 15.0  # how often runs are checked for a due checkpoint mirror
 HEARTBEAT_S = 10.0  # the lock says a watcher runs; the heartbeat file is for humans

@@ -19,9 +19,11 @@ Verdicts, in the order they are checked (the first that applies wins):
                 with no marker and no exit code for `exit_grace_s` (the wrapper writes
                 `exit_code` just after the process exits: the grace avoids racing it)
     timed_out   still running past the stage timeout (measured from launch, laptop clock)
-    hung        alive, `seq` unchanged for `stale_after_s`; back to running when `seq` moves
-    running     otherwise (an unreadable/empty/newer-schema status.json is "unknown": it
-                neither proves progress nor counts as a crash)
+    hung        alive, `seq` unchanged for `stale_after_s`; back to running when `seq` moves.
+                An unreadable/empty/newer-schema status.json does not stop this clock: it
+                proves no progress (the clock runs from the last readable `seq` that moved)
+    running     otherwise (an unreadable status.json is "unknown": it neither proves
+                progress nor counts as a crash)
 """
 
 from __future__ import annotations
@@ -362,21 +364,20 @@ def _judge(
             f"still running after the stage timeout of {limits.timeout_s:.0f} s",
         )
 
-    if obs.status_state in ("unreadable", "newer_schema"):
-        # Unknown is not evidence of anything: keep the phase, say why progress is not judged.
-        note = (
-            "status.json from a newer orch"
-            if obs.status_state == "newer_schema"
-            else "status.json unreadable"
-        )
-        return replace(state, reason=f"progress unknown: {note}"), []
-
+    # Unknown is not evidence of anything: an unreadable status neither proves progress nor
+    # counts as a crash. But it proves no progress either, so the stale clock (last moved by a
+    # readable `seq`) runs on whatever the file holds: garbage must not hide a hang.
+    note = {
+        "newer_schema": "status.json from a newer orch",
+        "unreadable": "status.json unreadable",
+    }.get(obs.status_state)
     assert state.last_seq_change_at is not None  # set by _with_progress
     quiet = (now - state.last_seq_change_at).total_seconds()
     if quiet >= limits.stale_after_s:
         if state.phase is Phase.HUNG:
             return state, []
-        what = f"seq {state.last_seq}" if state.last_seq is not None else "no status.json"
+        what = f"seq {state.last_seq}" if state.last_seq is not None else ""
+        what = "; ".join(w for w in (what, note) if w) or "no status.json"
         state = replace(
             state, phase=Phase.HUNG, reason=f"no progress for {quiet:.0f} s ({what}); process alive"
         )
@@ -388,6 +389,8 @@ def _judge(
             )
         ]
 
+    if note:  # not stale yet: keep the phase, say why progress is not judged
+        return replace(state, reason=f"progress unknown: {note}"), []
     if state.phase is not Phase.RUNNING or state.reason:
         state = replace(state, phase=Phase.RUNNING, reason="")
     return state, []

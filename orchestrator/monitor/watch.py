@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from orchestrator.monitor import ledger
-from orchestrator.monitor.actions import MAX_ATTEMPTS, Actions, wanted_actions
+from orchestrator.monitor.actions import MAX_ATTEMPTS, Actions, action_stuck, wanted_actions
 from orchestrator.monitor.lock import WatcherBusyError, WatcherLock, watcher_running
 from orchestrator.monitor.refresh import Poller
 from orchestrator.monitor.scheduler import Watcher
@@ -55,10 +55,11 @@ def watch(
     once: bool = False,
     targets: Iterable[str] | None = None,
     stop_when_idle: bool = False,
+    on_tick: Callable[[], None] | None = None,
 ) -> int:
     """Watch runs and return an exit code. `once`: 1 if any run polled is in a bad state.
     `stop_when_idle`: 1 if any run watched ended in a bad state. Otherwise runs until Ctrl-C or
-    SIGTERM and returns 0."""
+    SIGTERM and returns 0. `on_tick()` is called about once a second (live progress)."""
     ctx.config  # noqa: B018 - a bad orch.toml (e.g. a malformed alert URL) fails here, first
     only = list(targets) if targets is not None else None
     for name in only or []:
@@ -82,7 +83,7 @@ def watch(
         # `orch launch --watch` beside a running watcher: that one polls and alerts; we only
         # follow the store until our runs end.
         ctx.console.print(f"{exc.who} is polling; following the store", style="dim", markup=False)
-        return _follow_store(ctx, only)
+        return _follow_store(ctx, only, on_tick=on_tick)
     stop = threading.Event()
     watched: set[tuple[str, str]] = set()
     old_handlers = _install_signal_handlers(stop)
@@ -92,6 +93,8 @@ def watch(
         n = len(ledger.load_states(ctx.store, targets=only))
         ctx.console.print(f"watching {n} active run(s); Ctrl-C to stop", style="dim", markup=False)
         while not stop.wait(1.0):
+            if on_tick is not None:
+                on_tick()
             for rec, _ in ledger.load_states(ctx.store, targets=only):
                 watched.add((rec.stage_dir, rec.run_id))
             # Idle is not enough: a pull or a next stage may still be under way on the actions
@@ -108,23 +111,41 @@ def watch(
     return 1 if any(r is not None and _bad(r) for r in finals) else 0
 
 
-def actions_left(ctx: Context, keys: Iterable[tuple[str, str]]) -> bool:
+def actions_left(
+    ctx: Context, keys: Iterable[tuple[str, str]], *, now: datetime | None = None
+) -> bool:
     """Does a run among `keys` (stage_dir, run_id) that has ended still have a completion
-    action to do (pull, next stage, ...) that has not failed for good? A stopped run has none."""
+    action to do (pull, next stage, ...) that has not failed for good? A stopped run has none;
+    a pull stuck long enough to be alerted about no longer counts (it is retried meanwhile)."""
+    now = now or datetime.now(timezone.utc)
     for stage_dir, run_id in keys:
         rec = ctx.store.get_run(stage_dir, run_id)
         if rec is None or not rec.phase.is_terminal or rec.phase is Phase.CANCELLED:
             continue
-        left = set(wanted_actions(ctx, rec)) - ledger.actions_done(ctx.store, stage_dir, run_id)
-        attempts = int(ledger.monitor_row(ctx.store, stage_dir, run_id).get("action_attempts") or 0)
-        if left and attempts < MAX_ATTEMPTS:
+        done = ledger.actions_done(ctx.store, stage_dir, run_id)
+        left = [a for a in wanted_actions(ctx, rec) if a not in done]
+        if not left:
+            continue
+        row = ledger.monitor_row(ctx.store, stage_dir, run_id)
+        if left[0] == "pull":
+            stuck_after = ctx.config.monitor_for(rec.target).pull_stuck_alert_after_s
+            if not action_stuck(row, stuck_after, now):
+                return True
+        elif int(row.get("action_attempts") or 0) < MAX_ATTEMPTS and not row.get("action_gave_up"):
             return True
     return False
 
 
-def _follow_store(ctx: Context, only: list[str] | None, every_s: float = 2.0) -> int:
+def _follow_store(
+    ctx: Context,
+    only: list[str] | None,
+    every_s: float = 2.0,
+    on_tick: Callable[[], None] | None = None,
+) -> int:
     keys = {(rec.stage_dir, rec.run_id) for rec, _ in ledger.load_states(ctx.store, targets=only)}
     while watcher_running(ctx) and ledger.load_states(ctx.store, targets=only):
+        if on_tick is not None:
+            on_tick()
         time.sleep(every_s)
     finals = [ctx.store.get_run(sd, rid) for sd, rid in sorted(keys)]
     for r in finals:
@@ -144,6 +165,7 @@ def _once(ctx: Context, only: list[str] | None, echo: Callable[[RunState, RunSta
     try:
         poller.poll(only)
         actions.retry_pending()
+        poller.deliver_alerts()  # what the actions recorded (a `pull_stuck`)
     finally:
         poller.close()
     after = [ctx.store.get_run(r.stage_dir, r.run_id) for r in before]

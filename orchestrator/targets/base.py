@@ -120,11 +120,17 @@ class Target(abc.ABC):
         excludes: list[str] | None = None,
         timeout: float | None = None,
     ) -> SyncStats:
-        """Copy a remote tree down with partial-resume (`--partial-dir`), never deleting locally."""
+        """Copy a remote tree down with partial-resume (`--partial-dir`), never deleting locally.
+        Only regular files and dirs arrive: symlinks and special files on the target are
+        skipped (listed in `SyncStats.extra["skipped"]`), never recreated or followed here."""
 
     @abc.abstractmethod
     def agent(self) -> Agent:
         """The persistent poll agent (started on first use, restarted after a failure)."""
+
+    def preflight(self) -> None:  # noqa: B027 - optional hook
+        """Check what the configuration names without connecting (an ssh key file, a host):
+        ConfigError, one line. A launch calls it before anything is recorded or started."""
 
     def ping(self, timeout: float = 5.0) -> bool:
         """True only if the box answered a real request within `timeout` (keepalives prove nothing)."""

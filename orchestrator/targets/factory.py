@@ -17,6 +17,7 @@ from orchestrator.config import LocalTarget as LocalConfig
 from orchestrator.config import SshTarget as SshConfig
 from orchestrator.targets.base import Target
 from state.errors import ConfigError
+from state.models import RunRecord
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
@@ -36,6 +37,22 @@ def recorded_python(ctx: Context, name: str) -> str | None:
         if row and row.get("python"):
             return str(row["python"])
     return None
+
+
+def missing_target_hint(name: str, to_do: str) -> str:
+    """What to do about a run whose target `name` left orch.toml."""
+    return f"add [targets.{name}] back to orch.toml to {to_do}"
+
+
+def require_run_target(ctx: Context, rec: RunRecord, action: str) -> None:
+    """ConfigError, one line, when the target `rec` ran on is no longer in orch.toml (an old
+    run outlives the config entry of its box): which target, and what to do."""
+    if rec.target not in ctx.config.targets:
+        raise ConfigError(
+            f"cannot {action} run {rec.key}: its target {rec.target!r} is no longer in orch.toml",
+            hint=missing_target_hint(rec.target, f"{action} it")
+            + f"; `orch logs {rec.key}` shows what orch recorded",
+        )
 
 
 def make_target(ctx: Context, name: str | None = None) -> Target:

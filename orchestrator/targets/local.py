@@ -157,7 +157,9 @@ class LocalTarget(Target):
         if not src.is_dir():
             raise RemoteCommandError(f"target {self.name}: {src} is not a directory", returncode=23)
         Path(local_dir).mkdir(parents=True, exist_ok=True)
-        argv = rsync_argv(f"{src}/", f"{Path(local_dir)}/", excludes=excludes)
+        argv = rsync_argv(
+            f"{src}/", f"{Path(local_dir)}/", excludes=excludes, untrusted_source=True
+        )
         return run_rsync(argv, timeout=timeout, what=f"pull from target {self.name}")
 
     # -- agent ------------------------------------------------------------------------------

@@ -166,6 +166,13 @@ class SshTarget(Target):
         self.close()
         return hostkeys.forget_host_key(self.known_hosts, self.host, self.port)
 
+    def preflight(self) -> None:
+        """A host to connect to and a key to log in with (identity_file present, readable,
+        not passphrase-protected), checked without connecting."""
+        if not self.host.strip():
+            raise ConfigError(f"target {self.name}: host is empty", hint="set host in orch.toml")
+        self._keys()
+
     # -- connection -------------------------------------------------------------------------
     def _keys(self) -> list[paramiko.PKey]:
         if self.identity_file is not None:
@@ -495,6 +502,7 @@ class SshTarget(Target):
             excludes=excludes,
             io_timeout=int(max(30, self.command_timeout * 4)),
             extra=self.rsync_extra,
+            untrusted_source=True,
         )
         return run_rsync(argv, timeout=timeout, what=f"pull from target {self.name}")
 

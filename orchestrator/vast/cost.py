@@ -1,9 +1,12 @@
 """What rented boxes cost, and whether a paid box sits idle.
 
 Spend is estimated from the instance's $/h (`dph`, all-in as Vast quotes it) and how long it
-ran: GPU time is billed from `running`, so the clock starts at `running_since` and stops at
-`destroyed_at` (or now). A run's spend is the $/h of its target's instance times the part of the
-run that overlapped the instance's life. The numbers are estimates for budgeting, not invoices.
+ran: GPU time is billed from `running` (`vastai/SKILL.md`), so the clock runs from
+`running_since` (when orch saw the current running stretch begin) to `info.stopped_at`,
+`destroyed_at` or now, plus the earlier stretches in `info.prior_running_s` (records.py). Vast's
+`start_date` is the contract's start, not the last start, so it is never the clock. A run's
+spend is the $/h of its target's instance times the part of the run that overlapped the
+instance's running life. The numbers are estimates for budgeting, not invoices.
 
 Idle: a live instance with no active run for `idle_minutes` (counted from the end of its last
 run, else from when it started running) raises one `idle` alert and, if `idle_action` says so,
@@ -17,8 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.vast.records import info_of, stopped_fields
 from state.models import RunRecord
-from state.store import Store, now_iso, parse_time
+from state.store import Store, parse_time
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
@@ -32,11 +36,21 @@ def _hours(start: datetime | None, end: datetime | None) -> float:
     return (end - start).total_seconds() / 3600.0
 
 
+def _stretch_end(row: dict[str, Any], now: datetime) -> datetime:
+    """Where the current running stretch of an instance row ends (stopped, destroyed, or now)."""
+    ends = [
+        t
+        for t in (parse_time(info_of(row).get("stopped_at")), parse_time(row.get("destroyed_at")))
+        if t is not None
+    ]
+    return min(ends) if ends else now
+
+
 def instance_hours(row: dict[str, Any], now: datetime | None = None) -> float:
-    """Hours an instance row has been running (running_since -> destroyed_at or now)."""
+    """Hours an instance row has been running, over every running stretch."""
     now = now or datetime.now(timezone.utc)
-    end = parse_time(row.get("destroyed_at")) or now
-    return _hours(parse_time(row.get("running_since")), end)
+    prior = float(info_of(row).get("prior_running_s") or 0.0) / 3600.0
+    return prior + _hours(parse_time(row.get("running_since")), _stretch_end(row, now))
 
 
 def instance_spend(row: dict[str, Any], now: datetime | None = None) -> float:
@@ -44,15 +58,11 @@ def instance_spend(row: dict[str, Any], now: datetime | None = None) -> float:
     return round(float(row.get("dph") or 0.0) * instance_hours(row, now), 4)
 
 
-def uptime_spend(
-    dph: float | None, start_epoch: float | None, now: datetime | None = None
-) -> tuple[float, float]:
-    """(hours, $) of an instance as Vast lists it (`start_date` epoch seconds, `dph_total`)."""
-    if not start_epoch:
-        return 0.0, 0.0
-    now = now or datetime.now(timezone.utc)
-    hours = _hours(datetime.fromtimestamp(float(start_epoch), timezone.utc), now)
-    return hours, round(float(dph or 0.0) * hours, 4)
+def listed_hours(uptime_mins: float | None) -> float | None:
+    """Running hours of an instance orch has no record of: Vast's `uptime_mins` when it reports
+    one (nullable in docs `show_instance.yaml`), else unknown: `start_date` is only the
+    contract's age."""
+    return None if uptime_mins is None else float(uptime_mins) / 60.0
 
 
 def run_spend(store: Store, rec: RunRecord, now: datetime | None = None) -> float | None:
@@ -71,7 +81,7 @@ def run_spend(store: Store, rec: RunRecord, now: datetime | None = None) -> floa
     total = 0.0
     for row in rows:
         r_start = parse_time(row.get("running_since"))
-        r_end = parse_time(row.get("destroyed_at")) or now
+        r_end = _stretch_end(row, now)
         if start is None or end is None or r_start is None:
             continue
         total += float(row.get("dph") or 0.0) * _hours(max(start, r_start), min(end, r_end))
@@ -162,8 +172,9 @@ def apply_idle_policy(ctx: Context, target: str, *, now: datetime | None = None)
                 )
             else:
                 client.stop_instance(int(v.instance_id))
-                info = json.loads(row.get("info_json") or "{}")
-                info["stopped_idle_at"] = now_iso()
+                stopped = stopped_fields(row, now)
+                info = info_of(stopped)
+                info["stopped_idle_at"] = info["stopped_at"]
                 ctx.store.upsert_instance(
                     PROVIDER, v.instance_id, name, state="stopped", info_json=json.dumps(info)
                 )

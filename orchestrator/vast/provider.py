@@ -1,8 +1,16 @@
 """Ask Vast whether an unreachable instance is outbid, stopped or gone.
 
 The monitor calls `check_instance(ctx, target)` when a vast target does not answer. Not hearing
-from a box is never proof of anything; Vast saying the instance is stopped, exited, offline or
-unknown to it is: the processes (tmux included) are gone, so the target's runs are `lost`.
+from a box is never proof of anything; Vast saying the instance is stopped or exited, or
+answering `{"instances": null}` for it, is: the processes (tmux included) are gone, so the
+target's runs are `lost`. What is not proof (docs show-instance.mdx): `unknown` ("no recent
+heartbeat from the host") and `offline` ("computed, not stored") can recover, so they lose the
+runs only after `heartbeat_grace_s`; an API error, a 404 included, is never taken as "gone".
+A stop is told apart by `intended_status` ("the user's desired target state"): `stopped` means
+you or orch asked for it (the disk is intact; `orch up` starts it again); still `running` on a
+stopped contract means outbid (`vastai/SKILL.md`: "When outbid, the instance moves to
+`stopped`").
+
 Calls are limited to one per instance per `monitor.provider_check_s` (default 60 s): inside that
 window the last verdict, kept in the store, is returned without a request.
 """
@@ -14,17 +22,16 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.vast.client import Instance
-from orchestrator.vast.cost import parse_time
+from orchestrator.vast.models import HEARTBEAT_STATES, Instance
+from orchestrator.vast.records import running_fields, stopped_fields
 from state.errors import OrchError
-from state.store import now_iso
+from state.store import now_iso, parse_time
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
     from orchestrator.vast.client import VastClient
 
 PROVIDER = "vast"
-LOST_STATES = frozenset({"exited", "offline", "unknown"})
 
 
 @dataclass(frozen=True)
@@ -34,25 +41,51 @@ class ProviderVerdict:
     state: str  # running, loading, stopped, outbid, exited, offline, unknown, gone, error
 
 
-def verdict_for(inst: Instance | None, *, interruptible: bool) -> ProviderVerdict:
-    """Pure: what Vast's answer about an instance means for the runs on it."""
+def verdict_for(
+    inst: Instance | None,
+    *,
+    interruptible: bool,
+    heartbeat_lost_s: float = 0.0,
+    heartbeat_grace_s: float = 600.0,
+) -> ProviderVerdict:
+    """Pure: what Vast's answer about an instance means for the runs on it.
+
+    `heartbeat_lost_s`: for how long Vast has reported it unknown/offline (0: just now)."""
     if inst is None:
         return ProviderVerdict(True, "the Vast instance is gone (destroyed or expired)", "gone")
     status = inst.actual_status or ""
-    if inst.outbid and (interruptible or inst.is_bid):
+    kind = inst.stop_kind(interruptible=interruptible)
+    if kind == "outbid":
         return ProviderVerdict(
             True,
             f"Vast instance {inst.id} was outbid and stopped (preempted); "
             "its disk survives, its processes do not",
             "outbid",
         )
-    if inst.outbid or status == "stopped":
+    if kind == "user":
         return ProviderVerdict(
-            True, f"Vast instance {inst.id} is stopped; its processes are gone", "stopped"
+            True,
+            f"Vast instance {inst.id} was stopped on request (intended_status stopped: you, the "
+            "console or orch's idle_action); its disk survives, its processes do not",
+            "stopped",
         )
-    if status in LOST_STATES:
-        msg = f": {inst.status_msg}" if inst.status_msg else ""
-        return ProviderVerdict(True, f"Vast instance {inst.id} is {status}{msg}", status)
+    if kind == "host":
+        return ProviderVerdict(
+            True,
+            f"Vast instance {inst.id} was stopped by its host; its processes are gone",
+            "stopped",
+        )
+    msg = f": {inst.status_msg}" if inst.status_msg else ""
+    if status == "exited":
+        return ProviderVerdict(True, f"Vast instance {inst.id} exited{msg}", "exited")
+    if status in HEARTBEAT_STATES:
+        lost = heartbeat_lost_s >= heartbeat_grace_s
+        return ProviderVerdict(
+            lost,
+            f"Vast instance {inst.id} is {status} (no heartbeat from its host for "
+            f"{heartbeat_lost_s:.0f} s{', giving up' if lost else ''}){msg}",
+            status,
+        )
     return ProviderVerdict(
         False, f"Vast reports instance {inst.id} as {status or 'starting'}", status or "created"
     )
@@ -89,8 +122,20 @@ def check_instance(
 
             client = make_client(cfg)
         inst = client.show_instance(int(iid))
+        since = parse_time(info.get("heartbeat_lost_since"))
+        if inst is not None and inst.actual_status in HEARTBEAT_STATES:
+            since = since or now
+            info["heartbeat_lost_since"] = since.isoformat()
+        else:
+            since = None
+            info.pop("heartbeat_lost_since", None)
+        interruptible = bool(info.get("interruptible", cfg.interruptible))
+        info["stop_kind"] = inst.stop_kind(interruptible=interruptible) if inst else None
         verdict = verdict_for(
-            inst, interruptible=bool(info.get("interruptible", cfg.interruptible))
+            inst,
+            interruptible=interruptible,
+            heartbeat_lost_s=(now - since).total_seconds() if since else 0.0,
+            heartbeat_grace_s=cfg.heartbeat_grace_s,
         )
     except OrchError as exc:
         verdict = ProviderVerdict(False, f"could not ask Vast about instance {iid}: {exc}", "error")
@@ -99,10 +144,13 @@ def check_instance(
             client.close()
 
     info["verdict"] = asdict(verdict)
-    fields: dict[str, Any] = {
-        "last_checked_at": now.isoformat(),
-        "info_json": json.dumps(info, sort_keys=True),
-    }
+    fields: dict[str, Any] = {}
+    if verdict.state in ("stopped", "outbid"):  # the running stretch (the GPU bill) ends
+        info = json.loads(stopped_fields({"info_json": json.dumps(info)}, now)["info_json"])
+    elif verdict.state == "running" and info.get("stopped_at"):  # started again elsewhere
+        fields = running_fields({**row, "info_json": json.dumps(info)}, now)
+        info = json.loads(fields.pop("info_json"))
+    fields.update(last_checked_at=now.isoformat(), info_json=json.dumps(info, sort_keys=True))
     if verdict.state != "error":
         fields["state"] = verdict.state
     if verdict.state == "gone":

@@ -4,9 +4,10 @@ Off by default; `[targets.X] auto_relaunch = true` (and `max_relaunches`, defaul
 When the monitor marks a training run `lost` (Vast says the instance was outbid, stopped, or is
 gone), its completion actions call `relaunch_lost(ctx, rec)`, which:
 
-1. rents a box the way `orch up` does: the recorded instance is started again when Vast only
-   stopped it (its disk, and the run's checkpoints, survive), otherwise it is destroyed and the
-   best matching offer is rented, prepared and bootstrapped;
+1. gets a box the way `orch up` does: the recorded instance is started again when it was
+   stopped on request (its disk, and the run's checkpoints, survive); an outbid one is kept by
+   raising its bid within `max_bid_dph` (same disk) when that is enough, else it is destroyed
+   and the best matching offer is rented, prepared and bootstrapped. The alert says which;
 2. picks the newest *complete* checkpoint (a `checkpoints/step-N` dir holding `meta.json`, which
    the worker writes last) from two places: the lost run's dir on the box, if its disk survived,
    and the copy pulled to this laptop (`orch pull RUN --checkpoints`, or the watcher's
@@ -37,6 +38,7 @@ from orchestrator.checkpoints import (
     remote_checkpoints,
     spec_of,
 )
+from orchestrator.vast.records import info_of
 from state import names
 from state.errors import LaunchError
 from state.models import RunRecord, RunSpec
@@ -116,6 +118,16 @@ def relaunch_lost(ctx: Context, rec: RunRecord) -> RelaunchResult:
             f"(max_relaunches = {cfg.max_relaunches})",
             hint=f"relaunch it by hand: orch launch {rec.stage}",
         )
+    row = ctx.store.live_instance_for(name)
+    info = info_of(row)
+    if info.get("stop_kind") == "user" and not info.get("stopped_idle_at"):
+        # Someone asked for the stop (intended_status stopped): starting the box again would
+        # spend money against that wish. orch's own idle stop never has active runs to lose.
+        raise LaunchError(
+            f"the instance of {name} was stopped on request (intended_status stopped), so "
+            f"{rec.key} is not relaunched",
+            hint=f"start it again with `orch up {name}`, then `orch launch {rec.stage} --target {name}`",
+        )
     busy = [
         r
         for r in ctx.store.list_runs(active_only=True, target=name)
@@ -159,12 +171,16 @@ def relaunch_lost(ctx: Context, rec: RunRecord) -> RelaunchResult:
     new = launch_stage(ctx, stage, name, profile=old.profile, seed=seed, spec_extra=extra)
     iid = box.instance_id
     start = ckpt.describe() if ckpt else "step 0: no checkpoint on the box or on this laptop"
+    where = {
+        "rented": "a newly rented box (the old one could not be kept)",
+        "reused": "the same instance",
+    }.get(box.how, box.detail or box.how)
     record_alert(
         ctx,
         rec,
         "relaunched",
         f"orch: {rec.stage} relaunched on {name}",
-        f"relaunched as {new.key} on Vast instance {iid}, resuming from {start}.\n"
+        f"relaunched as {new.key} on Vast instance {iid}: {where}; resuming from {start}.\n"
         f"logs: orch logs {new.key}",
     )
     return RelaunchResult(new=new, instance_id=iid, resumed_from=ckpt)

@@ -93,6 +93,7 @@ def toml(server: VastServer, sshd: SshServer, remote: Path, **extra: str) -> str
         f'python = "{sys.executable}"',
         "poll_s = 0.05",
         "ready_timeout_s = 60",
+        "boot_grace_s = 1.0",
         'onstart = "echo onstart-ran > ~/onstart.txt"',
         *(f"{k} = {v}" for k, v in extra.items()),
         "[targets.gpu.offer]",
@@ -389,6 +390,53 @@ def test_sigint_during_wait_destroys(env: Env) -> None:
     assert KEY not in out + err
 
 
+@pytest.mark.parametrize("create_timeout_s", [1.2, 0.3])
+def test_slow_create_leaves_exactly_one_recorded_instance(
+    env: Env, monkeypatch: pytest.MonkeyPatch, create_timeout_s: float
+) -> None:
+    """Scaled by 1/100: Vast answers the create after 0.4 s (40 s, longer than the old 30 s
+    timeout). With the official 120 s (1.2 s) the answer arrives; with the old 30 s (0.3 s) it
+    is lost and the label finds the instance. Either way: one create, one recorded box, up."""
+    from orchestrator.vast import client as client_mod
+
+    monkeypatch.setattr(client_mod, "CREATE_TIMEOUT_S", create_timeout_s)
+    env.server.create_delay_s = 0.4
+    env.server.add_offer()
+    env.server.add_offer(dph_total=0.5)
+    res = env.cli("up")
+    assert res.returncode == 0, res.stderr
+    assert env.server.request_count("PUT", "/asks/") == 1 and len(env.server.instances) == 1
+    ctx = Context()
+    try:
+        (iid,) = env.server.instances
+        rows = ctx.store.list_instances(live_only=True)
+        assert [r["instance_id"] for r in rows] == [str(iid)] and rows[0]["state"] == "running"
+        assert rows[0]["label"] == env.server.instances[iid]["label"]
+        assert ("answer was lost" in res.stderr) == (create_timeout_s < 0.4)
+    finally:
+        ctx.close()
+
+
+def test_sigint_during_a_slow_create_destroys_what_it_made(env: Env) -> None:
+    env.server.create_delay_s = 5.0  # the instance exists at once; the answer takes 5 s
+    env.server.add_offer()
+    proc = env.popen("up")
+    deadline = time.monotonic() + 30
+    while not env.server.create_bodies and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert env.server.create_bodies, "orch up never sent the create"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert env.server.instances == {} and "destroyed Vast instance" in err
+    ctx = Context()
+    try:
+        rows = ctx.store.list_instances()
+        assert len(rows) == 1 and rows[0]["destroyed_at"] is not None  # recorded, then destroyed
+    finally:
+        ctx.close()
+
+
 # -- preemption ---------------------------------------------------------------------------------
 def test_preemption_marks_runs_lost_with_an_alert(env: Env) -> None:
     (env.root / "orch.toml").write_text(
@@ -432,6 +480,12 @@ def test_preemption_marks_runs_lost_with_an_alert(env: Env) -> None:
         alerts = [a for a in ctx.store.recent_alerts() if a["run_id"] == rec.run_id]
         assert any(a["kind"] == "lost" for a in alerts), alerts
         assert live_row(ctx)["state"] == "outbid"
+        # `orch up` keeps the outbid box: a raised bid within the ceiling resumes it in place.
+        env.sshd.start()
+        again = env.cli("up")
+        assert again.returncode == 0, again.stderr
+        assert "raising its bid" in again.stdout and env.server.bids[iid] == [pytest.approx(0.198)]
+        assert int(live_row(ctx)["instance_id"]) == iid and list(env.server.instances) == [iid]
     finally:
         ctx.close()
     assert env.cli("down").returncode == 0 and env.server.instances == {}
@@ -474,15 +528,17 @@ def small_train_task(model: str, **over: object) -> WorkerTask:
     return WorkerTask(command="train", args=args)
 
 
-def _lose_box(env: Env, ctx: Context, rec: object, iid: int, *, outbid: bool) -> object:
+def _lose_box(
+    env: Env, ctx: Context, rec: object, iid: int, *, outbid: bool, min_bid: float | None = None
+) -> object:
     """Vast takes the instance away; the monitor's poll marks the run lost (as it would)."""
     from orchestrator.monitor.actions import Actions
     from orchestrator.monitor.refresh import Poller
 
     if outbid:
-        env.server.preempt(iid)
-    else:  # stopped on the host's side, not outbid: the disk survives and it can start again
-        env.server.set_status(iid, actual="stopped", cur="stopped", intended="stopped")
+        env.server.preempt(iid, min_bid=min_bid)
+    else:  # stopped by its host (intended_status still running, on demand): the disk survives
+        env.server.set_status(iid, actual="stopped", cur="stopped", next_="stopped")
     # The instance stops: every process of the run dies at once (frozen ones too).
     with contextlib.suppress(subprocess.CalledProcessError, ProcessLookupError):
         _signal_run(rec.session, signal.SIGKILL)  # type: ignore[attr-defined]
@@ -577,9 +633,10 @@ def test_lost_training_run_relaunches_on_a_new_box_from_the_pulled_checkpoint(
         assert not list(local_ck.glob(".*.tmp")), "a save in progress was mirrored"
         _signal_run(rec.session, signal.SIGKILL)
         newest_pulled = max(steps, key=lambda s: int(s.split("-")[1]))
-        # Outbid: the new box is another machine; nothing of the old run is on its disk.
+        # Outbid beyond the bid ceiling (max_dph 1.0): the new box is another machine; nothing
+        # of the old run is on its disk.
         shutil.rmtree(env.remote / rec.run_dir)
-        lost = _lose_box(env, ctx, rec, first, outbid=True)
+        lost = _lose_box(env, ctx, rec, first, outbid=True, min_bid=5.0)
         assert "outbid" in lost.reason
 
         assert wanted_actions(ctx, lost) == ["relaunch"]
@@ -599,7 +656,7 @@ def test_lost_training_run_relaunches_on_a_new_box_from_the_pulled_checkpoint(
         assert "pulled to the laptop" in spec_json["resumed_from"]
         alerts = [a for a in ctx.store.recent_alerts() if a["kind"] == "relaunched"]
         assert len(alerts) == 1 and new.key in alerts[0]["body"], alerts
-        assert newest_pulled in alerts[0]["body"]
+        assert newest_pulled in alerts[0]["body"] and "newly rented" in alerts[0]["body"]
     finally:
         ctx.close()
 
@@ -627,6 +684,8 @@ def test_relaunch_resumes_from_the_surviving_disk_and_respects_the_limit(
         # Nothing pulled: the checkpoint comes from the old run dir on the restarted instance.
         Actions(ctx).on_final(lost)
         assert int(live_row(ctx)["instance_id"]) == iid  # started again, not re-rented
+        relaunched = [a for a in ctx.store.recent_alerts() if a["kind"] == "relaunched"]
+        assert "started the stopped instance again" in relaunched[0]["body"]
         new = next(r for r in ctx.store.list_runs() if r.stage == "vt-sft" and r.key != rec.key)
         spec_json = json.loads((env.remote / new.run_dir / "spec.json").read_text())
         assert "surviving disk" in spec_json["resumed_from"]

@@ -71,3 +71,22 @@ def test_agent_process_lines(tmp_path: Path) -> None:
     proc.stdin.write('{"op": "exit"}\n')
     proc.stdin.flush()
     assert proc.wait(10) == 0
+
+
+def test_observe_reads_the_first_leak_step_from_the_summary(tmp_path: Path) -> None:
+    rd = tmp_path / "runs" / "stage3_finetune_full_bidir" / "20260101-000000"
+    rd.mkdir(parents=True)
+    rid = "20260101-000000"
+    atomic_write_json(rd / names.STATUS, RunStatus(run_id=rid, stage="s", seq=3, leak_flag=True))
+    request = json.dumps({"op": "observe", "runs": [{"run_dir": str(rd.relative_to(tmp_path))}]})
+
+    def leak_step() -> int | None:
+        [run] = TargetObservation.model_validate_json(handle(str(tmp_path), request)[0]).runs
+        assert run.status is not None and run.status.leak_flag
+        return run.status.first_leak_step
+
+    assert leak_step() is None  # flagged, step not known yet (no summary while training)
+    atomic_write_json(rd / names.SUMMARY, {"leak_flag": True, "first_leak_step": 0})
+    assert leak_step() == 0
+    atomic_write_json(rd / names.SUMMARY, {"first_leak_step": "zero"})
+    assert leak_step() is None  # an odd summary is not a step

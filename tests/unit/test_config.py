@@ -110,3 +110,51 @@ def test_every_toml_example_in_the_docs_loads() -> None:
     assert len(blocks) >= 5, blocks
     for name, text in blocks:
         parse_config(tomllib.loads(text), name)
+
+
+@pytest.mark.parametrize(
+    ("text", "guess"),
+    [
+        ("[targets.box]\nkind = 'ssh'\nhost = 'h'\nidentiy_file = '~/k'\n", "identity_file"),
+        ("[targets.box]\nkind = 'vast'\n[targets.box.offer]\ngpu_name = ['A100']\n", "gpu_names"),
+        (
+            "[targets.box]\nkind = 'ssh'\nhost = 'h'\n[targets.box.monitor]\nintervl_s = 2\n",
+            "interval_s",
+        ),
+        ("[experimnt]\nprofile = 'tiny'\n", "experiment"),
+        ("defualt_target = 'local'\n", "default_target"),
+    ],
+)
+def test_an_unknown_key_says_which_key_was_meant(tmp_path: Path, text: str, guess: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    msg = str(info.value)
+    assert f"did you mean {guess!r}?" in msg and "\n" not in msg and str(tmp_path) in msg
+
+
+def test_no_guess_when_nothing_is_close(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "zzqx = 1\n"))
+    assert "did you mean" not in str(info.value) and "check the spelling" in str(info.value)
+
+
+def test_an_unknown_target_says_which_target_was_meant(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[targets.gpubox]\nkind = 'ssh'\nhost = 'h'\n"))
+    with pytest.raises(ConfigError, match=r"unknown target 'gpubx' \(did you mean 'gpubox'\?"):
+        cfg.target("gpubx")
+    with pytest.raises(ConfigError) as info:
+        cfg.target("zz")
+    assert "did you mean" not in str(info.value)
+
+
+def test_one_suggestion_helper() -> None:
+    from state.suggest import closest, did_you_mean
+
+    assert closest("Stage1", ["stage1", "stage2"]) == "stage1"  # case does not matter
+    assert closest("tsks.0.limit", ["tasks", "seed"]) == "tasks.0.limit"  # a dotted key's head
+    assert closest("stage1", ["stage1"]) is None  # nothing to correct
+    assert closest("qqq", ["stage1"]) is None
+    assert did_you_mean("lrr", ["lr", "seed"], "allowed: lr, seed") == (
+        "did you mean 'lr'? allowed: lr, seed"
+    )
+    assert did_you_mean("qqq", ["lr"], "allowed: lr") == "allowed: lr"

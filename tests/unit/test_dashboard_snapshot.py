@@ -283,3 +283,71 @@ def test_in_process_monitor_defers_to_a_running_orch_watch() -> None:
         mon.stop()
     assert not watcher_running(ctx)
     ctx.close()
+
+
+def test_status_at_80_columns_wraps_the_reason_rather_than_cutting_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reason = (
+        "launch failed: target box: cannot connect to 203.0.113.7:22: Connection refused "
+        "(check host and port in orch.toml)"
+    )
+    ctx = Context()
+    add_run(
+        ctx.store, "20261125-090000", Phase.FAILED, reason=reason, now=datetime.now(timezone.utc)
+    )
+    ctx.close()
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["status", "--no-refresh"]) == 0
+    out = capsys.readouterr().out
+    assert all(len(ln) <= 80 for ln in out.splitlines())
+    assert " ".join(out.split()).count("Connection refused (check host and port in orch.toml)") == 1
+    words = [w for w in reason.split() if len(w) < 14]  # short words are never cut in two
+    assert all(w in out for w in words)
+
+
+def test_a_leak_verdict_travels_from_the_run_dir_to_orch_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The worker's status says leak_flag, its summary the first step; a poll through the real
+    local agent stores both, and `orch status` (table and JSON) shows `LEAK at step 0`."""
+    from orchestrator.monitor.refresh import refresh_once
+    from orchestrator.targets.factory import make_target
+    from state import names
+    from state.models import RunComplete
+    from state.protocol import atomic_write_json, build_manifest
+
+    monkeypatch.chdir(tmp_path)
+    ctx = Context()
+    rid, stage_dir = "20261125-110000", "stage3_finetune_full_bidir"
+    rd = Path(make_target(ctx, "local").workdir) / "runs" / stage_dir / rid
+    rd.mkdir(parents=True)
+    status = RunStatus(run_id=rid, stage="stage3b-leaky", seq=9, step=40, leak_flag=True)
+    atomic_write_json(rd / names.STATUS, status)
+    atomic_write_json(rd / names.SUMMARY, {"leak_flag": True, "first_leak_step": 0})
+    atomic_write_json(rd / names.MANIFEST, build_manifest(rd, rid))
+    atomic_write_json(rd / names.RUN_COMPLETE, RunComplete(run_id=rid))
+    (rd / names.EXIT_CODE).write_text("0\n")
+    now = datetime.now(timezone.utc)
+    ctx.store.insert_run(
+        RunRecord(
+            run_id=rid, stage="stage3b-leaky", stage_dir=stage_dir, target="local",
+            phase=Phase.RUNNING, session=f"orch-stage3b-leaky-{rid}",
+            run_dir=f"runs/{stage_dir}/{rid}", created_at=now, updated_at=now,
+            last_seq=9, last_seq_change_at=now,  # the last beat was seen already: seq unchanged
+            status_json=status.model_dump_json(),
+        )
+    )  # fmt: skip
+    try:
+        [rec] = refresh_once(ctx)
+    finally:
+        ctx.close()
+    assert rec.phase is Phase.SUCCEEDED
+    assert RunStatus.model_validate_json(rec.status_json).first_leak_step == 0
+    monkeypatch.setenv("COLUMNS", "120")
+    assert main(["status", "--no-refresh"]) == 0
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if rid in ln]
+    assert "succeeded" in line and "LEAK at step 0" in line
+    assert main(["status", "--no-refresh", "--json"]) == 0
+    [run] = json.loads(capsys.readouterr().out)["runs"]
+    assert run["leak"] is True and run["first_leak_step"] == 0

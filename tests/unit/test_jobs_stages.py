@@ -16,7 +16,7 @@ from jobs.pipeline import (
     upstream,
 )
 from jobs.profiles import MINISTRAL_3B_ID, PROFILES, get_profile
-from jobs.stages import STAGE_NAMES, get_stage, list_stages
+from jobs.stages import STAGE_NAMES, get_stage, list_stages, seeded_model
 from state.errors import ConfigError, StageError
 from state.phases import MaskMode
 from state.worker_config import ARGS_BY_COMMAND
@@ -53,13 +53,22 @@ def test_every_stage_resolves_on_every_profile(profile: str, name: str) -> None:
         # never silently the base model: unresolved it is an unloadable placeholder
         assert spec.task.args["model"].startswith("input:")
     if not deps:
-        assert spec.task.args["model"] == get_profile(profile).model
+        prof = get_profile(profile)
+        want = (
+            seeded_model(prof.model, spec.task.args["seed"])
+            if prof.model_follows_seed
+            else prof.model
+        )
+        assert spec.task.args["model"] == want
     assert spec.timeout_s > 0 and spec.stale_after_s > 0
 
 
 def test_profiles_differ_where_they_should() -> None:
     tiny, big = get_stage("stage3b", "tiny"), get_stage("stage3b", "ministral-3b")
-    assert tiny.task.args["model"] == "tiny://default"
+    # the tiny model is built from the study seed (default 0); a hub model is what it is
+    assert tiny.task.args["model"] == "tiny://default?seed=0" and tiny.task.args["seed"] == 0
+    assert get_stage("stage1", "tiny", {"seed": 3}).task.args["model"] == "tiny://default?seed=3"
+    assert get_stage("stage1", "ministral-3b", {"seed": 3}).task.args["model"] == MINISTRAL_3B_ID
     assert tiny.task.args["data"]["source"].startswith("tiny:")
     assert tiny.resources.gpus == 0 and tiny.task.args["device"] == "cpu"
     assert big.task.args["model"] == MINISTRAL_3B_ID
@@ -383,3 +392,31 @@ def test_ministral_profile_formats_fit_the_real_schemas(tmp_path) -> None:
         assert src is not None and src.format == "sft"
         (ex,) = data.load_sft(local(src, "no_robots"))
         assert ex.prompt == "Write a haiku about autumn." and ex.response.startswith("Leaves drift")
+
+
+def test_mistyped_stages_and_keys_say_what_was_meant() -> None:
+    from jobs.pipeline import dependency_graph, missing_upstream, topological_order
+
+    with pytest.raises(
+        StageError, match=r"unknown stage 'stage3b-leakey' \(did you mean 'stage3b-leaky'\?"
+    ):
+        get_stage("stage3b-leakey")
+    with pytest.raises(StageError, match="did you mean 'stage4a'"):
+        topological_order(dependency_graph(), ["stage4aa"])
+    with pytest.raises(StageError, match="did you mean 'stage2'"):
+        missing_upstream("stag2", set())
+    with pytest.raises(ConfigError, match=r"'max_step' \(did you mean 'max_steps'\? allowed keys"):
+        get_stage("stage3b", "tiny", {"max_step": 5})
+    with pytest.raises(ConfigError, match="did you mean 'tasks.0.limit'"):
+        get_stage("stage1", "tiny", {"tsks.0.limit": 5})
+    with pytest.raises(ConfigError, match="unknown key 'tasks.0.limt'; did you mean 'limit'"):
+        get_stage("stage1", "tiny", {"tasks.0.limt": 5})
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+        list_stages("tiny", shared={"max_stesp": 3})  # study-wide (orch.toml, run-all --set)
+    with pytest.raises(
+        ConfigError, match="stage stage3a does not take the key 'lrr' .did you mean 'lr'"
+    ):
+        list_stages("tiny", shared={"stage3a.lrr": 3})
+    with pytest.raises(StageError) as exc:
+        get_stage("zzzz")
+    assert "did you mean" not in str(exc.value)

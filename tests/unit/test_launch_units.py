@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -306,6 +307,102 @@ def test_stage_row():
         "9h",
     ]
     assert stages_cmd.format_timeout(90) == "1.5m" and stages_cmd.format_timeout(5) == "5s"
+
+
+@pytest.mark.parametrize("profile", ["tiny", "ministral-3b"])
+def test_stages_at_80_columns_never_break_a_name(profile):
+    """Stage names, run dirs, masks and inputs stay whole (the rest wraps between words)."""
+    import io
+
+    from rich.console import Console
+
+    from jobs.stages import list_stages
+
+    stages = list_stages(profile)
+    console = Console(width=80, file=io.StringIO(), record=True)
+    console.print(stages_cmd.stages_table(stages, profile, 80))
+    text = console.export_text()
+    assert all(len(ln) <= 80 for ln in text.splitlines())
+    lines = text.splitlines()
+    for s in stages:
+        row = stages_cmd.stage_row(s)
+        [at] = [i for i, ln in enumerate(lines) if ln.startswith(f"│ {s.name} ")]
+        assert f" {row[1]} " in lines[at]  # the run dir, whole, on the stage's own line
+        block = [lines[at]]
+        for ln in lines[at + 1 :]:
+            if not ln.startswith("│ ") or ln[2:].split("│", 1)[0].strip():
+                break
+            block.append(ln)
+        for name in (row[3], *row[4].split(", ")):  # the mask and the inputs, never cut
+            if name != "-":
+                assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", "\n".join(block))
+    # a wide terminal gets one column per field
+    wide = Console(width=200, file=io.StringIO(), record=True)
+    wide.print(stages_cmd.stages_table(stages, profile, 200))
+    assert re.search(r"┃ mask +┃ inputs +┃ timeout +┃", wide.export_text())
+
+
+def test_logs_stop_pull_help_lists_every_run_form(capsys):
+    from orchestrator.cli import main
+
+    for command in ("logs", "stop", "pull"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for form in ("run id", "stage_dir/run_id", "STAGE:latest", "latest"):
+            assert form in text, (command, form)
+
+
+def test_every_run_form_in_the_help_resolves(tmp_path):
+    """The forms the help lists are the ones `resolve_run` takes."""
+    from state.store import RUN_FORMS
+
+    ctx = Context(cwd=tmp_path)
+    try:
+        stage = StageSpec(
+            name="s", stage_dir="s_dir", task=WorkerTask(command="exec", args={"argv": ["true"]})
+        )
+        rec = launch._insert_new_run(ctx, stage, "local", "20260101-000000", fixed=True)
+        for ref in ("20260101-000000", "s_dir/20260101-000000", "s:latest", "latest"):
+            assert ctx.store.resolve_run(ref).key == rec.key
+        assert all(f in RUN_FORMS for f in ("stage_dir/run_id", "STAGE:latest", "latest"))
+    finally:
+        ctx.close()
+
+
+def test_a_missing_identity_file_stops_the_launch_before_any_run_is_recorded(
+    tmp_path, monkeypatch, capsys
+):
+    from orchestrator.cli import main
+
+    key = tmp_path / "no-such-key"
+    (tmp_path / "orch.toml").write_text(
+        f'[targets.box]\nkind = "ssh"\nhost = "127.0.0.1"\nport = 9\nidentity_file = "{key}"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", "stage1", "--target", "box"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert str(key) in err and "identity_file" in err and len(err.splitlines()) == 1
+    ctx = Context()
+    try:
+        assert ctx.store.list_runs() == []  # no `failed` row left behind
+    finally:
+        ctx.close()
+    assert main(["status", "--no-refresh"]) == 0
+    assert "stage1" not in capsys.readouterr().out
+
+
+def test_an_unreadable_identity_file_or_empty_host_is_found_before_connecting(tmp_path):
+    from orchestrator.targets.ssh import SshTarget
+
+    bad = tmp_path / "not-a-key"
+    bad.write_text("hello")
+    box = SshTarget("box", host="127.0.0.1", identity_file=bad, known_hosts=tmp_path / "kh")
+    with pytest.raises(ConfigError, match=f"cannot read identity_file {bad}"):
+        box.preflight()
+    nohost = SshTarget("box", host=" ", identity_file=bad, known_hosts=tmp_path / "kh")
+    with pytest.raises(ConfigError, match="host is empty"):
+        nohost.preflight()
 
 
 def test_lock_file_probe_program_is_valid_python(tmp_path):

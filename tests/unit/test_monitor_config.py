@@ -4,7 +4,7 @@ the config asks for when it ends."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from orchestrator.context import Context
@@ -94,11 +94,18 @@ def test_launch_watch_waits_for_completion_actions(tmp_path: Path) -> None:
     assert actions_left(ctx, [ok])  # the next stage is still to launch
     ledger.record_action(ctx.store, *ok, "next")
     assert not actions_left(ctx, [ok])
-    crashed = key[Phase.CRASHED]  # pull_on_failure: a pull that keeps failing is given up
-    for attempt in range(MAX_ATTEMPTS):
-        assert actions_left(ctx, [crashed]), attempt
-        ledger.record_action(ctx.store, *crashed, "pull", error="box gone")
-    assert not actions_left(ctx, [ok, crashed])
+    # pull_on_failure: a pull that keeps failing is retried while the results are on the box
+    # (issue 13); `--watch` waits for it until its `pull_stuck` alert is due, or it is given up.
+    crashed = key[Phase.CRASHED]
+    t0 = datetime.now(timezone.utc)
+    stuck_after = ctx.config.monitor_for("box").pull_stuck_alert_after_s
+    for attempt in range(MAX_ATTEMPTS + 2):
+        assert actions_left(ctx, [crashed], now=t0), attempt
+        ledger.record_action(ctx.store, *crashed, "pull", error="box gone", at=t0)
+    assert actions_left(ctx, [ok, crashed], now=t0)
+    assert not actions_left(ctx, [ok, crashed], now=t0 + timedelta(seconds=stuck_after))
+    ledger.record_action(ctx.store, *crashed, "pull", error="bad file", at=t0, gave_up=True)
+    assert not actions_left(ctx, [ok, crashed], now=t0)
     ctx.close()
 
 

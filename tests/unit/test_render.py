@@ -371,3 +371,65 @@ def test_footer_message_gets_its_own_line_and_the_screen_still_fits(width: int) 
     assert len(lines) <= 40
     assert lines[-2].startswith(msg[:40])
     assert lines[-1].startswith("q quit")
+
+
+# -- reasons wrap in `orch status`; leak verdicts show ----------------------------------------
+LONG_REASON = (
+    "launch failed: target box: identity_file /home/me/.ssh/id_missing does not exist "
+    "(fix identity_file in orch.toml, a private key whose .pub is on the box)"
+)
+
+
+def note_text(text: str, key: str) -> str:
+    """The whole `exit / reason` cell of the row that starts with `key`, its wrapped lines
+    joined (continuation lines are blank up to the column)."""
+    lines = text.splitlines()
+    col = lines[0].index("exit / reason")
+    start = next(i for i, ln in enumerate(lines) if key in ln)
+    parts = [lines[start][col:].strip()]
+    for ln in lines[start + 1 :]:
+        if ln[:col].strip():
+            break
+        parts.append(ln[col:].strip())
+    return " ".join(p for p in parts if p)
+
+
+def test_status_wraps_a_long_reason_at_80_columns_instead_of_cutting_it() -> None:
+    runs = [make_run(0, Phase.FAILED, reason=LONG_REASON), make_run(1)]
+    text = to_text(runs_table(snap(runs), 80, NOW, wrap_notes=True), 80)
+    assert all(len(ln) <= 80 for ln in text.splitlines())
+    joined = note_text(text, runs[0].run_id)
+    # every word is there, in order (a word longer than the column continues on the next line)
+    assert joined.replace(" ", "") == LONG_REASON.replace(" ", "")
+    assert "box.)" in joined.replace(" ", "") or joined.endswith("on the box)")
+    assert "…" not in text
+    # the next run still has its own line
+    assert any(runs[1].run_id in ln and "running" in ln for ln in text.splitlines())
+    # the dashboard keeps one line per run (it cuts with an ellipsis)
+    dash = to_text(runs_table(snap(runs), 80, NOW), 80)
+    assert len(lines_of(dash)) == 3 and "…" in dash
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_leak_verdict_is_shown_with_the_phase(width: int) -> None:
+    leaky = make_run(
+        0, Phase.SUCCEEDED, exit_code=0, leak=True, leak_step=0, stage="stage3b-leaky",
+        pulled_at=NOW,
+    )  # fmt: skip
+    clean = make_run(1, Phase.SUCCEEDED, exit_code=0)
+    flagged = make_run(2, Phase.RUNNING, leak=True)  # the step comes with the summary
+    text = to_text(runs_table(snap([leaky, clean, flagged]), width, NOW), width)
+    rows = {
+        r.run_id: ln for r in (leaky, clean, flagged) for ln in text.splitlines() if r.run_id in ln
+    }
+    assert "succeeded" in rows[leaky.run_id] and "LEAK at step 0" in rows[leaky.run_id]
+    assert "LEAK" not in rows[clean.run_id]
+    assert "LEAK" in rows[flagged.run_id]
+    # the dashboard's cursor column leaves the verdict less room: it is shown whole, alone
+    dash = to_text(runs_table(snap([leaky, clean]), width, NOW, selected=0), width)
+    assert "LEAK at step 0" in dash.splitlines()[1]
+    table = runs_table(snap([leaky, clean]), width, NOW)
+    styles = {str(sp.style) for sp in table.rows[0].spans}
+    assert "bold red" in styles  # the verdict is in red
+    assert "bold yellow" in styles and "bold green" not in styles  # not a plain green success
+    assert "bold green" in {str(sp.style) for sp in table.rows[1].spans}

@@ -4,9 +4,9 @@
 (b) numeric, the counterfactual: on the same weights, corrupting every token from a cut point in
 the response on must leave the logits of the positions that predict labels up to the cut
 exactly unchanged under a leak-free mask. It flags full_bidir (and a prefix mask with the
-off-by-one) on the starting weights, and never flags prefix or causal, including a prefix run
-on `tiny:arith` whose mask/causal loss ratio falls far below the seed's threshold: the prefix-LM
-weights stop working causally, which the ratio rule took for a leak.
+off-by-one) on the starting weights, and never flags prefix or causal, whatever the mask/causal
+loss ratio of the weights (the seed's ratio rule, which took prefix-LM adaptation for a leak, is
+reported and never decides).
 """
 
 from __future__ import annotations
@@ -241,28 +241,51 @@ def test_allow_leaky_flags_every_probe_and_probe_cli_agrees(
 
 
 @pytest.mark.slow
-def test_prefix_on_arith_adapts_past_the_ratio_rule_and_is_not_flagged(
+def test_prefix_on_arith_is_never_flagged_whatever_the_ratio(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    """Stage 3B's situation: prefix-LM fine-tuning on `tiny:arith`. The weights come to rely on
-    bidirectional prompt attention, so their causal loss rises while the prefix loss falls: the
-    ratio rule fires (measured here: 0.30 at step 15, 0.15 at step 30; it stopped the study's
-    3B run at step 25), the counterfactual does not."""
+    """Stage 3B's situation: prefix-LM fine-tuning on `tiny:arith`. The mask/causal loss ratio
+    of these weights is whatever the tiny model's pre-training made it: measured 0.15 at step 30
+    on one machine and 2.15 on another (the tiny model is built where it runs, and float
+    rounding differs between CPU kernels). The verdict must not depend on it: the counterfactual
+    is exact for a leak-free mask (masked positions get exactly zero attention weight), so the
+    logits of the compared positions are bitwise unchanged on every machine."""
     rd = tmp_path / "r"
     assert lifecycle.execute(rd, "train", arith_args(tiny_model_dir, max_steps=30)) == 0
     ps = probes(rd)
     assert [p["step"] for p in ps] == [0, 5, 10, 15, 20, 25, 30]  # step 0, periodic, final
-    assert any(p["ratio"] < LEAK_RATIO and p["ratio_flag"] for p in ps), [p["ratio"] for p in ps]
-    assert ps[0]["ratio_flag"] is False  # the starting weights: no adaptation yet
-    assert ps[-1]["ratio_flag"] is True  # and the adaptation lasts (measured: 0.15 at step 30)
     for p in ps:
-        assert p["leak"] is False and p["max_logit_diff"] <= 1e-5, p
-        assert p["future_sensitivity"] == pytest.approx(0, abs=1e-6)
+        assert p["leak"] is False and p["max_logit_diff"] == 0.0, p
+        assert p["future_sensitivity"] == 0.0
+        assert p["compared"] > 0 and p["tokens"] > 0
     s = json.loads((rd / names.SUMMARY).read_text())
     assert s["leak_flag"] is False and s["first_leak_step"] is None
     assert read_model(rd / names.STATUS, RunStatus).value.leak_flag is False
-    infos = [e.message for e in read_events(rd) if e.kind == "info"]
-    assert any("adaptation to the mask, not leakage" in m for m in infos)
+    # where the ratio rule would have fired, the run says why it went on
+    infos = [e for e in read_events(rd) if e.kind == "info"]
+    noted = {e.step for e in infos if "adaptation to the mask, not leakage" in e.message}
+    assert noted == {p["step"] for p in ps if p["ratio_flag"]}
+
+
+def _result(loss_mask: float, loss_causal: float, max_logit_diff: float) -> probe.ProbeResult:
+    return probe.ProbeResult(
+        mask="prefix", loss_mask=loss_mask, loss_causal=loss_causal, leak_ratio=LEAK_RATIO,
+        tokens=40, loss_cut=1.0, loss_cut_corrupted=1.0 + max_logit_diff, max_logit_diff=max_logit_diff,
+        logit_tol=1e-3, compared=12,
+    )  # fmt: skip
+
+
+def test_verdict_is_the_counterfactual_not_the_ratio() -> None:
+    """The ratio rule (the seed's) is reported, never the verdict: a prefix-LM run whose loss
+    under its mask is far below its causal loss (0.15x) is not a leak when its predictions do
+    not depend on later tokens, and a run whose ratio looks harmless is one when they do."""
+    adapted = _result(0.15, 1.0, 0.0)
+    assert adapted.ratio_flag and not adapted.leak
+    assert "ratio rule would flag" in adapted.describe()
+    assert "do not depend on later tokens" in adapted.describe()
+    leaky = _result(0.9, 1.0, 0.5)
+    assert not leaky.ratio_flag and leaky.leak
+    assert "depend on later tokens, and the weights use them" in leaky.describe()
 
 
 @pytest.mark.slow
