@@ -25,7 +25,10 @@ from tests.integration.test_dashboard_tmux import Tmux
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PACKAGES = ("state", "worker", "jobs", "orchestrator")
-STEPS = 150
+# Enough steps that training outlasts several of `--wait`'s 2 s polls on a fast machine: the
+# small tiny model trains at ~100 steps/s on one fast core, so 150 steps (1.5 s) let a CI box
+# see only one step (the failure this number fixes); 3000 take 30 s there, ~90 s on a slow one.
+STEPS = 3000
 SETTINGS = [
     f"max_steps={STEPS}",
     "batch_size=4",
@@ -33,7 +36,7 @@ SETTINGS = [
     f"eval_every={STEPS}",
     "eval_batches=1",
     f"save_every={STEPS}",
-    "log_every=1",
+    "log_every=5",
     f"probe_every={STEPS}",
     "probe_batch_size=2",
 ]
