@@ -103,6 +103,9 @@ class StageResult:
     profile: str | None = None
     target: str | None = None
     model: str | None = None
+    #: the pinned inputs of spec.json: the model's hub revision, and each data set's
+    #: (`name@revision`; `default branch` when unpinned)
+    revisions: dict[str, str] = field(default_factory=dict)
     mask: str | None = None
     macro_acc: float | None = None
     macro_acc_norm: float | None = None
@@ -332,6 +335,21 @@ def read_train(result: StageResult, summary: dict[str, Any] | None, run_dir: Pat
         result.train_loss = result.train_curve[-1][1]
 
 
+def spec_revisions(args: dict[str, Any]) -> dict[str, str]:
+    """The hub revisions a run read, from its spec.json args: the model's (`revision`; absent
+    for a local checkpoint) and every hub data set's (`tasks`, `data`, `eval_data`)."""
+    out: dict[str, str] = {}
+    if isinstance(args.get("revision"), str):
+        out["model"] = args["revision"]
+    sources = [t for t in args.get("tasks") or [] if isinstance(t, dict)]
+    sources += [args[k] for k in ("data", "eval_data") if isinstance(args.get(k), dict)]
+    for src in sources:
+        if str(src.get("source", "")).startswith("hf:"):
+            name = str(src.get("name") or src["source"])
+            out[name] = str(src.get("revision") or "default branch")
+    return out
+
+
 def read_stage(stage: str, run_dir: Path) -> StageResult:
     r = recipe(stage)
     spec = _read_json(run_dir / names.SPEC) or {}
@@ -348,6 +366,7 @@ def read_stage(stage: str, run_dir: Path) -> StageResult:
         target=spec.get("target"),
         model=(spec.get("inputs") or {}).get("model") or args.get("model"),
         mask=args.get("mask") if isinstance(args.get("mask"), str) else None,
+        revisions=spec_revisions(args),
     )
     if result.profile in PROFILES:
         result.profile_chance = PROFILES[result.profile].chance

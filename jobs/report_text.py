@@ -219,6 +219,9 @@ def stage_table(s: StageResult) -> list[str]:
         ["model", f"`{s.model}`" if s.model else "-"],
         ["mask", s.mask or "-"],
     ]
+    if s.revisions:
+        pins = ", ".join(f"{k} `{v[:12] if len(v) == 40 else v}`" for k, v in s.revisions.items())
+        meta.append(["revisions", pins])
     if s.kind == "eval":
         meta += [["macro acc", f(s.macro_acc)], ["macro acc_norm", f(s.macro_acc_norm)]]
     else:

@@ -147,6 +147,8 @@ def _base_args(r: StageRecipe, p: Profile) -> dict[str, Any]:
     if r.input_stage:
         args["model"] = _input_placeholder(r.input_stage)
         # The checkpoint carries its tokenizer; a base-model tokenizer would be wrong there.
+        # A hub revision pins the base model, not a local checkpoint dir.
+        args.pop("revision", None)
     if r.kind == "eval":
         args.update(copy.deepcopy(p.eval))
         args["tasks"] = [t.model_dump(mode="json") for t in p.eval_tasks]

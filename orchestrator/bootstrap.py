@@ -2,8 +2,14 @@
 
     python = ensure_env(ctx, target)
 
+Before anything is installed (and before any stage starts) the interpreter's Python and torch
+are checked against the runtime contract (`state.runtime_contract`): an image whose Python is
+older than 3.11 or whose torch is older than 2.6 is refused with one line naming an image that
+works, rather than installed around (transformers 5 would silently disable such a torch).
+
 Order of preference:
-1. the target names a ready interpreter (`python = "..."` in orch.toml): used as is, no install;
+1. the target names a ready interpreter (`python = "..."` in orch.toml): used as is, no install
+   (its versions are still checked);
 2. the `local` target whose own interpreter (`sys.executable`) can import the worker's deps
    (the README's venv can): used as is, so a newcomer never waits for a second install;
 3. otherwise a venv at `<workdir>/venv` created with `--system-site-packages`, so the CUDA torch
@@ -30,7 +36,8 @@ from typing import Any
 from orchestrator.context import Context
 from orchestrator.progress import QUIET, Steps
 from orchestrator.targets.base import Target
-from state.errors import ConfigError, LaunchError, RemoteCommandError
+from state import runtime_contract
+from state.errors import ConfigError, LaunchError, RemoteCommandError, RuntimeContractError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -147,6 +154,24 @@ def _probe(target: Target, base: str, venv: str) -> Probe:
     )
 
 
+def check_contract(target: Target, probe: Probe, python: str) -> None:
+    """Refuse (LaunchError, one line with the fix) an interpreter whose Python or torch is
+    below the runtime contract. A missing torch is not refused here: the venv gets the worker
+    extra's pinned one (and a ready interpreter may serve `exec` stages without it)."""
+    problems = runtime_contract.check_versions(
+        python=probe.version,
+        torch=probe.torch,
+        transformers=None,
+        torch_required=False,
+        transformers_required=False,
+    )
+    if problems:
+        raise RuntimeContractError(
+            f"target {target.name!r}: {python} cannot run the worker: {problems[0]}",
+            hint="nothing was installed or started; see docs/vast.md (the image)",
+        )
+
+
 def _tail(text: str, n: int = 3) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return " | ".join(lines[-n:]) or "no output"
@@ -174,6 +199,8 @@ def ensure_env(
     say = report or QUIET
     _, cfg = ctx.config.target(target.name)
     if cfg.python:
+        if target.kind != "local":
+            check_contract(target, _probe(target, cfg.python, "/nonexistent"), cfg.python)
         say.note(f"bootstrap: skipped, using python = {cfg.python} (orch.toml)")
         return _record(ctx, target, cfg.python)
     if target.kind == "local" and local_interpreter_ready():
@@ -185,6 +212,7 @@ def ensure_env(
     venv_python = f"{venv}/bin/python"
     with say.step(f"bootstrap: checking the env on {target.name}"):
         probe = _probe(target, base_python, venv)
+    check_contract(target, probe, base_python)
     digest = lock_hash(requirements, probe.version)
     if probe.venv_python and probe.lock and probe.lock.get("hash") == digest:
         say.note(f"bootstrap: unchanged (hash {digest[:12]}), skipped")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from state.errors import ConfigError
 from state.names import check_name
+from state.runtime_contract import DEFAULT_IMAGE
 from state.suggest import did_you_mean
 
 if sys.version_info >= (3, 11):
@@ -79,6 +80,11 @@ class _TargetBase(_Section):
         default_factory=list,
         description="names of secret env vars (HF_TOKEN, WANDB_API_KEY) sent to runs via a 0600 file",
     )
+    forward_hf_token: bool = Field(
+        True,
+        description="send HF_TOKEN to runs (like forward_env) whenever it is set here, so gated "
+        "hub models load without listing it; false: only what forward_env names",
+    )
 
 
 class LocalTarget(_TargetBase):
@@ -122,7 +128,11 @@ class VastTarget(_TargetBase):
     known_hosts: str | None = None
     user: str = "root"
     offer: VastOffer = Field(default_factory=VastOffer)
-    image: str = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel"
+    image: str = Field(
+        DEFAULT_IMAGE,
+        description="the Docker image; its Python and torch must meet the runtime contract "
+        "(state/runtime_contract.py): the bootstrap refuses one that does not",
+    )
     disk_gb: float = 80.0
     interruptible: bool = False
     bid_dph: float | None = None

@@ -22,6 +22,7 @@ import secrets
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -36,7 +37,14 @@ from orchestrator.context import Context
 from orchestrator.progress import Steps
 from orchestrator.targets.base import Target
 from state import names
-from state.errors import ConfigError, LaunchError, OrchError, StageError, UnreachableError
+from state.errors import (
+    ConfigError,
+    LaunchError,
+    OrchError,
+    RuntimeContractError,
+    StageError,
+    UnreachableError,
+)
 from state.models import RunRecord, RunSpec, WorkerTask
 from state.phases import Phase
 from state.worker_config import ARGS_BY_COMMAND
@@ -93,6 +101,37 @@ def secret_values(
         wrapper.check_env_name(k)
     found = {k: env[k] for k in forward if k in env}
     return found, [k for k in forward if k not in env]
+
+
+HF_TOKEN = "HF_TOKEN"
+
+
+def forwarded_names(
+    forward_env: list[str], forward_hf_token: bool, environ: dict[str, str] | None = None
+) -> list[str]:
+    """The secrets a run gets: `forward_env`, plus HF_TOKEN when it is set here and the target
+    forwards it by default (`forward_hf_token`); a default never warns when it is not set."""
+    env = os.environ if environ is None else environ
+    names_ = list(forward_env)
+    if forward_hf_token and HF_TOKEN not in names_ and env.get(HF_TOKEN):
+        names_.append(HF_TOKEN)
+    return names_
+
+
+def check_gated_token(stage: StageSpec, profile: str | None, forwarded: dict[str, str]) -> None:
+    """ConfigError, before anything is recorded, when the stage loads its profile's gated hub
+    model and no HF_TOKEN goes with the run (the download would fail minutes into a paid box)."""
+    from jobs.profiles import PROFILES
+
+    p = PROFILES.get(profile or "")
+    model = str(stage.task.args.get("model", ""))
+    if p is None or not p.hub_gated or model != p.model or forwarded.get(HF_TOKEN):
+        return
+    raise ConfigError(
+        f"stage {stage.name} loads {model}, a gated hub model, and no HF_TOKEN would reach the run",
+        hint=f"accept its conditions at https://huggingface.co/{model}, then export HF_TOKEN "
+        "(a read token); `orch plan` checks the token on the hub",
+    )
 
 
 def git_info(root: Path) -> tuple[str | None, bool]:
@@ -191,7 +230,8 @@ def launch_stage(
             hint=f"use `orch {stage.name}`",
         )
     resolved = resolve_inputs(ctx, stage, tname)
-    forward, missing = secret_values(list(tcfg.forward_env))
+    forward, missing = secret_values(forwarded_names(tcfg.forward_env, tcfg.forward_hf_token))
+    check_gated_token(stage, profile or ctx.config.experiment.profile, forward)
     for key in tcfg.env:
         wrapper.check_env_name(key)
     rid = names.check_name(run_id, "run id") if run_id else new_unique_run_id(ctx, stage.stage_dir)
@@ -205,6 +245,7 @@ def launch_stage(
     merge_inputs(stage.task, resolved, "/")  # validate the args now; the real paths need the box
     target = make_target(ctx, tname)
     _reach(target, stage.name)  # a misconfigured or silent target leaves no run row behind
+    check_disk(ctx, target, stage, profile)  # a stage that cannot fit is never started
     rec = _insert_new_run(ctx, stage, tname, rid, fixed=run_id is not None)
     started = sending = False
     try:
@@ -247,8 +288,12 @@ def launch_stage(
             with contextlib.suppress(Exception):
                 kill_session(target, rec.session)
         with contextlib.suppress(Exception):
-            if not sending and any(isinstance(e, UnreachableError) for e in (exc, exc.__cause__)):
-                # The box stopped answering before anything ran: no run to keep on record.
+            if not sending and (
+                any(isinstance(e, UnreachableError) for e in (exc, exc.__cause__))
+                or isinstance(exc, RuntimeContractError)
+            ):
+                # The box stopped answering, or its env cannot run the worker, before anything
+                # ran: no run to keep on record (the error says what to fix).
                 ctx.store.delete_run(rec.stage_dir, rec.run_id)
             else:
                 ctx.store.update_run(
@@ -267,6 +312,60 @@ def launch_stage(
     final = ctx.store.get_run(rec.stage_dir, rec.run_id)
     assert final is not None
     return final
+
+
+#: Disk needs below this are not checked (no round trip): the tiny profile never is.
+DISK_CHECK_FROM_BYTES = 1_000_000_000
+
+_FREE_DISK = r"""
+import os, shutil, sys
+p = sys.argv[1]
+while p and not os.path.exists(p):
+    p = os.path.dirname(p)
+print(shutil.disk_usage(p or "/").free)
+"""
+
+
+def disk_need(ctx: Context, stage: StageSpec, profile: str | None, tname: str) -> tuple[int, str]:
+    """(bytes, what) a stage still needs on its target's disk: its checkpoints at the peak of a
+    save and its outputs (`jobs.plan`), plus the HF cache when no run has succeeded on the
+    target yet (0 for stages that are not the profile's own train/eval)."""
+    from jobs.plan import Capacity, gb, plan_stage
+    from jobs.profiles import PROFILES
+
+    p = PROFILES.get(profile or ctx.config.experiment.profile)
+    if p is None or stage.task.command not in ("train", "eval") or not p.plan.base_config:
+        return 0, ""
+    plan = plan_stage(stage, p, Capacity(tname, "?", device="cuda"))
+    d = plan.disk
+    fresh = not any(r.phase == Phase.SUCCEEDED for r in ctx.store.list_runs(target=tname))
+    need = d.checkpoints_peak + d.outputs + (d.cache if fresh else 0)
+    what = f"checkpoints at peak {gb(d.checkpoints_peak)} + outputs {gb(d.outputs)}"
+    what += f" + HF cache {gb(d.cache)}" if fresh else ""
+    return need, what
+
+
+def check_disk(ctx: Context, target: Target, stage: StageSpec, profile: str | None) -> None:
+    """LaunchError with the numbers, before the run is recorded, when the stage's checkpoints,
+    outputs and cache cannot fit on the target's free disk."""
+    need, what = disk_need(ctx, stage, profile, target.name)
+    if need < DISK_CHECK_FROM_BYTES:
+        return
+    from jobs.plan import gb
+
+    python = sys.executable if target.kind == "local" else bootstrap.BASE_PYTHON
+    res = target.run([python, "-c", _FREE_DISK, target.workdir], timeout=QUICK_TIMEOUT_S)
+    try:
+        free = int(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return  # cannot tell: the worker checks again before each save
+    if need > free:
+        raise LaunchError(
+            f"stage {stage.name} needs {gb(need)} of disk on {target.name!r} ({what}), "
+            f"and {target.workdir} has {gb(free)} free",
+            hint="nothing was started; free space, rent a bigger disk (disk_gb), or "
+            "--set keep_checkpoints=1; `orch plan` shows the numbers",
+        )
 
 
 def _reach(target: Target, stage: str) -> None:

@@ -73,6 +73,11 @@ class LaunchError(OrchError):
     """The run could not be started; nothing half-started is left behind."""
 
 
+class RuntimeContractError(LaunchError):
+    """The target's Python/torch/transformers cannot run the worker (`state.runtime_contract`):
+    refused before anything is installed or started, so a launch leaves no run row behind."""
+
+
 class VerifyError(OrchError):
     """A pulled artifact does not match manifest.json."""
 

@@ -27,7 +27,7 @@ class TaskSource(_Args):
     """One multiple-choice task (eval) or one SFT data set (train).
 
     `source`: `tiny:<name>` (built offline, deterministic), `hf:<dataset id>` (Hugging Face
-    datasets, `subset`/`split` apply), or a local path to `.jsonl`/`.json`/`.parquet` or a
+    datasets, `subset`/`split`/`revision` apply), or a local path to `.jsonl`/`.json`/`.parquet` or a
     directory saved with `save_to_disk`. `format` names the schema adapter for the rows (arc, hellaswag, piqa, boolq, mc, sft).
     """
 
@@ -36,6 +36,9 @@ class TaskSource(_Args):
     format: Schema = "mc"
     subset: str | None = None
     split: str = "test"
+    #: `hf:` sources: the dataset repo's commit (or tag/branch) to load; None = the default
+    #: branch as it is today (unpinned). Recorded in spec.json with the rest of the args.
+    revision: str | None = None
     limit: int | None = Field(None, ge=1)
     seed: int = 0
 

@@ -161,10 +161,11 @@ def _load_hf(dataset_id: str, src: TaskSource) -> list[dict[str, Any]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(dataset_id, src.subset, split=src.split)
+        ds = datasets.load_dataset(dataset_id, src.subset, split=src.split, revision=src.revision)
     except Exception as exc:
         raise WorkerError(
-            f"cannot load hf:{dataset_id} (subset {src.subset!r}, split {src.split!r}): "
+            f"cannot load hf:{dataset_id} (subset {src.subset!r}, split {src.split!r}, "
+            f"revision {src.revision or 'default branch'}): "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
             hint="check the id/subset/split, or download it and point `source` at local files",
         ) from exc

@@ -70,6 +70,7 @@ from orchestrator.vast.records import (
 )
 from orchestrator.vast.teardown import DownResult, down, down_orphans
 from state.errors import ConfigError, OrchError, ProviderError
+from state.runtime_contract import image_problem
 from state.store import dumps
 
 if TYPE_CHECKING:
@@ -164,6 +165,9 @@ def up(
     if hours is not None:
         cfg = cfg.model_copy(update={"expected_hours": hours})
     pubkey = public_key(identity_file(cfg))  # a config problem fails before anything is rented
+    bad_image = image_problem(cfg.image)  # an image the worker cannot run on: never rented
+    if bad_image:
+        raise ConfigError(bad_image, hint=f"set image in [targets.{name}] (docs/vast.md)")
     with make_client(cfg) as client, _sigterm_interrupts():
         credit = account_credit(client.check_key())
         reconcile_pending(ctx, client, name, cfg)
