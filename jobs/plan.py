@@ -258,7 +258,9 @@ def plan_stage(
     hints = profile.plan
     device = _device(a, cap)
     kind = spec.task.command
-    seq = int(a.get("max_length", 512))
+    # An eval stage's None means the model's own limit; its batches are only as long as their
+    # longest question, so plan sizes them at 1024 tokens (more than any of the study's tasks).
+    seq = int(a.get("max_length") or 1024)
     cache = round((hints.hf_model_gb + hints.hf_datasets_gb) * GB)
     venv = round(hints.venv_gb * GB)
     if kind == "train":
@@ -276,13 +278,18 @@ def plan_stage(
             shape.parameters, weights, tensors=shape.tensors, extra_bytes=tok_files
         )
         final = footprint.checkpoint_bytes(
-            shape.parameters, weights, optimizer=False, tensors=shape.tensors, extra_bytes=tok_files
+            shape.parameters,
+            weights,
+            optimizer=not bool(a.get("final_weights_only", True)),
+            tensors=shape.tensors,
+            extra_bytes=tok_files,
         )
         max_steps, save_every = int(a["max_steps"]), int(a["save_every"])
         saves = (max_steps - 1) // save_every  # step saves: never at the last step
-        keep = int(a["keep_checkpoints"])
-        held = min(keep, saves)
-        peak = max((held + 1) * step if saves else 0, held * step + final)
+        # worker.checkpoints' rule (prune before save), shared with the worker's own disk check
+        peak = footprint.checkpoints_peak_bytes(
+            step, int(a["keep_checkpoints"]), final, saves=saves
+        )
         disk = Disk(step, peak, final + SMALL_OUTPUTS_BYTES, cache, venv, earlier)
         rows = max_steps * int(a["batch_size"]) * int(a.get("grad_accum", 1))
         tokens = rows * max(1, hints.train_tokens_per_row)
@@ -363,8 +370,8 @@ def _disk_check(p: StagePlan, cap: Capacity) -> Check:
     if ok is False:
         fix = f"a disk of >= {need / GB * 1.1:.0f} GB"
         fix += " (disk_gb of the vast target)" if cap.kind == "vast" else " free in the workdir"
-        if p.kind == "train":
-            fix += ", or keep_checkpoints=1 (--set)"
+        if p.kind == "train" and p.disk.checkpoints_peak > 2 * p.disk.checkpoint:
+            fix += ", or keep_checkpoints=2 (--set): two on disk at the peak either way"
     return Check(p.stage, "disk", gb(need), gb(cap.disk_free), ok, fix)
 
 

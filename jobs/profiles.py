@@ -274,7 +274,9 @@ MINISTRAL_3B = Profile(
             TaskSource(name="boolq", source="hf:google/boolq", split="validation", format="boolq"),
         ]
     ],
-    eval={"batch_size": 16},
+    # max_length None: contexts are cut to the model's own limit, as lm-eval does (the
+    # benchmark questions are far shorter; the 1024 of `common` is the SFT rows' length)
+    eval={"batch_size": 16, "max_length": None},
     # Completion-only SFT on human-written instructions (10k rows; chat `messages` ending with
     # the assistant turn, which the worker's `sft` schema reads; a base model has no chat
     # template, so the prompt is the earlier turns joined by newlines). The response is what
@@ -308,9 +310,15 @@ MINISTRAL_3B = Profile(
         "eval_every": 200,
         "eval_batches": 16,
         "save_every": 500,
-        # One step checkpoint (fp32 weights + AdamW moments) is ~41 GB: with one kept, the
-        # disk holds two at the peak of a save (`orch plan` shows the numbers).
-        "keep_checkpoints": 1,
+        # One step checkpoint (fp32 weights + AdamW moments) is ~41 GB. The worker prunes
+        # before it saves, so keeping 2 peaks at two on disk (82 GB), as keeping 1 does (the
+        # previous one stays until the new one is complete): 2 costs nothing more and leaves an
+        # older one to resume from. `orch plan` shows the numbers.
+        "keep_checkpoints": 2,
+        # no_robots rows longer than max_length are dropped (counted in events and summary):
+        # cutting a prompt's left end would cut its instruction, which comes first.
+        "long_rows": "drop",
+        "final_weights_only": True,
         "log_every": 10,
         "probe_every": 200,
         "probe_batch_size": 4,

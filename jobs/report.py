@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from jobs import plots
 from jobs.profiles import PROFILES
-from jobs.recovery import StudyMath, leak_ratio, macro, study_math
+from jobs.recovery import leak_ratio, macro, study_math
+from jobs.report_model import LeakProbe, ReportData, StageResult, StudyReport, TaskScore
 from jobs.report_text import LABELS, render_markdown
-from jobs.seeds import SeedStudy, across_seeds
+from jobs.seeds import across_seeds
 from jobs.stages import RECIPES, REPORT_STAGE, recipe
 from state import names
 from state.errors import StageError
@@ -67,103 +68,6 @@ def _first(d: Any, *keys: str) -> float | None:
         if v is not None:
             return v
     return None
-
-
-@dataclass
-class TaskScore:
-    acc: float | None
-    acc_norm: float | None = None
-    n: int | None = None
-    chance: float | None = None
-
-
-@dataclass
-class LeakProbe:
-    mask: str
-    loss_mask: float | None
-    loss_causal: float | None
-    ratio: float | None
-    flagged: bool | None
-    step: int | None = None
-    #: The counterfactual test: loss change and max |logit change| at label positions when the
-    #: tokens after a cut are replaced (0 for a leak-free mask, whatever the weights learned).
-    future_sensitivity: float | None = None
-    max_logit_diff: float | None = None
-
-
-@dataclass
-class StageResult:
-    stage: str
-    stage_dir: str
-    run_id: str
-    run_dir: str
-    kind: str
-    commit: str | None = None
-    dirty: bool = False
-    profile: str | None = None
-    target: str | None = None
-    model: str | None = None
-    #: the pinned inputs of spec.json: the model's hub revision, and each data set's
-    #: (`name@revision`; `default branch` when unpinned)
-    revisions: dict[str, str] = field(default_factory=dict)
-    mask: str | None = None
-    macro_acc: float | None = None
-    macro_acc_norm: float | None = None
-    tasks: dict[str, TaskScore] = field(default_factory=dict)
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    steps: int | None = None
-    throughput: dict[str, float] = field(default_factory=dict)
-    probes: list[LeakProbe] = field(default_factory=list)
-    train_curve: list[tuple[int, float]] = field(default_factory=list)
-    eval_curve: list[tuple[int, float]] = field(default_factory=list)
-    profile_chance: float | None = None  # the profile's stated chance level, when tasks omit it
-    seed: int | None = None  # the study seed the run was launched with
-
-    @property
-    def chance(self) -> float | None:
-        values = [t.chance for t in self.tasks.values() if t.chance is not None]
-        if values and len(values) == len(self.tasks):
-            return sum(values) / len(values)
-        return self.profile_chance
-
-
-@dataclass
-class ReportData:
-    runs_dir: str
-    stages: dict[str, StageResult]
-    math: StudyMath
-    profiles: list[str]
-    generated_at: str
-    seed: int | None = None
-    #: stages of the study with no succeeded pulled run (for this seed)
-    missing: list[str] = field(default_factory=list)
-
-    @property
-    def profile(self) -> str:
-        return (
-            self.profiles[0]
-            if len(self.profiles) == 1
-            else ("mixed: " + ", ".join(self.profiles) if self.profiles else "unknown")
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "profile": self.profile,
-            "profiles": self.profiles,
-            "generated_at": self.generated_at,
-            "runs_dir": self.runs_dir,
-            "seed": self.seed,
-            "missing": self.missing,
-            "stages": {},
-            "math": self.math.to_dict(),
-        }
-        for name, r in self.stages.items():
-            d = asdict(r)
-            d["train_curve"] = [list(p) for p in r.train_curve]
-            d["eval_curve"] = [list(p) for p in r.eval_curve]
-            out["stages"][name] = d
-        return out
 
 
 # --- reading runs --------------------------------------------------------------------------
@@ -408,28 +312,6 @@ def collect(runs_dir: Path, seed: Any = ANY_SEED) -> ReportData:
         seed=None if seed is ANY_SEED else seed,
         missing=missing,
     )
-
-
-@dataclass
-class StudyReport:
-    """The study per seed (`runs[seed]`, seed order) and its spread across seeds."""
-
-    runs: dict[int | None, ReportData]
-    spread: SeedStudy
-
-    @property
-    def first(self) -> ReportData:
-        return next(iter(self.runs.values()))
-
-    def to_json(self) -> dict[str, Any]:
-        """The first seed's numbers as the top level (the single-seed shape), plus `seeds`."""
-        out = self.first.to_json()
-        out["seeds"] = {
-            "seeds": list(self.runs),
-            "per_seed": {str(k): v.to_json() for k, v in self.runs.items()},
-            **self.spread.to_dict(),
-        }
-        return out
 
 
 def _accuracies(d: ReportData) -> dict[str, dict[str, float | None]]:

@@ -8,13 +8,9 @@ bidirectional prompt may cost nothing, and the text then says so.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from jobs.recovery import Ratio
-
-if TYPE_CHECKING:
-    from jobs.report import LeakProbe, ReportData, StageResult, StudyReport
-    from jobs.seeds import SeedStudy, Spread
+from jobs.report_model import LeakProbe, ReportData, StageResult, StudyReport
+from jobs.seeds import FIGURES, JUDGED, NOISE_SDS, SeedStudy, Spread
 
 LABELS = {
     "stage1": "1 causal (base)",
@@ -370,8 +366,6 @@ def _range(x: Spread | None) -> str:
 
 def across_seeds(st: SeedStudy, detail_seed: int | None) -> list[str]:
     """The spread of every stage and figure over the seeds, and the claims checked per seed."""
-    from jobs.seeds import FIGURES, JUDGED, NOISE_SDS
-
     seeds = ", ".join(str(x) for x in st.seeds)
     tasks = list(dict.fromkeys(t for s in EVAL_ORDER for t in st.stages.get(s, {}) if t != "macro"))
     rows = []

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.alerturls import check_urls
 from state.errors import ConfigError
 from state.names import check_name
 from state.runtime_contract import DEFAULT_IMAGE
@@ -67,6 +68,20 @@ class MonitorSettings(_Section):
     pull_stuck_alert_after_s: float = Field(
         900.0, ge=0, description="one `pull_stuck` alert once no pull has worked for this long"
     )
+    push: bool = Field(
+        True,
+        description="the box's agent pushes changes as they happen (falls back to polling by "
+        "itself where the agent cannot)",
+    )
+    push_poll_s: float = Field(
+        30.0, gt=0, description="while pushes arrive, a full poll as a safety net this often"
+    )
+    push_heartbeat_s: float = Field(
+        2.0, gt=0, description="the agent's heartbeat when nothing changed (silence: unreachable)"
+    )
+    push_progress_s: float = Field(
+        1.0, ge=0, description="progress-only changes (status.json) pushed at most this often"
+    )
 
 
 class _TargetBase(_Section):
@@ -92,17 +107,70 @@ class LocalTarget(_TargetBase):
 
 
 class SshTarget(_TargetBase):
+    """A box over ssh. `host` may be a `Host` alias of the ssh_config, whose HostName, User,
+    Port, IdentityFile and ProxyJump then apply; a key set here overrides the ssh_config."""
+
     kind: Literal["ssh"] = "ssh"
     host: str
-    port: int = Field(22, ge=1, le=65535)
-    user: str = "root"
+    port: int | None = Field(None, ge=1, le=65535, description="default: ssh_config, else 22")
+    user: str | None = Field(None, description="default: ssh_config, else root")
     identity_file: str | None = None
     known_hosts: str | None = None
+    ssh_config: str | None = Field(
+        None,
+        description="the ssh_config file to read (like `ssh -F`); default ~/.ssh/config and "
+        "/etc/ssh/ssh_config",
+    )
 
-    @field_validator("identity_file", "known_hosts")
+    @field_validator("identity_file", "known_hosts", "ssh_config")
     @classmethod
     def _expand(cls, v: str | None) -> str | None:
         return os.path.expanduser(v) if v else v
+
+
+_SLURM_NAME_RE = r"^[A-Za-z0-9_.+-]{1,64}$"
+
+
+class SlurmTarget(SshTarget):
+    """A Slurm cluster: its login node is reached exactly as an `ssh` target (code sync,
+    bootstrap into `workdir` on the shared filesystem, the agent, host-key pinning); stages are
+    submitted with `sbatch` (docs/slurm.md). `env` also reaches the login-node commands (e.g.
+    `SLURM_CONF` where the cluster's config is not in /etc/slurm)."""
+
+    kind: Literal["slurm"] = "slurm"  # type: ignore[assignment]
+    partition: str | None = Field(None, pattern=_SLURM_NAME_RE, description="sbatch --partition")
+    account: str | None = Field(None, pattern=_SLURM_NAME_RE, description="sbatch --account")
+    qos: str | None = Field(None, pattern=_SLURM_NAME_RE, description="sbatch --qos")
+    cpus_per_task: int | None = Field(None, ge=1, description="sbatch --cpus-per-task")
+    mem: str | None = Field(
+        None, pattern=r"^[0-9]{1,9}[KMGT]?$", description="sbatch --mem per node, e.g. 32G"
+    )
+    gpu_type: str | None = Field(
+        None, pattern=_SLURM_NAME_RE, description="gres type: --gres=gpu:TYPE:N (e.g. a100)"
+    )
+    signal_before_s: int = Field(
+        300,
+        ge=0,
+        le=65535,
+        description="USR1 to the job this long before its time limit (--signal=B:USR1@N); 0: none",
+    )
+    requeue: bool = Field(
+        False, description="--requeue: Slurm reruns the job after a node failure or preemption"
+    )
+    time_margin_s: float = Field(
+        60.0, ge=0, description="added to the stage timeout for --time (whole minutes)"
+    )
+    sbatch_args: list[str] = Field(
+        default_factory=list, description="more sbatch options, each one `--name=value` item"
+    )
+
+    @field_validator("sbatch_args")
+    @classmethod
+    def _check_args(cls, v: list[str]) -> list[str]:
+        for i, a in enumerate(v):
+            if not a.startswith("--") or any(c in a for c in "\n\r\0"):
+                raise ValueError(f"sbatch_args[{i}] {a!r}: use one `--option=value` per item")
+        return v
 
 
 class VastOffer(_Section):
@@ -177,7 +245,9 @@ class VastTarget(_TargetBase):
         return os.path.expanduser(v) if v else v
 
 
-TargetConfig = Annotated[LocalTarget | SshTarget | VastTarget, Field(discriminator="kind")]
+TargetConfig = Annotated[
+    LocalTarget | SshTarget | SlurmTarget | VastTarget, Field(discriminator="kind")
+]
 
 
 def _default_targets() -> dict[str, LocalTarget | SshTarget | VastTarget]:
@@ -221,8 +291,6 @@ class AlertSettings(_Section):
     @classmethod
     def _check_urls(cls, v: list[str]) -> list[str]:
         # A malformed URL fails at load, naming the key; the URL itself is redacted.
-        from orchestrator.monitor.alerts import check_urls
-
         try:
             check_urls(v)
         except ConfigError as exc:
@@ -277,7 +345,7 @@ class OrchConfig(_Section):
                         targets[name] = {**t, "kind": "local"}
                     else:
                         raise ValueError(
-                            f'targets.{name}: missing `kind` (one of "local", "ssh", "vast")'
+                            f'targets.{name}: missing `kind` (one of "local", "ssh", "slurm", "vast")'
                         )
             data = {**data, "targets": targets}
         return data

@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from jobs.spec import InputRef, StageSpec
 from orchestrator import __version__, bootstrap, wrapper
+from orchestrator.config import SlurmTarget as SlurmConfig
 from orchestrator.context import Context
 from orchestrator.progress import Steps
 from orchestrator.targets.base import Target
@@ -155,11 +156,17 @@ def git_info(root: Path) -> tuple[str | None, bool]:
 
 
 # -- inputs and ids -----------------------------------------------------------------------------
-def resolve_inputs(ctx: Context, stage: StageSpec, target_name: str) -> dict[str, str]:
+def resolve_inputs(
+    ctx: Context, stage: StageSpec, target_name: str, after: dict[str, RunRecord] | None = None
+) -> dict[str, str]:
     """Each InputRef -> `runs/<stage_dir>/<run_id>/<artifact>` of the latest succeeded run of
-    that stage on the same target (StageError naming the stage and suggesting --with-deps)."""
+    that stage on the same target (StageError naming the stage and suggesting --with-deps),
+    or of the upstream run in `after` (submitted in the same Slurm graph, not finished yet)."""
     resolved: dict[str, str] = {}
     for ref in stage.inputs:
+        if after and ref.stage in after:
+            resolved[ref.arg] = f"{after[ref.stage].run_dir}/{check_artifact(ref.artifact)}"
+            continue
         resolved[ref.arg] = _resolve_one(ctx, stage, ref, target_name)
     return resolved
 
@@ -209,8 +216,13 @@ def launch_stage(
     seed: Callable[[Target, RunRecord], None] | None = None,
     spec_extra: dict[str, Any] | None = None,
     report: Steps | None = None,
+    after: dict[str, RunRecord] | None = None,
 ) -> RunRecord:
     """Launch `stage` on a target and return its record (phase `running`).
+
+    `after` (a `slurm` target only): the upstream runs by stage, submitted in the same graph
+    and not finished yet: their run dirs are this stage's inputs, and its job starts once
+    their jobs succeeded (`orchestrator.slurm.graph`).
 
     `report` says what each step is doing (code sync, bootstrap) to a person waiting.
 
@@ -229,7 +241,9 @@ def launch_stage(
             f"stage {stage.name} runs on this machine, not on a target",
             hint=f"use `orch {stage.name}`",
         )
-    resolved = resolve_inputs(ctx, stage, tname)
+    if after and not isinstance(tcfg, SlurmConfig):
+        raise ConfigError(f"target {tname!r} is not a slurm target: no job dependencies there")
+    resolved = resolve_inputs(ctx, stage, tname, after)
     forward, missing = secret_values(forwarded_names(tcfg.forward_env, tcfg.forward_hf_token))
     check_gated_token(stage, profile or ctx.config.experiment.profile, forward)
     for key in tcfg.env:
@@ -248,6 +262,7 @@ def launch_stage(
     check_disk(ctx, target, stage, profile)  # a stage that cannot fit is never started
     rec = _insert_new_run(ctx, stage, tname, rid, fixed=run_id is not None)
     started = sending = False
+    job_id = ""
     try:
         if missing:
             ctx.err.print(
@@ -278,15 +293,45 @@ def launch_stage(
                 mode=0o600,
             )
         sending = True  # from here a session may exist even if its answer never arrives
-        started = _start_session(target, tcfg.env, spec, rec, python, stage.nproc_per_node, wpath)
-        ctx.store.update_run(
-            rec.stage_dir, rec.run_id, phase=Phase.RUNNING, spec_json=spec_json, reason=""
-        )
+        if isinstance(tcfg, SlurmConfig):  # a batch job, not a tmux session (docs/slurm.md)
+            from orchestrator.slurm.submit import submit_run
+
+            job_id = submit_run(
+                target,
+                tcfg,
+                spec,
+                rec,
+                python=python,
+                nproc=stage.nproc_per_node,
+                wrapper_path=wpath,
+                after={r.job_id: r.key for r in (after or {}).values()},
+            )
+            started = True
+            ctx.store.update_run(
+                rec.stage_dir,
+                rec.run_id,
+                phase=Phase.QUEUED,
+                spec_json=spec_json,
+                job_id=job_id,
+                reason=f"submitted as Slurm job {job_id}",
+            )
+        else:
+            started = _start_session(
+                target, tcfg.env, spec, rec, python, stage.nproc_per_node, wpath
+            )
+            ctx.store.update_run(
+                rec.stage_dir, rec.run_id, phase=Phase.RUNNING, spec_json=spec_json, reason=""
+            )
     except BaseException as exc:
         reason = _reason(exc)
         if started:
             with contextlib.suppress(Exception):
-                kill_session(target, rec.session)
+                if job_id:
+                    from orchestrator.slurm.submit import cancel_job
+
+                    cancel_job(target, job_id)
+                else:
+                    kill_session(target, rec.session)
         with contextlib.suppress(Exception):
             if not sending and (
                 any(isinstance(e, UnreachableError) for e in (exc, exc.__cause__))
@@ -363,8 +408,8 @@ def check_disk(ctx: Context, target: Target, stage: StageSpec, profile: str | No
         raise LaunchError(
             f"stage {stage.name} needs {gb(need)} of disk on {target.name!r} ({what}), "
             f"and {target.workdir} has {gb(free)} free",
-            hint="nothing was started; free space, rent a bigger disk (disk_gb), or "
-            "--set keep_checkpoints=1; `orch plan` shows the numbers",
+            hint="nothing was started; free space or rent a bigger disk (disk_gb); "
+            "`orch plan` shows the numbers",
         )
 
 
@@ -590,12 +635,13 @@ def stop_run(ctx: Context, rec: RunRecord, *, wait_s: float = 15.0) -> RunRecord
     """
     if rec.phase.is_terminal:
         return rec
-    from orchestrator.monitor.ledger import request_cancel
+    if rec.job_id:
+        return stop_slurm_run(ctx, rec, wait_s=wait_s)
     from orchestrator.targets.factory import make_target
 
     target = make_target(ctx, rec.target)
     # Said BEFORE the kill, so a watcher polling meanwhile records `cancelled`, not `crashed`.
-    request_cancel(ctx.store, rec.stage_dir, rec.run_id)
+    ctx.store.request_cancel(rec.stage_dir, rec.run_id)
     try:
         killed = kill_session(target, rec.session)
         code = (
@@ -617,6 +663,51 @@ def stop_run(ctx: Context, rec: RunRecord, *, wait_s: float = 15.0) -> RunRecord
         rec.run_id,
         phase=Phase.CANCELLED,
         reason="stopped by the user",
+        exit_code=code,
+    )
+    final = ctx.store.get_run(rec.stage_dir, rec.run_id)
+    assert final is not None
+    return final
+
+
+def stop_slurm_run(ctx: Context, rec: RunRecord, *, wait_s: float = 15.0) -> RunRecord:
+    """`scancel` a run's Slurm job and record it `cancelled`: a queued job just leaves the
+    queue; a running one gets SIGTERM, which the wrapper turns into `exit_code` (143). A job
+    Slurm says has already ended is left for the monitor to judge (LaunchError says so)."""
+    from orchestrator.slurm.submit import cancel_job, job_state
+    from orchestrator.targets.factory import make_target
+    from state.slurm import SLURM_ACTIVE, SLURM_WAITING
+
+    target = make_target(ctx, rec.target)
+    live = SLURM_ACTIVE | SLURM_WAITING
+    code = None
+    try:
+        job = job_state(target, rec.job_id)
+        if job.known and not job.error and job.state not in live:
+            raise LaunchError(
+                f"run {rec.key}: Slurm job {rec.job_id} already ended ({job.state})",
+                hint="`orch status` records how it ended",
+            )
+        # Said BEFORE the scancel, so a watcher polling meanwhile records `cancelled`.
+        ctx.store.request_cancel(rec.stage_dir, rec.run_id)
+        if not cancel_job(target, rec.job_id):
+            raise LaunchError(f"scancel {rec.job_id} failed on {rec.target!r}")
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            job = job_state(target, rec.job_id)
+            if job.known and job.state in live:
+                time.sleep(0.5)
+                continue
+            code = read_remote_exit_code(target, rec)
+            break
+    finally:
+        with contextlib.suppress(Exception):
+            target.close()
+    ctx.store.update_run(
+        rec.stage_dir,
+        rec.run_id,
+        phase=Phase.CANCELLED,
+        reason=f"stopped by the user (scancel {rec.job_id})",
         exit_code=code,
     )
     final = ctx.store.get_run(rec.stage_dir, rec.run_id)

@@ -16,15 +16,20 @@ says succeeded must have one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from orchestrator.config import LocalTarget as LocalConfig
+from orchestrator.config import SshTarget as SshConfig
 from orchestrator.context import Context
 from orchestrator.progress import QUIET, Steps, fmt_size
 from orchestrator.targets.base import SyncStats, Target
+from orchestrator.targets.factory import make_target, resolve_ssh
 from orchestrator.wrapper import SECRETS_FILE
 from state import names
 from state.errors import OrchError, VerifyError
@@ -86,6 +91,30 @@ def verify_local(
     )
 
 
+#: rsync writes each file as `.<name>.XXXXXX` beside its final name and renames it once complete;
+#: an rsync killed outright (SIGKILL: `kill -9` of orch, the OOM killer) leaves that temp file.
+_RSYNC_TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9]{6}$")
+
+
+def drop_rsync_debris(local_dir: Path) -> list[str]:
+    """Remove what killed pulls left under a run dir: rsync temp files `.<name>.XXXXXX` whose
+    `<name>` has arrived complete since (call after a successful sync) and that the manifest
+    does not list. Returns their paths relative to the run dir."""
+    manifest = read_model(local_dir / names.MANIFEST, Manifest).value
+    listed = {f.path for f in manifest.files} if manifest is not None else set()
+    gone: list[str] = []
+    for dirpath, _dirnames, filenames in os.walk(local_dir, followlinks=False):
+        for name in filenames:
+            m = _RSYNC_TEMP.match(name)
+            p = Path(dirpath) / name
+            rel = p.relative_to(local_dir).as_posix()
+            if m and rel not in listed and (Path(dirpath) / m["name"]).is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    gone.append(rel)
+    return sorted(gone)
+
+
 def drop_symlinks(local_dir: Path) -> list[str]:
     """Remove every symlink under a pulled run dir (left by an older orch: pulls copy none),
     never following one; returns their paths relative to the run dir."""
@@ -122,24 +151,21 @@ def pull_plan(manifest: Manifest | None, *, checkpoints: bool) -> str:
 def run_location(ctx: Context, rec: RunRecord) -> str:
     """Where the run's directory really is: a path on this machine for a local target,
     `user@host:path` (with the port when not 22) for an ssh or vast box. Connects nowhere."""
-    from orchestrator.config import LocalTarget as LocalConfig
-    from orchestrator.config import SshTarget as SshConfig
-
     name, cfg = ctx.config.target(rec.target)
     if isinstance(cfg, LocalConfig):
-        from orchestrator.targets.factory import make_target
-
         target = make_target(ctx, name)
         return f"{target.workdir.rstrip('/')}/{rec.run_dir}"
-    from orchestrator.targets.ssh import DEFAULT_WORKDIR
+    from orchestrator.targets.ssh import DEFAULT_WORKDIR  # here: the ssh module loads paramiko
 
     workdir = (cfg.workdir or DEFAULT_WORKDIR).rstrip("/")  # relative: to the login's home
     if isinstance(cfg, SshConfig):
-        host, port = cfg.host, cfg.port
+        hop = resolve_ssh(cfg)
+        host, port, user = hop.host, hop.port, hop.user
     else:
         row = ctx.store.live_instance_for(name) or {}
         host, port = str(row.get("ssh_host") or "?"), int(row.get("ssh_port") or 22)
-    where = f"{cfg.user}@{host}:{workdir}/{rec.run_dir}"
+        user = cfg.user
+    where = f"{user}@{host}:{workdir}/{rec.run_dir}"
     return where + (f" (ssh port {port})" if port != 22 else "")
 
 
@@ -153,10 +179,23 @@ def pull_run(
 ) -> PullResult:
     """Copy the run down (resuming a cut-off pull) and verify it; record `pulled_at`.
     `report` says `pulling N files, X MB` and then how many were verified."""
-    from orchestrator.targets.factory import make_target
-
     local_dir = local_run_dir(ctx, rec)
     local_dir.mkdir(parents=True, exist_ok=True)
+    # One pull of a run at a time (the watcher's auto-pull and `orch pull`, or several of
+    # them): two rsyncs into one dir race, and debris is only cleared with nobody copying.
+    with open(local_dir.parent / f".{rec.run_id}.pull-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _pull_locked(ctx, rec, local_dir, checkpoints, timeout, report)
+
+
+def _pull_locked(
+    ctx: Context,
+    rec: RunRecord,
+    local_dir: Path,
+    checkpoints: bool,
+    timeout: float | None,
+    report: Steps | None,
+) -> PullResult:
     target = make_target(ctx, rec.target)
     t0 = time.monotonic()
     try:
@@ -173,6 +212,7 @@ def pull_run(
         with contextlib.suppress(Exception):
             target.close()
     skipped = [*stats.extra.get("skipped", []), *drop_symlinks(local_dir)]
+    drop_rsync_debris(local_dir)
     if skipped and report is not None:
         report.note(f"not copied (symlinks or special files): {', '.join(skipped[:10])}")
     source = None

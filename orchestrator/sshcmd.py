@@ -1,7 +1,8 @@
 """Argv builders for OpenSSH and rsync subprocesses, and the rsync runner both targets share.
 
 Everything here builds lists; a list becomes one string only where a shell or rsync's `-e` must
-parse it, and then through `shlex.join` (`quote_argv`). The ssh options make a subprocess behave
+parse it, and then through `shlex.join` (`quote_argv`). A target behind a jump host gets a
+`ProxyCommand` running the same strict ssh to the jump host. The ssh options make a subprocess behave
 like the paramiko side of the ssh target: no prompts (`BatchMode`), a connect deadline, a dead
 peer noticed in seconds (`ServerAliveInterval` x `ServerAliveCountMax`; a keepalive alone proves
 nothing), only our key (`IdentitiesOnly`), and only the host key orch pinned
@@ -19,11 +20,24 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from orchestrator.targets.base import SyncStats
 from state.errors import HostKeyError, RemoteCommandError, UnreachableError
+
+
+@dataclass
+class SyncStats:
+    """What a tree sync moved (from rsync's --stats)."""
+
+    files_transferred: int = 0
+    bytes_sent: int = 0  # bytes on the wire
+    literal_bytes: int = 0  # file data actually sent (0 for a no-op sync)
+    total_size: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
 
 #: rsync keeps interrupted files here (relative to the destination dir) and resumes from them.
 PARTIAL_DIR = ".rsync-partial"
@@ -46,6 +60,8 @@ class SshEndpoint:
     connect_timeout: float = 10.0
     alive_interval: int = 5
     alive_count: int = 3
+    #: the ProxyJump host in front of this one (reached with the same strict options)
+    jump: SshEndpoint | None = None
 
     @property
     def destination(self) -> str:
@@ -87,7 +103,20 @@ def ssh_options(ep: SshEndpoint) -> list[str]:
     ]
     if ep.identity_file is not None:
         argv += ["-i", str(ep.identity_file), "-o", "IdentitiesOnly=yes"]
+    if ep.jump is not None:
+        argv += ["-o", f"ProxyCommand={jump_command(ep.jump)}"]
     return argv
+
+
+def jump_command(jump: SshEndpoint) -> str:
+    """The ProxyCommand that reaches `%h:%p` through `jump`: `ssh <strict options> -W ...`.
+
+    Not `-J`/ProxyJump: OpenSSH runs the jump's ssh with none of our `-o` options, so the jump
+    host's key would be checked against the user's known_hosts, not orch's pins. ssh expands
+    `%` tokens in a ProxyCommand, so a literal `%` is doubled.
+    """
+    hop = [part.replace("%", "%%") for part in ssh_options(jump)]
+    return quote_argv([*hop, "-W", "[%h]:%p", "--", jump.destination.replace("%", "%%")])
 
 
 def ssh_argv(ep: SshEndpoint, remote_argv: list[str]) -> list[str]:
@@ -217,6 +246,12 @@ def run_rsync(argv: list[str], *, timeout: float | None, what: str) -> SyncStats
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # SIGTERM first: rsync then keeps what it received in --partial-dir (resumed by the next
+        # sync, never under a final name); SIGKILL alone leaves its temp file behind.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
+            proc.communicate(timeout=5)
         kill_group(proc)
         raise UnreachableError(f"{what}: rsync did not finish within {timeout:.0f}s") from None
     stderr = err.decode("utf-8", "replace").strip()

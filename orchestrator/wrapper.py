@@ -25,7 +25,7 @@ WRAPPER_RESOURCE = "run_wrapper.sh"
 SECRETS_FILE = ".secrets.env"
 BIN_DIR = "bin"
 
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 
 
 @lru_cache(maxsize=1)

@@ -40,6 +40,9 @@ command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_apt+=(openssh-s
 command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
 command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
 command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)
+# The Slurm test cluster (tests/slurm/): a private munged + slurmctld + slurmd on loopback.
+{ [ -x /usr/sbin/slurmctld ] || command -v slurmctld >/dev/null 2>&1; } || need_apt+=(slurm-wlm)
+{ [ -x /usr/sbin/munged ] || command -v munged >/dev/null 2>&1; } || need_apt+=(munge)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     step "system tools: installing ${need_apt[*]} with apt-get" apt_install "${need_apt[@]}"
@@ -48,7 +51,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 else
-  echo "setup: system tools: ssh, sshd, rsync, tmux present"
+  echo "setup: system tools: ssh, sshd, rsync, tmux, slurm, munge present"
 fi
 
 PY=${PYTHON:-python3}

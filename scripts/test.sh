@@ -17,6 +17,7 @@ ruff check .
 ruff format --check . >/dev/null || { echo "ruff format: files need formatting (run: .venv/bin/ruff format .)"; exit 1; }
 echo "== import contracts"
 lint-imports
+python scripts/import_cycles.py  # every module of the four packages, function-level imports too
 echo "== mypy (state, orchestrator)"
 mypy
 echo "== pytest"

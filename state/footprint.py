@@ -197,10 +197,17 @@ def checkpoint_bytes(
     return total + SMALL_FILES_BYTES + extra_bytes
 
 
-def checkpoints_peak_bytes(step_bytes: int, keep: int, final_bytes: int = 0) -> int:
-    """The most checkpoint bytes a run has on disk at once: `keep` complete step checkpoints
-    plus the one being written, or `keep` of them plus `final/` at the end (whichever is more)."""
-    return max((keep + 1) * step_bytes, keep * step_bytes + final_bytes)
+def checkpoints_peak_bytes(
+    step_bytes: int, keep: int, final_bytes: int = 0, *, saves: int | None = None
+) -> int:
+    """The most checkpoint bytes a run has on disk at once, by `worker.checkpoints`' rule
+    (prune before save): while a step checkpoint is written, `max(keep - 1, 1)` complete ones
+    are beside it (keep=1 keeps the previous one until the new one is complete), so at most
+    `max(keep, 2)` step checkpoints; `final/` is written beside the newest step checkpoint
+    only. `saves`: how many step saves the run makes (fewer saves, fewer on disk); None: many."""
+    held = max(keep, 2) if saves is None else min(saves, max(keep, 2))
+    beside_final = 1 if saves is None else min(saves, 1)
+    return max(held * step_bytes, beside_final * step_bytes + final_bytes)
 
 
 # ---- GPU memory -----------------------------------------------------------------------------

@@ -169,6 +169,24 @@ class RunSpec(_FileModel):
     resumed_from: str | None = None
 
 
+class SlurmJob(BaseModel):
+    """What Slurm says about a run's batch job (`squeue -t all`), read by the agent on the
+    login node in the same round trip as the run dir. `known` is False once the job left
+    Slurm's memory (MinJobAge): the run dir is then the only witness. `error` is set when
+    Slurm could not be asked (controller down): nothing can be told from it."""
+
+    model_config = ConfigDict(extra="ignore")
+    job_id: str
+    known: bool = True
+    state: str = ""  # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, NODE_FAIL, ...
+    reason: str = ""  # why it waits (Resources, Priority, Dependency) or how it ended
+    exit_code: int | None = None  # the batch script's exit status (signal deaths: 128+N)
+    restarts: int = 0  # requeues so far
+    error: str = ""
+    dependency: str = ""  # `afterok:11(failed),afterok:12(unfulfilled)`: the graph's edges
+    comment: str = ""  # orch's own note: `orch-after 11=STAGE_DIR/RUN_ID ...` (upstream runs)
+
+
 class RunObservation(BaseModel):
     """Everything the monitor's state machine needs about one run, from one remote poll."""
 
@@ -184,6 +202,7 @@ class RunObservation(BaseModel):
     session_alive: bool | None = None
     pid_alive: bool | None = None
     last_events: list[Event] = Field(default_factory=list)
+    slurm: SlurmJob | None = None  # runs submitted to a Slurm cluster
 
 
 class TargetObservation(BaseModel):
@@ -222,6 +241,7 @@ class RunRecord(BaseModel):
     pulled_at: datetime | None = None
     spec_json: str = ""  # the spec as written (no secrets)
     status_json: str = ""  # last status.json seen
+    job_id: str = ""  # the Slurm job id of a run on a `slurm` target
 
     @property
     def key(self) -> str:

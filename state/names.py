@@ -23,6 +23,8 @@ RUN_COMPLETE = ".run_complete"
 RUN_FAILED = ".run_failed"
 CHECKPOINTS = "checkpoints"
 PID = "pid"
+#: Left by a Slurm job script on the time-limit warning (USR1): save a checkpoint now.
+CHECKPOINT_REQUEST = ".checkpoint_request"
 TENSORBOARD = "tb"
 
 #: Local and remote layout under a target's workdir / the project root.
@@ -30,8 +32,8 @@ RUNS_DIR = "runs"
 CODE_DIR = "code"
 ORCH_DIR = ".orch"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_RUN_ID_RE = re.compile(r"^\d{8}-\d{6}(-[0-9a-z]{1,8})?$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+_RUN_ID_RE = re.compile(r"^\d{8}-\d{6}(-[0-9a-z]{1,8})?\Z")
 
 
 def is_valid_name(name: str) -> bool:

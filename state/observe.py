@@ -25,6 +25,7 @@ from state.models import (
     RunFailed,
     RunObservation,
     RunStatus,
+    SlurmJob,
     TargetObservation,
 )
 from state.protocol import (
@@ -36,6 +37,7 @@ from state.protocol import (
     read_model,
     read_small_int,
 )
+from state.slurm import query_jobs
 
 
 class RunQuery(BaseModel):
@@ -45,6 +47,9 @@ class RunQuery(BaseModel):
     run_dir: str
     session: str | None = None
     events_tail: int = 0
+    #: a Slurm job id: its state comes from squeue, and no pid or tmux check is made here
+    #: (the job runs on a compute node, not on this login node)
+    job_id: str | None = None
 
 
 class ObserveRequest(BaseModel):
@@ -161,7 +166,12 @@ def first_leak_step(run_dir: Path) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def observe_run(workdir: Path, q: RunQuery, sessions: set[str] | None) -> RunObservation:
+def observe_run(
+    workdir: Path,
+    q: RunQuery,
+    sessions: set[str] | None,
+    slurm_jobs: dict[str, SlurmJob] | None = None,
+) -> RunObservation:
     rd = workdir / q.run_dir
     # Capped: a runaway or hostile status file is "unreadable", never read or sent whole.
     st = read_model(rd / names.STATUS, RunStatus, max_bytes=MAX_STATUS_BYTES)
@@ -176,6 +186,11 @@ def observe_run(workdir: Path, q: RunQuery, sessions: set[str] | None) -> RunObs
         manifest_present=(rd / names.MANIFEST).exists(),
         exit_code=read_exit_code(rd),
     )
+    if q.job_id:
+        obs.slurm = (slurm_jobs or {}).get(q.job_id) or SlurmJob(job_id=q.job_id, error="not asked")
+        if q.events_tail:
+            obs.last_events = list(parse_events(_tail_lines(rd / names.EVENTS, q.events_tail)))
+        return obs
     if q.session and sessions is not None:
         obs.session_alive = q.session in sessions
     pid = read_small_int(rd / names.PID)
@@ -193,12 +208,14 @@ def observe_run(workdir: Path, q: RunQuery, sessions: set[str] | None) -> RunObs
 def observe(workdir: str | os.PathLike[str], request: ObserveRequest) -> TargetObservation:
     """Observe every requested run under `workdir` plus the box (disk, GPUs)."""
     wd = Path(workdir)
-    sessions = tmux_sessions() if any(q.session for q in request.runs) else None
+    sessions = tmux_sessions() if any(q.session and not q.job_id for q in request.runs) else None
+    job_ids = [q.job_id for q in request.runs if q.job_id]
+    slurm_jobs = query_jobs(job_ids) if job_ids else None
     disk = None
     with contextlib.suppress(OSError):
         disk = shutil.disk_usage(wd if wd.exists() else wd.parent).free
     return TargetObservation(
         disk_free_bytes=disk,
         gpus=gpu_stats() if request.gpus else [],
-        runs=[observe_run(wd, q, sessions) for q in request.runs],
+        runs=[observe_run(wd, q, sessions, slurm_jobs) for q in request.runs],
     )

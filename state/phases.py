@@ -15,6 +15,7 @@ class Phase(str, Enum):
     PENDING = "pending"  # recorded, nothing done yet
     SYNCING = "syncing"  # code going to the target
     LAUNCHING = "launching"  # bootstrap + spec + tmux start
+    QUEUED = "queued"  # submitted to a batch scheduler (Slurm), waiting for its turn
     RUNNING = "running"  # tmux session started; heartbeat expected
     HUNG = "hung"  # process alive but `seq` has not moved for the stale limit (can recover)
     SUCCEEDED = "succeeded"  # .run_complete + manifest + exit code 0

@@ -146,6 +146,10 @@ MIGRATIONS: list[str] = [
         resolved_at TEXT
     )
     """,
+    # 5: the Slurm job id of a run on a `slurm` target (orchestrator/targets/slurm.py).
+    """
+    ALTER TABLE runs ADD COLUMN job_id TEXT NOT NULL DEFAULT ''
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -314,6 +318,16 @@ class Store:
                     "INSERT INTO phase_history (stage_dir, run_id, phase, reason, at) VALUES (?,?,?,?,?)",
                     (stage_dir, run_id, to_db(phase), fields.get("reason", ""), now_iso()),
                 )
+
+    def request_cancel(self, stage_dir: str, run_id: str) -> None:
+        """Mark a run as being stopped by the user, BEFORE killing it, so the monitor records
+        `cancelled` (no alert) instead of `crashed` when the process disappears."""
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO run_monitor (stage_dir, run_id, cancel_requested) VALUES (?,?,1) "
+                "ON CONFLICT(stage_dir, run_id) DO UPDATE SET cancel_requested = 1",
+                (stage_dir, run_id),
+            )
 
     def delete_run(self, stage_dir: str, run_id: str) -> None:
         with self.tx() as db:

@@ -17,6 +17,11 @@ AttnImpl = Literal["sdpa", "eager", "flex_attention"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 Schema = Literal["arc", "hellaswag", "piqa", "boolq", "mc", "sft"]
+#: which tokenizer implementation loads: "hf" = the HF files (tokenizer.json/tokenizer_config.json)
+#: even where a `tekken.json` and `mistral_common` would make transformers 5 pick its
+#: MistralCommonBackend; "mistral-common" = that backend (tekken.json required); "auto" =
+#: whatever transformers picks (`AutoTokenizer.from_pretrained(mistral_format=None)`).
+TokenizerBackend = Literal["auto", "hf", "mistral-common"]
 
 
 class _Args(BaseModel):
@@ -48,6 +53,7 @@ class _ModelArgs(_Args):
         "tiny://default", description="hub id, local dir, tiny://NAME, or a checkpoint dir"
     )
     tokenizer: str | None = None
+    tokenizer_backend: TokenizerBackend = "hf"
     revision: str | None = None
     attn_implementation: AttnImpl = "sdpa"
     dtype: DType = "auto"  # auto = bf16 on CUDA, fp32 on CPU
@@ -65,6 +71,14 @@ class EvalArgs(_ModelArgs):
     mask: MaskMode = MaskMode.CAUSAL
     batch_size: int = Field(16, ge=1)
     shared_context: bool = True  # encode the context once per question
+    #: start every context with BOS: None = what the tokenizer does by default (whether
+    #: `tokenizer("x")` starts with its BOS), as lm-evaluation-harness >= 0.4.10 with
+    #: add_bos_token=None; true/false = the stage's rule (lm-eval's add_bos_token=True/False;
+    #: 0.4.9 defaults to False). metrics.json records the rule applied and where it came from.
+    add_bos: bool | None = None
+    #: contexts are left-truncated to this many tokens; None = the model's own limit
+    #: (max_position_embeddings, capped by the tokenizer's model_max_length when that is set).
+    max_length: int | None = Field(None, ge=8)  # type: ignore[assignment]
 
 
 class TrainArgs(_ModelArgs):
@@ -86,7 +100,31 @@ class TrainArgs(_ModelArgs):
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
     save_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="step checkpoints kept; pruned before each save, so at most "
+        "max(keep_checkpoints, 2) are on disk while one is written (worker.checkpoints)",
+    )
+    final_weights_only: bool = Field(
+        True,
+        description="checkpoints/final holds the weights and tokenizer only (no optimizer "
+        "state): what stage 4 loads, a third of a step checkpoint with fp32 AdamW",
+    )
+    #: SFT formatting (worker.data): the tokenizer's chat template only when asked (recorded in
+    #: spec.json like every arg); otherwise the plain role format of worker.data's docstring.
+    chat_template: bool = Field(
+        False, description="render SFT rows with the tokenizer's chat template (it must have one)"
+    )
+    #: Rows whose prompt + response exceed max_length. Default `drop`: a row trained on is one
+    #: the researcher wrote; cutting a prompt's left end usually cuts its instruction or system
+    #: turn (no_robots puts them first), which teaches answers to text the model never saw.
+    #: The counts dropped/cut go to events and summary.json.
+    long_rows: Literal["drop", "truncate_prompt_left", "error"] = Field(
+        "drop",
+        description="rows longer than max_length: drop them, cut the prompt's left end (the "
+        "response is never cut), or fail the stage",
+    )
     log_every: int = Field(1, ge=1)
     probe_every: int = Field(50, ge=1)
     probe_batch_size: int = Field(8, ge=1)

@@ -51,6 +51,8 @@ class SshServer:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     extra_config: list[str] = field(default_factory=list)
+    #: more variables for every session (sshd uses only its first `SetEnv` line: one line holds all)
+    set_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def host(self) -> str:
@@ -82,7 +84,9 @@ class SshServer:
             # runs `pyenv rehash`, which takes a lock and hangs every later login for up to a
             # minute when a killed session leaves it behind. A home of our own keeps the tests
             # off the machine's dotfiles (the remote side uses absolute interpreter paths).
-            f"SetEnv HOME={self.home}",
+            " ".join(
+                ["SetEnv", f"HOME={self.home}", *(f"{k}={v}" for k, v in self.set_env.items())]
+            ),
             *self.extra_config,
         ]
         self.config.write_text("\n".join(lines) + "\n")

@@ -11,6 +11,23 @@ A checkpoint is written into `.NAME.tmp` and renamed into place, with `meta.json
 inside it, so a dir under a real name with `meta.json` is complete; a kill mid-save leaves only a
 `.NAME.tmp` that the next attempt removes. A checkpoint made with another training config (the
 args in `CONFIG_KEYS`, plus the world size) is refused rather than silently mixed into this run.
+
+Pruning comes BEFORE saving (`prune_before_save`), so the disk never holds more step
+checkpoints than the run keeps plus the one being written. The rule, with `keep` =
+`keep_checkpoints`:
+
+- before step N is written, old ones are deleted down to `max(keep - 1, 1)` complete ones;
+  after it is complete, down to `keep` (only `keep = 1` then deletes the previous one: it is
+  kept until the new one is complete, so a save that dies always leaves a checkpoint to resume);
+- the newest `keep` complete step checkpoints survive every save;
+- PEAK: at most `max(keep, 2)` step dirs at once (complete ones + the one being written);
+- `final/` is written beside only the newest step checkpoint (the older ones go first), and the
+  step checkpoints are deleted once it is complete: peak at the end = 1 step + `final/`.
+
+`state.footprint.checkpoints_peak_bytes` (what `orch plan` reserves) follows the same rule.
+Before anything is written, `ensure_space` estimates the checkpoint's bytes (the previous step
+checkpoint's size on disk, else the model's tensors and the optimizer state) and refuses, with
+the numbers, a save that cannot fit the free disk, instead of leaving a partial one.
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ CONFIG_KEYS = (
     "model", "tokenizer", "revision", "attn_implementation", "dtype", "max_length", "seed",
     "data", "eval_data", "eval_fraction", "mask", "max_steps", "batch_size", "grad_accum", "lr",
     "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "gradient_checkpointing",
+    "chat_template", "long_rows",
 )  # fmt: skip
 STEP_PREFIX = "step-"
 FINAL = "final"
@@ -111,6 +129,12 @@ def prune_checkpoints(ckdir: Path, keep: int) -> list[Path]:
     return removed
 
 
+def prune_before_save(ckdir: Path, keep: int) -> list[Path]:
+    """Make room for the next step checkpoint: leave `max(keep - 1, 1)` complete ones, so that
+    with the new one there are never more than `max(keep, 2)` (see the module docstring)."""
+    return prune_checkpoints(ckdir, max(keep - 1, 1))
+
+
 def remove_step_checkpoints(ckdir: Path) -> list[Path]:
     """Delete every complete step checkpoint (a finished run keeps only `final/`)."""
     removed = []
@@ -156,6 +180,88 @@ def trainer_state(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str,
     }
 
 
+# ---- disk space -------------------------------------------------------------------------
+
+#: Tokenizer files saved beside the weights when no earlier checkpoint tells their size (a
+#: 131k-token `tokenizer.json` is ~17 MB, a `tekken.json` ~15 MB).
+TOKENIZER_ALLOWANCE = 32_000_000
+#: Free space a save leaves untouched (events, status, summary, manifest, `.run_failed`).
+SPACE_MARGIN = 64_000_000
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file under `path`."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _tensors(obj: Any) -> tuple[int, int]:
+    """(bytes, count) of the tensors nested in dicts/lists/tuples of `obj`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size(), 1
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list | tuple) else ()
+    size = count = 0
+    for item in items:
+        b, c = _tensors(item)
+        size, count = size + b, count + c
+    return size, count
+
+
+def estimate_bytes(model: torch.nn.Module, trainer_state: dict[str, Any] | None) -> int:
+    """Bytes a checkpoint of `model` (+ `trainer_state`) takes, from its tensors: the weights
+    in their dtypes (tied ones once), the optimizer state as it is in memory, the file formats'
+    per-tensor overheads, tokenizer files and the small JSONs (`state.footprint`'s constants)."""
+    from state import footprint
+
+    seen: set[int] = set()
+    weights = n = 0
+    for t in masks.unwrap(model).state_dict().values():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        weights += t.numel() * t.element_size()
+        n += 1
+    total = weights + n * footprint.SAFETENSORS_PER_TENSOR + footprint.SMALL_FILES_BYTES
+    total += TOKENIZER_ALLOWANCE
+    if trainer_state is not None:
+        size, count = _tensors(trainer_state)
+        total += size + count * footprint.TORCH_SAVE_PER_TENSOR + footprint.RNG_BYTES
+    return total
+
+
+def checkpoint_estimate(
+    ckdir: Path, model: torch.nn.Module, trainer_state: dict[str, Any] | None
+) -> tuple[int, str]:
+    """(bytes, how they were found) of the next checkpoint: the newest step checkpoint's size on
+    disk (less its trainer_state.pt for a weights-only save) when there is one, else
+    `estimate_bytes`."""
+    latest = latest_checkpoint(ckdir)
+    if latest is not None:
+        _, prev = latest
+        size = dir_bytes(prev)
+        if trainer_state is None and (prev / TRAINER_STATE).is_file():
+            size -= (prev / TRAINER_STATE).stat().st_size
+        return size, f"as {prev.name} on disk"
+    return estimate_bytes(model, trainer_state), "estimated from the model and optimizer state"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 100_000_000 else f"{n / 1e6:.1f} MB"
+
+
+def ensure_space(ckdir: Path, need: int, name: str, how: str = "") -> None:
+    """Refuse (WorkerError, with the numbers) a save of `need` bytes that the free space of
+    `ckdir`'s disk cannot hold with `SPACE_MARGIN` to spare."""
+    free = shutil.disk_usage(ckdir).free
+    if need + SPACE_MARGIN > free:
+        raise WorkerError(
+            f"not enough disk for checkpoint {name}: it needs about {_size(need)}"
+            f"{f' ({how})' if how else ''} plus {_size(SPACE_MARGIN)} to spare, and {ckdir} "
+            f"has {_size(free)} free",
+            hint="free space on the box, lower keep_checkpoints, or use a bigger disk "
+            "(disk_gb of the vast target); then relaunch to resume",
+        )
+
+
 # ---- saving and loading -----------------------------------------------------------------
 
 
@@ -166,19 +272,32 @@ def save_checkpoint(
     tokenizer: Any,
     meta: dict[str, Any],
     trainer_state: dict[str, Any] | None,
+    *,
+    check_space: bool = True,
 ) -> Path:
     """Write `ckdir/name` atomically: into `.name.tmp`, then rename (a kill mid-save leaves the
-    previous checkpoints intact and no half directory under a real name). Returns the dir."""
+    previous checkpoints intact and no half directory under a real name). Returns the dir.
+
+    `check_space`: first refuse (`ensure_space`) a checkpoint the free disk cannot hold. A save
+    that fails anyway (a full disk) removes its `.name.tmp` before the error goes on."""
     ckdir.mkdir(parents=True, exist_ok=True)
     tmp = ckdir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    if check_space:
+        need, how = checkpoint_estimate(ckdir, model, trainer_state)
+        ensure_space(ckdir, need, name, how)
     tmp.mkdir()
-    masks.unwrap(model).save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    atomic_write_json(tmp / META, meta)
+    try:
+        masks.unwrap(model).save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        atomic_write_json(tmp / META, meta)
+    except BaseException:
+        # A kill (Interrupted) or a full disk: free the space now, the next attempt would anyway.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dest = ckdir / name
     if dest.exists():
         shutil.rmtree(dest)

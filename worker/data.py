@@ -17,12 +17,34 @@ Schemas (`TaskSource.format`), adapters follow lm-evaluation-harness's prompts:
 
 A row that does not fit its adapter is a WorkerError naming the row, the field and the source.
 
-SFT tokenization: with a chat template, the prompt is the conversation up to the assistant turn
-(`add_generation_prompt=True`) and the response is the rest of the rendered conversation;
-without one, prompt + response text, split the lm-eval way (response tokens are
-`enc(prompt + response)[len(enc(prompt)):]`), then EOS. Truncation policy: the response is
-never cut; a prompt + response longer than `max_length` is a WorkerError by default, or, with
-`truncate="prompt_left"`, the prompt loses tokens from its left (a BOS is kept).
+SFT formatting (`format_sft`), plain text unless the stage asks for the chat template:
+
+- a `messages` row: every turn but the last as `Role: content`, turns separated by a blank line,
+  then the assistant role marker; the response is the last (assistant) turn after one space:
+
+      System: You are terse.            <- prompt (no loss; earlier assistant turns too)
+      <blank line>
+      User: Write a haiku.
+      <blank line>
+      Assistant:                        <- the prompt ends with the marker
+       Leaves drift ...                 <- response (" " + content), then EOS
+
+  Roles print as `System`, `User`, `Assistant` (any other role capitalised);
+- a prompt/response row: the two texts, with a `"\n"` between them when the prompt does not end
+  with whitespace and the response does not begin with it (rows whose response begins with a
+  space, like the tiny tasks', are unchanged);
+- `use_chat_template=True` (TrainArgs `chat_template`): the tokenizer's chat template; the prompt
+  is the conversation up to the assistant turn (`add_generation_prompt=True`), the response the
+  rest of the rendered conversation. Never used unless asked.
+
+Plain text is split the lm-eval way (response tokens are `enc(prompt + response)[len(enc(prompt)
+):]`, whitespace at the prompt's end moving to the response), then EOS: the prefix boundary is
+the end of the prompt text exactly (the role marker for `messages` rows).
+
+Rows longer than `max_length` (`long_rows`, TrainArgs): `drop` them, `truncate_prompt_left`
+(the prompt loses tokens from its left, a BOS is kept; the response is never cut, a row whose
+response alone does not fit is dropped), or `error`. `LongRowStats` counts what was dropped or
+cut; the trainer writes it to events and summary.json.
 """
 
 from __future__ import annotations
@@ -51,9 +73,13 @@ class McExample:
 
 @dataclass(frozen=True)
 class SftExample:
+    """One SFT row as loaded: `prompt`/`response` texts (a `messages` row: the earlier turns'
+    contents joined by newlines, and the last turn's), and the turns themselves, which the
+    role format and the chat template render (`format_sft`)."""
+
     prompt: str
     response: str
-    messages: list[dict[str, str]] | None = None  # kept for chat templates
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +89,54 @@ class TokenizedSft:
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+
+#: `long_rows` policies for SFT rows over `max_length` (TrainArgs.long_rows).
+LONG_ROW_POLICIES = ("drop", "truncate_prompt_left", "error")
+
+
+@dataclass
+class LongRowStats:
+    """What `tokenize_sft` did with rows longer than `max_length` under `policy`."""
+
+    policy: str
+    max_length: int
+    rows: int = 0  # rows tokenized
+    kept: int = 0  # rows returned (cut ones included)
+    dropped: int = 0  # rows over max_length left out (`drop`, or a response that cannot fit)
+    truncated: int = 0  # rows whose prompt lost tokens from its left
+    prompt_tokens_cut: int = 0
+    longest: int = 0  # tokens of the longest row before any cut
+
+    @property
+    def long(self) -> int:
+        return self.dropped + self.truncated
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "max_length": self.max_length,
+            "rows": self.rows,
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "truncated": self.truncated,
+            "prompt_tokens_cut": self.prompt_tokens_cut,
+            "longest": self.longest,
+        }
+
+    def describe(self) -> str:
+        """One line: how many rows were over the limit and what happened to them."""
+        if not self.long:
+            return f"{self.rows} rows, none longer than max_length {self.max_length}"
+        what = []
+        if self.dropped:
+            what.append(f"{self.dropped} dropped")
+        if self.truncated:
+            what.append(f"{self.truncated} cut ({self.prompt_tokens_cut} prompt tokens)")
+        return (
+            f"{self.long} of {self.rows} rows longer than max_length {self.max_length} "
+            f"(longest {self.longest} tokens): {', '.join(what)} (long_rows={self.policy})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,18 +402,30 @@ def load_sft(
     tokenizer: Any = None,
     *,
     max_length: int | None = None,
-    truncate: str = "error",
+    truncate: str | None = None,
+    long_rows: str = "error",
+    chat_template: bool = False,
+    stats: LongRowStats | None = None,
 ) -> list[Any]:
     """Prompt/response pairs: schema `sft` (prompt, response, or chat `messages`), or any
     multiple-choice schema turned into (context, correct choice).
 
     Without a tokenizer: list[SftExample]. With one: list[TokenizedSft] (`tokenize_sft` with
-    `max_length`, default the tokenizer's model_max_length)."""
+    `max_length`, default the tokenizer's model_max_length, the `long_rows` policy, the chat
+    template only if `chat_template`; `stats` gets the long-row counts)."""
     examples = _load_sft_examples(src)
     if tokenizer is None:
         return examples
     limit = max_length or int(min(getattr(tokenizer, "model_max_length", 2048), 1 << 20))
-    return tokenize_sft(examples, tokenizer, limit, truncate=truncate)
+    return tokenize_sft(
+        examples,
+        tokenizer,
+        limit,
+        truncate=truncate,
+        long_rows=long_rows,
+        use_chat_template=chat_template,
+        stats=stats,
+    )
 
 
 def _load_sft_examples(src: TaskSource) -> list[SftExample]:
@@ -368,12 +454,32 @@ def split_train_eval(
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def sft_splits(args: Any, tokenizer: Any) -> tuple[list[TokenizedSft], list[TokenizedSft]]:
+def sft_splits(
+    args: Any, tokenizer: Any, stats: dict[str, LongRowStats] | None = None
+) -> tuple[list[TokenizedSft], list[TokenizedSft]]:
     """(train, held-out) tokenized SFT rows for TrainArgs: `eval_data` when given, else a
-    seeded `eval_fraction` of `data`."""
-    train = load_sft(args.data, tokenizer, max_length=args.max_length)
+    seeded `eval_fraction` of `data`; with the args' `long_rows` policy and `chat_template`.
+    `stats` (a dict) gets the long-row counts of `data` and, when given, `eval_data`."""
+    policy = getattr(args, "long_rows", "error")
+    chat = bool(getattr(args, "chat_template", False))
+
+    def load(key: str) -> list[TokenizedSft]:
+        st = LongRowStats(policy, args.max_length)
+        rows = load_sft(
+            getattr(args, key),
+            tokenizer,
+            max_length=args.max_length,
+            long_rows=policy,
+            chat_template=chat,
+            stats=st,
+        )
+        if stats is not None:
+            stats[key] = st
+        return rows
+
+    train = load("data")
     if args.eval_data is not None:
-        return train, load_sft(args.eval_data, tokenizer, max_length=args.max_length)
+        return train, load("eval_data")
     return split_train_eval(train, args.eval_fraction, args.seed)
 
 
@@ -381,10 +487,34 @@ def _bos(tokenizer: Any) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer: Any,
+    context: str,
+    continuation: str,
+    *,
+    add_bos: bool = True,
+    lm_eval_empty: bool = False,
+) -> tuple[list[int], list[int]]:
     """lm-eval split: trailing spaces of the context move to the continuation, and the
-    continuation tokens are enc(context + continuation)[len(enc(context)):]. A BOS (when the
-    tokenizer has one) starts the context; an empty context is BOS alone (or EOS)."""
+    continuation tokens are enc(context + continuation)[len(enc(context)):].
+
+    `add_bos`: a BOS (when the tokenizer has one) starts the context. The default (True) is
+    SFT's rule; evaluation passes the stage's rule (`worker.evaluate.resolve_add_bos`), which
+    is lm-evaluation-harness 0.4.9's `add_bos_token` (its `tok_encode` then encodes with
+    `add_special_tokens=add_bos_token`, the same tokens for a tokenizer whose only special token
+    is a leading BOS; an explicit BOS here also stays right for one that appends EOS).
+
+    An empty context is the prefix token alone, BOS (or EOS when there is no BOS), whatever
+    `add_bos` (lm-eval's `prefix_token_id`), and the continuation is encoded on its own.
+    `lm_eval_empty=True` (evaluation) copies lm-eval 0.4.9's `TemplateLM.loglikelihood` there
+    exactly: the continuation is `tok_encode(continuation)`, so with `add_bos` it starts with a
+    BOS of its own (later lm-eval versions drop that duplicate) and its spaces stay where they
+    are."""
+    bos = _bos(tokenizer) if add_bos else []
+    if not context:
+        prefix = _bos(tokenizer) or [tokenizer.eos_token_id]
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return prefix, (bos + cont if lm_eval_empty else cont)
     n_space = len(context) - len(context.rstrip())
     if n_space:
         continuation = context[-n_space:] + continuation
@@ -392,8 +522,9 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
     cont = whole[len(ctx) :]
-    start = _bos(tokenizer) or ([] if ctx else [tokenizer.eos_token_id])
-    return start + ctx, cont
+    if not ctx:  # an all-space context: the prefix token, as for an empty one
+        return _bos(tokenizer) or [tokenizer.eos_token_id], cont
+    return bos + ctx, cont
 
 
 def _chat_split(tokenizer: Any, ex: SftExample) -> tuple[str, str]:
@@ -411,49 +542,117 @@ def _chat_split(tokenizer: Any, ex: SftExample) -> tuple[str, str]:
     return prompt, full[len(prompt) :]
 
 
+#: How roles print in the plain role format (any other role: capitalised).
+ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+#: Between turns of a `messages` row.
+TURN_SEPARATOR = "\n\n"
+#: Between a plain prompt and a response that would otherwise touch it.
+PROMPT_RESPONSE_SEPARATOR = "\n"
+
+
+def _role(role: Any) -> str:
+    name = str(role).strip()
+    return ROLE_NAMES.get(name.lower(), name.capitalize() or "User")
+
+
+def format_messages(messages: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """(prompt, response) of a `messages` row in the plain role format (module docstring): the
+    prompt ends with the assistant role marker, the response is the last turn after a space."""
+    turns = [f"{_role(m['role'])}: {m['content']}" for m in messages[:-1]]
+    prompt = TURN_SEPARATOR.join([*turns, f"{_role(messages[-1]['role'])}:"])
+    reply = str(messages[-1]["content"])
+    return prompt, reply if reply[:1].isspace() else " " + reply
+
+
+def with_separator(prompt: str, response: str) -> tuple[str, str]:
+    """(prompt, response) with `PROMPT_RESPONSE_SEPARATOR` before the response when the two
+    would touch (the prompt does not end with whitespace, the response does not begin with
+    it); unchanged otherwise, so rows that bring their own space keep their exact tokens."""
+    if prompt and response and not prompt[-1].isspace() and not response[0].isspace():
+        return prompt, PROMPT_RESPONSE_SEPARATOR + response
+    return prompt, response
+
+
+def format_sft(ex: SftExample) -> tuple[str, str]:
+    """The (prompt, response) texts of one row as the model sees them without a chat template."""
+    if ex.messages:
+        return format_messages(ex.messages)
+    return with_separator(ex.prompt, ex.response)
+
+
+_LEGACY_TRUNCATE = {"error": "error", "prompt_left": "truncate_prompt_left"}
+
+
 def tokenize_sft(
     examples: list[SftExample],
     tokenizer: Any,
     max_length: int,
     *,
-    truncate: str = "error",
-    use_chat_template: bool | None = None,
+    long_rows: str = "error",
+    truncate: str | None = None,
+    use_chat_template: bool = False,
+    stats: LongRowStats | None = None,
 ) -> list[TokenizedSft]:
-    """Token ids of each pair (see the module docstring for the convention and policy)."""
-    if truncate not in {"error", "prompt_left"}:
+    """Token ids of each pair (see the module docstring for the formats and the policies).
+
+    `long_rows`: `drop`, `truncate_prompt_left` or `error` for rows over `max_length`
+    (`truncate="prompt_left"|"error"` is the older spelling); `use_chat_template`: render with
+    the tokenizer's chat template (it must have one); `stats`: filled with the counts."""
+    if truncate is not None:
+        if truncate not in _LEGACY_TRUNCATE:
+            raise WorkerError(
+                f"unknown truncation policy {truncate!r}", hint="use 'error' or 'prompt_left'"
+            )
+        long_rows = _LEGACY_TRUNCATE[truncate]
+    if long_rows not in LONG_ROW_POLICIES:
         raise WorkerError(
-            f"unknown truncation policy {truncate!r}", hint="use 'error' or 'prompt_left'"
+            f"unknown long_rows policy {long_rows!r}", hint=f"use one of {LONG_ROW_POLICIES}"
         )
-    chat = (
-        bool(getattr(tokenizer, "chat_template", None))
-        if use_chat_template is None
-        else use_chat_template
-    )
+    if use_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise WorkerError(
+            f"chat_template=true but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} "
+            "has no chat template",
+            hint="set chat_template=false (the plain role format) or use a tokenizer with one",
+        )
+    st = stats if stats is not None else LongRowStats(long_rows, max_length)
+    st.policy, st.max_length = long_rows, max_length
     out = []
     for i, ex in enumerate(examples):
-        if chat:
+        if use_chat_template:
             prompt_text, response_text = _chat_split(tokenizer, ex)
             # the rendered template carries its own BOS/special tokens
             p_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
             whole = tokenizer(prompt_text + response_text, add_special_tokens=False)["input_ids"]
-            r_ids = whole[len(p_ids) :]
+            if whole[: len(p_ids)] == p_ids:
+                r_ids = whole[len(p_ids) :]
+            else:  # a token across the boundary: keep the prompt's own tokens exactly
+                r_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
         else:
-            p_ids, r_ids = encode_pair(tokenizer, ex.prompt, ex.response)
+            p_ids, r_ids = encode_pair(tokenizer, *format_sft(ex))
             if tokenizer.eos_token_id is not None:
                 r_ids = r_ids + [tokenizer.eos_token_id]
         if not r_ids:
             raise WorkerError(f"SFT example {i} has an empty response")
-        if len(p_ids) + len(r_ids) > max_length:
-            if truncate == "error" or len(r_ids) >= max_length:
+        st.rows += 1
+        n = len(p_ids) + len(r_ids)
+        st.longest = max(st.longest, n)
+        if n > max_length:
+            if long_rows == "error":
                 raise WorkerError(
                     f"SFT example {i}: prompt ({len(p_ids)} tokens) + response ({len(r_ids)}) is "
                     f"longer than max_length {max_length}",
-                    hint="raise max_length, drop long rows, or use truncation 'prompt_left'",
+                    hint="raise max_length, or set long_rows to 'drop' or 'truncate_prompt_left'",
                 )
+            if long_rows == "drop" or len(r_ids) >= max_length:
+                st.dropped += 1  # truncate_prompt_left never cuts a response: the row goes
+                continue
             keep = max_length - len(r_ids)
             head = p_ids[:1] if p_ids[:1] == _bos(tokenizer) and keep > 1 else []
+            st.truncated += 1
+            st.prompt_tokens_cut += len(p_ids) - keep
             p_ids = head + p_ids[len(p_ids) - (keep - len(head)) :]
         out.append(TokenizedSft(p_ids, r_ids))
+    st.kept += len(out)
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from worker.lifecycle import RunContext
+    from worker.context import RunContext
 
 
 @dataclass

@@ -3,7 +3,16 @@
 Each choice is scored by the summed log-probability of its continuation tokens given the
 context (`data.encode_pair`: trailing context spaces move to the continuation; continuation
 tokens are enc(ctx + cont)[len(enc(ctx)):]). `acc` = argmax of that score; `acc_norm` = argmax of
-score / len(choice in characters, without the one delimiter space). Per task and macro.
+score / len(choice in characters, without the one delimiter space). Per task and macro;
+`lm_eval_metrics` names, per task, the metrics lm-evaluation-harness reports for it.
+
+As lm-evaluation-harness 0.4.9's HFLM (tests/worker/test_lm_eval_equality.py checks equal
+per-choice log-likelihoods and acc/acc_norm against it): a BOS starts the context only when the
+stage's `add_bos` says so, or, unset, when the tokenizer adds one by default (`resolve_add_bos`).
+`add_bos` true/false is lm-eval's `add_bos_token=True/False`; unset is lm-eval >= 0.4.10's
+default `add_bos_token=None` (0.4.9's own default is False: no BOS). Contexts are left-truncated
+to the model's own limit (`context_limit`), not a fixed length. metrics.json records the BOS
+rule, the limit, where each came from, and the tokenizer that loaded.
 
 Masks: `causal`, or `prefix` = the context is bidirectional, the continuation causal over the
 context and itself.
@@ -56,27 +65,106 @@ class Counter:
     tokens: int = 0  # real tokens fed
 
 
+#: The metrics of each schema that lm-evaluation-harness (0.4.9) reports for the same task, from
+#: its task YAMLs' `metric_list` (lm_eval/tasks/arc/arc_easy.yaml, arc_challenge.yaml includes it;
+#: hellaswag/hellaswag.yaml; piqa/piqa.yaml; super_glue/boolq/default.yaml: `acc` only). The
+#: worker's own `mc` rows (tiny tasks, local files) have no lm-eval counterpart.
+LM_EVAL_METRICS: dict[str, list[str]] = {
+    "arc": ["acc", "acc_norm"],
+    "hellaswag": ["acc", "acc_norm"],
+    "piqa": ["acc", "acc_norm"],
+    "boolq": ["acc"],
+    "mc": [],
+}
+
+#: lm-eval's HFLM._DEFAULT_MAX_LENGTH: the limit when neither the config nor the tokenizer says
+DEFAULT_MAX_LENGTH = 2048
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts an encoding with its BOS by default, i.e. whether
+    `tokenizer("x")` (add_special_tokens=True) begins with `bos_token_id`."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("x")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def resolve_add_bos(tokenizer: Any, requested: bool | None) -> tuple[bool, str]:
+    """(add BOS, where that came from: "stage" or "tokenizer default")."""
+    if requested is None:
+        return tokenizer_adds_bos(tokenizer), "tokenizer default"
+    if requested and getattr(tokenizer, "bos_token_id", None) is None:
+        raise WorkerError(
+            "add_bos is true but the tokenizer has no BOS token",
+            hint="leave add_bos unset (the tokenizer's default) or set it to false",
+        )
+    return bool(requested), "stage"
+
+
+def context_limit(model: Any, tokenizer: Any, requested: int | None) -> tuple[int, str]:
+    """(max tokens a context + continuation may feed, where that came from).
+
+    The stage's `max_length` when set; else the model's `max_position_embeddings` (of the text
+    config for a nested one; `n_positions`/`n_ctx` for older configs), capped by the tokenizer's
+    `model_max_length` when that is a real number (not transformers' 1e30 "unset") and by the
+    sliding window (a custom 4D mask cannot apply one); else lm-eval's 2048."""
+    if requested is not None:
+        return int(requested), "stage"
+    cfg = masks.unwrap(model).config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    limits: list[tuple[int, str]] = []
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and value > 0:
+            limits.append((value, f"config.{attr}"))
+            break
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 10**9:
+        limits.append((tok_max, "tokenizer.model_max_length"))
+    window = getattr(text, "sliding_window", None)
+    if isinstance(window, int) and window > 0:
+        limits.append((window, "config.sliding_window"))
+    if not limits:
+        return DEFAULT_MAX_LENGTH, "default"
+    return min(limits, key=lambda x: x[0])
+
+
 def prepare(
-    examples: list[McExample], tokenizer: Any, max_length: int
+    examples: list[McExample],
+    tokenizer: Any,
+    max_length: int,
+    add_bos: bool | None = None,
 ) -> tuple[list[Question], int]:
-    """Tokenize every question; left-truncate contexts that do not fit (lm-eval does the same).
-    Returns (questions, number truncated)."""
+    """Tokenize every question (`encode_pair`, lm-eval 0.4.9's split; `add_bos` None = the
+    tokenizer's default, `resolve_add_bos`); left-truncate contexts that do not fit.
+
+    Truncation as lm-eval's `_loglikelihood_tokens`: the model is fed (context + continuation)
+    minus its last token, at most `max_length` tokens, so a context keeps its last
+    `max_length + 1 - len(continuation)` tokens (a BOS is not kept). One context serves all the
+    choices here, cut for the longest one (lm-eval cuts per choice: its shorter choices keep a
+    few more context tokens, in truncated questions only). Returns (questions, number truncated).
+    """
+    bos, _ = resolve_add_bos(tokenizer, add_bos)
     out, truncated = [], 0
     for ex in examples:
-        pairs = [encode_pair(tokenizer, ex.context, c) for c in ex.choices]
+        pairs = [
+            encode_pair(tokenizer, ex.context, c, add_bos=bos, lm_eval_empty=True)
+            for c in ex.choices
+        ]
         ctx = pairs[0][0]
         conts = [p[1] for p in pairs]
         if any(not c for c in conts):
             raise WorkerError(f"a choice of {ex.context[:60]!r} encodes to no tokens")
         longest = max(len(c) for c in conts)
-        if longest >= max_length:
+        if longest > max_length:
             raise WorkerError(
-                f"a choice is {longest} tokens, not shorter than max_length {max_length}",
+                f"a choice is {longest} tokens, longer than max_length {max_length}",
                 hint="raise max_length",
             )
-        if len(ctx) + longest > max_length:
-            keep = max_length - longest
-            ctx = ctx[:1] + ctx[len(ctx) - keep + 1 :] if keep > 1 else ctx[-keep:]
+        if len(ctx) + longest > max_length + 1:
+            ctx = ctx[len(ctx) - (max_length + 1 - longest) :]
             truncated += 1
         char_lens = [max(1, len(c[1:] if c.startswith(" ") else c)) for c in ex.choices]
         out.append(Question(ctx, conts, ex.label, char_lens))
@@ -298,16 +386,25 @@ def evaluate(
     torch.manual_seed(args.seed)
     loaded = loaded or modeling.load(args)
     model, tok = loaded.model, loaded.tokenizer
-    masks.verify_mask_path(model)
+    add_bos, bos_source = resolve_add_bos(tok, args.add_bos)
+    max_length, length_source = context_limit(model, tok, args.max_length)
     prepared = {}
+    n_truncated = {}
     for t in args.tasks:
-        qs, truncated = prepare(load_mc_task(t), tok, args.max_length)
+        qs, truncated = prepare(load_mc_task(t), tok, max_length, add_bos)
         prepared[t.name] = qs
+        n_truncated[t.name] = truncated
         if truncated:
             emit(
                 "warning",
-                {"message": f"{t.name}: {truncated} contexts left-truncated to max_length"},
+                {
+                    "message": f"{t.name}: {truncated} contexts left-truncated to max_length "
+                    f"{max_length} ({length_source})"
+                },
             )
+    # the self-check runs on the stage's own questions (never reserved low ids)
+    sample = [q.ctx + q.conts[q.label] for qs in prepared.values() for q in qs[:4]]
+    check_tokens = masks.verify_mask_path(model, sample=sample, tokenizer=tok)
     total = sum(len(q) for q in prepared.values())
     done = 0
     counter = Counter()
@@ -335,7 +432,13 @@ def evaluate(
             on_batch,
         )
         res = accuracy(scores, [q.label for q in qs], [q.char_lens for q in qs])
-        results[t.name] = {**res, "source": t.source, "format": t.format}
+        results[t.name] = {
+            **res,
+            "source": t.source,
+            "format": t.format,
+            "lm_eval_metrics": LM_EVAL_METRICS.get(t.format, []),
+            "truncated": n_truncated[t.name],
+        }
         emit("eval", {"task": t.name, **res})
     seconds = time.monotonic() - t0
     return {
@@ -343,6 +446,12 @@ def evaluate(
         "mask": mode.value,
         "attn_implementation": args.attn_implementation,
         "shared_context": args.shared_context,
+        "add_bos": add_bos,
+        "add_bos_source": bos_source,  # "stage" (add_bos set) or "tokenizer default"
+        "max_length": max_length,
+        "max_length_source": length_source,
+        "tokenizer": getattr(loaded, "tokenizer_info", None) or modeling.tokenizer_info(tok),
+        "mask_check_tokens": check_tokens,
         "tasks": results,
         "macro_acc": _mean([r["acc"] for r in results.values()]),
         "macro_acc_norm": _mean([r["acc_norm"] for r in results.values()]),

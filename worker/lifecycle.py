@@ -6,6 +6,10 @@ its presence means every other file is final. Failure writes `.run_failed` (exce
 message, traceback tail) and returns a `WorkerExit` code: BAD_INPUT for a `WorkerError`,
 LEAKAGE for the leakage guard, INTERRUPTED for SIGTERM/SIGINT/SIGHUP, ERROR otherwise.
 
+train, eval and probe first check the runtime contract (`worker.runtime`: Python, torch,
+transformers, CUDA when the stage's device is cuda; a BAD_INPUT naming the fix otherwise) and
+their result file gets a "runtime" entry: the versions and the tokenizer class loaded.
+
 A full disk must still leave a readable reason: at setup the run reserves a small preallocated
 file (`.run_failed.reserve.tmp`); if writing `.run_failed` normally fails, the reason is written
 into the reserved blocks in place and the file is renamed to `.run_failed` (overwriting
@@ -28,7 +32,6 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -41,7 +44,7 @@ from state.models import RunComplete, RunFailed, RunSpec
 from state.phases import WorkerExit, WorkerPhase
 from state.protocol import atomic_write_json, build_manifest, read_model, sha256_file
 from state.worker_config import ARGS_BY_COMMAND, ExecArgs
-from worker.loggers import MetricLogger, NullLogger
+from worker.context import Interrupted, LeakageError, RunContext, SaveRequest
 from worker.status import NullStatus, StatusWriter
 
 RESERVE = ".run_failed.reserve.tmp"  # ends in .tmp: never listed in a manifest
@@ -49,39 +52,11 @@ RESERVE_BYTES = 16 * 1024
 TRACEBACK_TAIL_LINES = 30
 
 
-class LeakageError(WorkerError):
-    """The leakage guard stopped the run: the training mask lets labels be seen."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGHUP arrived (orch stop, tmux kill): leave a reason, exit 130."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-
-
-@dataclass
-class RunContext:
-    """What a task gets from the lifecycle: where to write and whom to tell."""
-
-    run_dir: Path
-    run_id: str
-    stage: str
-    status: StatusWriter
-    rank: int = 0
-    world_size: int = 1
-    spec: RunSpec | None = None
-    logger: MetricLogger = field(default_factory=NullLogger)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 # A task: validated args + context -> the result dict (metrics/summary), or None (exec).
 Task = Callable[[Any, RunContext], "dict[str, Any] | None"]
 RESULT_FILE = {"eval": names.METRICS, "probe": names.METRICS, "train": names.SUMMARY}
+#: Commands checked against the runtime contract at start (`worker.runtime`).
+RUNTIME_CHECKED = frozenset({"train", "eval", "probe"})
 
 
 def parse_args(command: str, raw: dict[str, Any] | BaseModel) -> BaseModel:
@@ -241,8 +216,13 @@ def finish_success(ctx: RunContext, command: str, result: dict[str, Any] | None)
 
 
 @contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into `Interrupted` so the run can leave `.run_failed`."""
+def _signals_raise(
+    run_dir: Path | None = None, request: SaveRequest | None = None
+) -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into `Interrupted` so the run can leave `.run_failed`; SIGUSR1
+    (Slurm's time-limit warning, forwarded by the job script) sets `request`, and so does a
+    `.checkpoint_request` the job script left before this handler was there (the job script
+    starts the worker with USR1 ignored, so an early signal is lost but never kills it)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -250,7 +230,16 @@ def _signals_raise() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum)
 
+    def save_handler(signum: int, frame: FrameType | None) -> None:
+        if request is not None:
+            request.set()
+
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, save_handler)
+    if run_dir is not None and request is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(run_dir / names.CHECKPOINT_REQUEST)
+            request.set()
     try:
         yield
     finally:
@@ -356,8 +345,9 @@ def execute(
             os.unlink(rd / names.RUN_FAILED)  # a relaunch (resume) of a failed/killed run
         reserve_failure_space(rd)
     status: StatusWriter = NullStatus()
+    request = SaveRequest()
     try:
-        with _signals_raise():
+        with _signals_raise(rd, request):
             if error is not None:
                 raise error
             args = parse_args(command, raw_args)
@@ -365,14 +355,22 @@ def execute(
                 status = StatusWriter(
                     rd, run_id, stage, heartbeat_s=getattr(args, "heartbeat_s", 5.0)
                 )
-            ctx = RunContext(rd, run_id, stage, status, rank, world, spec)
+            ctx = RunContext(rd, run_id, stage, status, rank, world, spec, save_request=request)
             with status:
                 if previous is not None:
                     status.event("info", f"relaunched after a failed attempt: {previous.reason}")
                 status.set_phase(
                     WorkerPhase.STARTING, f"{command} pid={os.getpid()} rank={rank}/{world}"
                 )
+                if command in RUNTIME_CHECKED:
+                    from worker import runtime  # torch: not for exec or --help
+
+                    runtime.start_check(args, status)
                 result = _task(command)(args, ctx)
+                if command in RUNTIME_CHECKED and isinstance(result, dict):
+                    from worker import runtime
+
+                    result = {**result, "runtime": runtime.report()}
                 if main:
                     finish_success(ctx, command, result)
                 status.update(phase=WorkerPhase.DONE, message="done", eta_s=0.0)

@@ -351,20 +351,96 @@ def _check_sliding_window(model: torch.nn.Module, length: int) -> None:
         )
 
 
-def verify_mask_path(model: torch.nn.Module, vocab_size: int | None = None) -> None:
-    """One-off numeric check on a small random batch (right and left padded rows):
+#: what the self-check feeds at most: 2 rows of this many tokens
+CHECK_LEN = 16
+
+
+def ordinary_ids(tokenizer: Any, vocab_size: int) -> list[int]:
+    """Token ids of the tokenizer's ordinary vocabulary: not a special token (`all_special_ids`,
+    added tokens marked special) and not below the number of special tokens (Tekken keeps its
+    first 1000 ids for reserved control tokens, not all of them named)."""
+    special = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special |= {int(i) for i, t in added.items() if getattr(t, "special", False)}
+    n = min(int(vocab_size), len(tokenizer))
+    return [i for i in range(len(special), n) if i not in special]
+
+
+def _live_embedding_ids(model: torch.nn.Module, vocab: int) -> list[int]:
+    """Ids whose input-embedding rows are not degenerate (norm at least half the median): the
+    fallback when neither data nor a tokenizer is at hand. All-zero reserved rows drop out."""
+    emb = unwrap(model).get_input_embeddings()
+    norms = emb.weight.detach()[:vocab].float().norm(dim=1).cpu()
+    keep = (norms >= 0.5 * norms.median()) & (norms > 0)
+    return [int(i) for i in keep.nonzero().flatten()]
+
+
+def _check_batch(
+    model: torch.nn.Module,
+    vocab: int,
+    sample: list[list[int]] | None,
+    tokenizer: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """(ids, attention_mask, prompt_lens, where the tokens came from) for `verify_mask_path`:
+    2 rows, the second right-padded, prompts of about half of each row."""
+    rows = [list(r[:CHECK_LEN]) for r in (sample or []) if len(r) >= 4 and max(r) < vocab]
+    rows.sort(key=len, reverse=True)  # stable: the longest rows, in data order
+    source = "data"
+    if not rows:
+        live = _live_embedding_ids(model, vocab)
+        alive = set(live)
+        pool = (
+            [i for i in ordinary_ids(tokenizer, vocab) if i in alive]
+            if tokenizer is not None
+            else []
+        )
+        source = "tokenizer vocabulary"
+        if len(pool) < 8:
+            pool, source = live, "embedding rows"
+        if len(pool) < 2:
+            raise WorkerError("cannot pick tokens for the mask self-check: no usable vocabulary")
+        gen = torch.Generator().manual_seed(0)
+        picks = torch.randint(0, len(pool), (2, 12), generator=gen)
+        rows = [[pool[int(i)] for i in row] for row in picks]
+    first = rows[0]
+    second = rows[1] if len(rows) > 1 else list(first)
+    if len(second) == len(first) and len(second) >= 7:
+        second = second[: len(second) - 3]  # one right-padded row
+    width = len(first)
+    ids = torch.full((2, width), int(first[0]), dtype=torch.long)
+    am = torch.zeros((2, width), dtype=torch.long)
+    for b, r in enumerate((first, second)):
+        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        am[b, : len(r)] = 1
+    plens = torch.tensor([min(len(r) - 1, max(2, len(r) // 2)) for r in (first, second)])
+    return ids, am, plens, source
+
+
+def verify_mask_path(
+    model: torch.nn.Module,
+    vocab_size: int | None = None,
+    *,
+    sample: list[list[int]] | None = None,
+    tokenizer: Any = None,
+) -> str:
+    """One-off numeric check on a small batch of real tokens (a full and a right-padded row):
 
     1. causal mode through our mask equals the model's own default (2D mask) forward;
-    2. prefix mode differs from causal at early prompt positions, so the model really uses the
-       custom mask (a silent causal fallback would make them equal).
+    2. prefix mode differs from causal at the prompt positions that gain keys (all but the last
+       prompt token), so the model really uses the custom mask (a silent causal fallback would
+       make them equal).
+
+    The tokens: `sample`, token-id rows from the stage's own data (tokenized eval questions or
+    SFT rows); else ids drawn from `tokenizer`'s ordinary vocabulary (`ordinary_ids`) whose
+    input-embedding rows are not degenerate; else any such ids. Never low ids as such: in Mistral's Tekken
+    vocabulary ids < 1000 are reserved special tokens whose embedding rows may be all zero, and
+    then the logits are the same under any mask, so a correct model would fail check 2.
+    Returns where the tokens came from ("data", "tokenizer vocabulary", "embedding rows").
     """
     device = next(model.parameters()).device
     vocab = int(vocab_size or unwrap(model).config.vocab_size)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, min(vocab, 1000), (2, 12), generator=gen).to(device)
-    am = torch.ones(2, 12, dtype=torch.long, device=device)
-    am[0, 9:] = 0
-    plens = torch.tensor([5, 5], device=device)
+    ids, am, plens, source = _check_batch(model, vocab, sample, tokenizer)
+    ids, am, plens = ids.to(device), am.to(device), plens.to(device)
     was_training = model.training
     model.eval()
     try:
@@ -376,7 +452,9 @@ def verify_mask_path(model: torch.nn.Module, vocab_size: int | None = None) -> N
         model.train(was_training)
     real = am.bool()
     diff = (ours.float() - ref.float()).abs()[real]
-    moved = (prefix.float() - ours.float())[:, :4].abs()
+    pos = torch.arange(ids.shape[1], device=device)
+    gains = pos[None, :] < (plens[:, None] - 1)  # prompt positions that see more under prefix
+    moved = (prefix.float() - ours.float()).abs()[gains]
     if ours.dtype == torch.float32:
         tol = 1e-3 * (1.0 + ref.float().abs().max().item())  # deep models sum more rounding
         bad_causal, bad_prefix = diff.max().item() > tol, moved.max().item() <= tol
@@ -393,5 +471,6 @@ def verify_mask_path(model: torch.nn.Module, vocab_size: int | None = None) -> N
     if bad_prefix:
         raise WorkerError(
             "prefix mask gave the same logits as causal at prompt positions: the model ignores "
-            "the custom mask (silent causal fallback)"
+            f"the custom mask (silent causal fallback; tokens from the {source})"
         )
+    return source

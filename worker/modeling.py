@@ -14,7 +14,7 @@ mask needs (`worker.masks.check_impl`). Every failure is a WorkerError that says
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 
 from state.errors import WorkerError
 from state.worker_config import _ModelArgs
-from worker import masks, tiny
+from worker import masks, runtime, tiny
 
 # Config fields that define the architecture: a checkpoint that differs in any of them is not
 # the model the run expects (loading would fail late, or worse, partially).
@@ -133,6 +133,8 @@ class Loaded:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    #: what tokenizer loaded (`tokenizer_info`): recorded in metrics.json
+    tokenizer_info: dict[str, Any] = field(default_factory=dict)
 
 
 def load(
@@ -198,13 +200,28 @@ def load(
     tok_path = args.tokenizer or path
     if args.tokenizer and args.tokenizer.startswith(tiny.SCHEME):
         tok_path = str(tiny.resolve(args.tokenizer))
+    backend = getattr(args, "tokenizer_backend", "hf")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, **common)
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, **common, **_backend_kwargs(backend))
+    except WorkerError:
+        raise
     except Exception as exc:
         raise WorkerError(
-            f"cannot load tokenizer for {tok_path!r}: {_one_line(exc)}",
-            hint="give `tokenizer` explicitly or check the model directory",
+            f"cannot load tokenizer for {tok_path!r} (tokenizer_backend {backend!r}): "
+            f"{_one_line(exc)}",
+            hint="give `tokenizer` explicitly or check the model directory"
+            + (
+                "; 'mistral-common' needs `pip install mistral-common` and a tekken.json"
+                if backend == "mistral-common"
+                else ""
+            ),
         ) from exc
+    info = tokenizer_info(tokenizer, backend)
+    if backend != "auto" and info["backend"] != backend:
+        raise WorkerError(
+            f"tokenizer_backend {backend!r} was asked for but {info['class']} loaded",
+            hint="set tokenizer_backend to 'auto' to accept whatever transformers picks",
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token_id is None:
@@ -214,9 +231,51 @@ def load(
             f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}",
             hint="use the tokenizer that belongs to the model",
         )
+    runtime.note_tokenizer(tokenizer)  # the class really loaded: events and the result file
     model.to(device)
     model.eval()
-    return Loaded(model, tokenizer, device, dtype)
+    return Loaded(model, tokenizer, device, dtype, info)
+
+
+def _backend_kwargs(backend: str) -> dict[str, Any]:
+    """The `AutoTokenizer.from_pretrained` kwargs that make the backend choice explicit.
+
+    transformers 5 (transformers/models/auto/tokenization_auto.py: `AutoTokenizer.from_pretrained`
+    and `_use_mistral_format`, checked on 5.24): for the Mistral model types (mistral, ministral3,
+    mistral3, pixtral...) `mistral_format=None` returns `MistralCommonBackend` whenever
+    `mistral_common` is importable and the repo has a `tekken.json`, whatever tokenizer.json and
+    tokenizer_config.json say; `mistral_format=False` short-circuits to the HF files and `True`
+    forces MistralCommonBackend (ImportError / OSError when it cannot). transformers 4.x has no
+    such switch (and never picks mistral-common from AutoTokenizer), so nothing is passed there.
+    """
+    from transformers.models.auto import tokenization_auto
+
+    has_switch = hasattr(tokenization_auto, "_use_mistral_format")
+    if backend == "auto":
+        return {}
+    if backend == "hf":
+        return {"mistral_format": False} if has_switch else {}
+    if not has_switch:
+        import transformers
+
+        raise WorkerError(
+            f"tokenizer_backend 'mistral-common' needs transformers 5 (have "
+            f"{transformers.__version__})",
+            hint="use tokenizer_backend 'hf', or upgrade transformers",
+        )
+    return {"mistral_format": True}
+
+
+def tokenizer_info(tokenizer: Any, requested: str = "hf") -> dict[str, Any]:
+    """What loaded, for metrics.json and the checks: its class, whether it is a fast (Rust
+    tokenizers) one, the backend family ("mistral-common" or "hf") and the backend asked for."""
+    name = type(tokenizer).__name__
+    return {
+        "class": name,
+        "is_fast": bool(getattr(tokenizer, "is_fast", False)),
+        "backend": "mistral-common" if name.startswith("MistralCommon") else "hf",
+        "requested": requested,
+    }
 
 
 def load_model_and_tokenizer(

@@ -71,7 +71,7 @@ from worker import masks
 
 if TYPE_CHECKING:
     from state.worker_config import ProbeArgs
-    from worker.lifecycle import RunContext
+    from worker.context import RunContext
 
 Batch = Mapping[str, torch.Tensor]
 

@@ -27,6 +27,7 @@ status and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -39,15 +40,15 @@ from state import names
 from state.errors import WorkerError
 from state.phases import MaskMode, WorkerPhase
 from worker import checkpoints, masks
+from worker.context import LeakageError
 from worker.distributed import Dist
-from worker.lifecycle import LeakageError
 from worker.loggers import make_logger
 from worker.optimizer import build_optimizer
 from worker.probe import ProbeResult, mean_loss, probe, replacement_ids, token_loss_sum
 
 if TYPE_CHECKING:
     from state.worker_config import TrainArgs
-    from worker.lifecycle import RunContext
+    from worker.context import RunContext
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Trainer:
         self.probes: list[dict[str, Any]] = []
         self.first_leak_step: int | None = None
         self.structural = "n/a (causal)"
+        self.long_rows: dict[str, Any] = {}  # data / eval_data -> worker.data.LongRowStats
 
     # -- setup --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -124,22 +126,33 @@ class Trainer:
         # loses small updates.
         self.autocast = self.device.type == "cuda" and loaded.dtype == torch.float32
         masks.check_impl(a.attn_implementation, self.device)
-        masks.verify_mask_path(self.model)
         if a.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.train()
 
-        self.train_ex, self.eval_ex = self.wdata.sft_splits(a, self.tokenizer)
+        self.train_ex, self.eval_ex = self.wdata.sft_splits(a, self.tokenizer, stats=self.long_rows)
+        self.report_long_rows()
+        dropped = self.long_rows["data"].dropped if "data" in self.long_rows else 0
+        why = f"; {self.long_rows['data'].describe()}" if dropped else ""
         if not self.train_ex:
             raise WorkerError(
-                f"training data {a.data.source} has no usable examples",
-                hint="check the source and its split",
+                f"training data {a.data.source} has no usable examples{why}",
+                hint="raise max_length or set long_rows='truncate_prompt_left'"
+                if dropped
+                else "check the source and its split",
             )
+        # The mask self-check on the stage's own rows (real tokens, never reserved low ids);
+        # its generator is private, so the run's random streams are as before.
+        masks.verify_mask_path(
+            self.model,
+            sample=[r.prompt_ids + r.response_ids for r in self.train_ex[:4]],
+            tokenizer=self.tokenizer,
+        )
         self.order = BatchOrder(len(self.train_ex), a.batch_size, self.d.world, a.seed)
         if self.order.per_epoch == 0:
             raise WorkerError(
                 f"{len(self.train_ex)} training examples are fewer than one global batch "
-                f"({a.batch_size} x {self.d.world} ranks)",
+                f"({a.batch_size} x {self.d.world} ranks){why}",
                 hint="lower batch_size or add data",
             )
         held = self.eval_ex or self.train_ex  # probe on training rows only if nothing is held out
@@ -177,6 +190,26 @@ class Trainer:
             run_name=f"{self.ctx.stage}/{self.ctx.run_id}",
             config=a.model_dump(mode="json"),
         )
+
+    def report_long_rows(self) -> None:
+        """The `long_rows` policy's counts per data set: a warning event when rows were dropped
+        or cut, else an info event (summary.json gets them too, `long_rows_summary`)."""
+        for key, st in self.long_rows.items():
+            src = getattr(self.args, key)
+            self.status.event(
+                "warning" if st.long else "info",
+                f"SFT rows of {src.name} ({key}): {st.describe()}",
+                long_rows=st.as_dict(),
+            )
+
+    def long_rows_summary(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "policy": a.long_rows,
+            "max_length": a.max_length,
+            "chat_template": a.chat_template,
+            **{key: st.as_dict() for key, st in self.long_rows.items()},
+        }
 
     def collate(self, rows: list[Any]) -> dict[str, torch.Tensor]:
         return self.wdata.collate_sft(rows, self.tokenizer)
@@ -326,13 +359,31 @@ class Trainer:
                 self.evaluate()
             if self.step % a.probe_every == 0 and not last:
                 self.run_probe()
-            if self.step % a.save_every == 0 and not last:
+            asked = self.save_asked()
+            if asked and not last:
+                st.event(
+                    "info",
+                    f"time limit near (USR1): checkpoint at step {self.step}",
+                    step=self.step,
+                )
+            if (self.step % a.save_every == 0 or asked) and not last:
                 self.save(time.monotonic() - t0, tokens)
         runtime = time.monotonic() - t0
         eval_loss = self.evaluate()
         final_probe = self.run_probe()
         self.save_final(runtime, tokens)
         return self.summary(eval_loss, final_probe, runtime, self.step - start_step, tokens)
+
+    def save_asked(self) -> bool:
+        """Slurm's time-limit warning (`ctx.save_request`, set on USR1) at this step boundary;
+        under torchrun every rank agrees (any rank's request), so all of them save."""
+        asked = self.ctx.save_request.take()
+        if asked and self.ctx.is_main:  # the job script's note of it is answered
+            with contextlib.suppress(OSError):
+                os.unlink(self.ctx.run_dir / names.CHECKPOINT_REQUEST)
+        if self.d.world > 1:
+            asked = self.d.total(int(asked)) > 0
+        return asked
 
     def evaluate(self) -> float | None:
         if not self.eval_batches:
@@ -411,10 +462,13 @@ class Trainer:
             self.status.update(phase=WorkerPhase.SAVING, message=f"checkpoint step {self.step}")
             state = checkpoints.trainer_state(self.optimizer, self.scheduler)
             name = f"{checkpoints.STEP_PREFIX}{self.step}"
+            keep = self.args.keep_checkpoints
+            # prune first: at most max(keep, 2) step dirs on disk, the new one included
+            removed = checkpoints.prune_before_save(self.ckdir, keep)
             checkpoints.save_checkpoint(
                 self.ckdir, name, self.model, self.tokenizer, self._meta(runtime, tokens), state
             )
-            removed = checkpoints.prune_checkpoints(self.ckdir, self.args.keep_checkpoints)
+            removed += checkpoints.prune_checkpoints(self.ckdir, keep)  # keep=1: the previous
             self.status.event(
                 "checkpoint",
                 f"saved {name}",
@@ -429,8 +483,16 @@ class Trainer:
         if self.ctx.is_main:
             self.status.update(phase=WorkerPhase.SAVING, message="final model")
             meta = self._meta(runtime, tokens)
+            # Only the newest step checkpoint stays beside final/ while it is written (to resume
+            # from if this save dies); `final_weights_only`: no optimizer state in final/.
+            checkpoints.prune_checkpoints(self.ckdir, 1)
+            state = (
+                None
+                if self.args.final_weights_only
+                else checkpoints.trainer_state(self.optimizer, self.scheduler)
+            )
             checkpoints.save_checkpoint(
-                self.ckdir, checkpoints.FINAL, self.model, self.tokenizer, meta, None
+                self.ckdir, checkpoints.FINAL, self.model, self.tokenizer, meta, state
             )
             # Step checkpoints exist to resume; a finished run keeps only the final model.
             checkpoints.remove_step_checkpoints(self.ckdir)
@@ -464,6 +526,8 @@ class Trainer:
             "device": str(self.device),
             "autocast_bf16": self.autocast,
             "final_model": f"{names.CHECKPOINTS}/{checkpoints.FINAL}",
+            "final_weights_only": a.final_weights_only,
+            "sft_rows": self.long_rows_summary(),
             "structural_check": self.structural,
             "leak_flag": self.first_leak_step is not None,
             "first_leak_step": self.first_leak_step,

@@ -40,7 +40,7 @@ def _confirm(question: str) -> bool:
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
-    from orchestrator.vast.provision import down, down_orphans
+    from orchestrator.vast.teardown import down, down_orphans
 
     if args.orphans:
         if args.force or args.pull:

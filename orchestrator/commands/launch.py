@@ -1,8 +1,9 @@
-"""`orch launch STAGE [--target NAME] [--set KEY=VALUE ...] [--no-sync] [--wait [--no-pull]] [--watch] [--with-deps]`."""
+"""`orch launch STAGE [--target NAME] [--set KEY=VALUE ...] [--resume RUN] [--no-sync] [--wait [--no-pull]] [--watch] [--with-deps]`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,12 @@ def register(sub: Any) -> None:
         help="with --wait: do not pull the results into runs/ when the run succeeds",
     )
     p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="relaunch RUN (a training run of STAGE that ended unfinished) with its exact "
+        "settings, resuming from its newest checkpoint",
+    )
+    p.add_argument(
         "--with-deps",
         action="store_true",
         help="first run the stages it depends on that have no succeeded run on the target",
@@ -91,7 +98,21 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
         )  # fmt: skip
         ctx.console.print(f"[green]study done[/]: {len(recs)} run(s)")
         return 0
-    if args.with_deps:
+    if args.resume:
+        if overrides or args.with_deps or args.profile:
+            raise OrchError(
+                "--resume relaunches the run with its recorded settings",
+                hint="drop --set, --profile and --with-deps",
+            )
+        from orchestrator.vast.relaunch import resume_run
+
+        rec = resume_run(ctx, args.resume, args.stage, sync=args.sync, report=Steps(ctx.console))
+        print_launched(ctx, rec)
+        spec = json.loads(rec.spec_json or "{}")
+        ctx.console.print(
+            f"  resumes  {escape(str(spec.get('resumed_from') or 'step 0 (no checkpoint found)'))}"
+        )
+    elif args.with_deps:
         from orchestrator.pipeline_runner import run_stages
 
         recs = run_stages(

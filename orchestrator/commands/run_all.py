@@ -22,7 +22,11 @@ def register(sub: Any) -> None:
         ),
     )
     p.add_argument(
-        "--targets", "-t", help="comma-separated target names (default: the default target)"
+        "--targets",
+        "--target",
+        "-t",
+        help="comma-separated target names (default: the default target); one slurm target: "
+        "the whole study is submitted at once as the cluster's dependency graph",
     )
     p.add_argument(
         "--profile", help="experiment profile (default: [experiment] profile, else tiny)"
@@ -87,6 +91,24 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     overrides = ov.parse_assignments(args.overrides)
     seeds = parse_seeds(args.seeds)
+    slurm = _slurm_target(ctx, targets)
+    if slurm is not None:  # the cluster runs the graph itself (orchestrator/graph_runner.py)
+        from orchestrator.graph_runner import run_graph
+
+        if seeds and any(
+            ov.split_scope(k, STAGE_NAMES)[1] == "seed" for k in ov.normalize(overrides)
+        ):
+            from state.errors import ConfigError
+
+            raise ConfigError(
+                "--seeds and --set seed=... both set the seed", hint="use one of them"
+            )
+        recs = run_graph(
+            ctx, slurm, overrides=overrides, profile=args.profile, skip_succeeded=args.resume,
+            report_out=args.out, seeds=seeds,
+        )  # fmt: skip
+        ctx.console.print(f"[green]study done[/]: {len(recs)} run(s) on {slurm}")
+        return 0
     if seeds is None:
         recs = run_stages(
             ctx,
@@ -118,3 +140,14 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
     run_report(ctx, args.out, seeds, indent="")
     ctx.console.print(f"[green]study done[/]: {len(recs)} run(s) over {len(seeds)} seeds")
     return 0
+
+
+def _slurm_target(ctx: Context, targets: list[str] | None) -> str | None:
+    """The one target's name when run-all is given exactly one and it is a slurm target."""
+    from orchestrator.config import SlurmTarget
+
+    names = targets or [ctx.config.default_target]
+    if len(names) != 1:
+        return None
+    name, cfg = ctx.config.target(names[0])
+    return name if isinstance(cfg, SlurmTarget) else None

@@ -33,6 +33,7 @@ PHASE_STYLE: dict[Phase, str] = {
     Phase.PENDING: "dim",
     Phase.SYNCING: "cyan",
     Phase.LAUNCHING: "cyan",
+    Phase.QUEUED: "blue",
     Phase.RUNNING: "green",
     Phase.HUNG: "bold yellow",
     Phase.SUCCEEDED: "bold green",

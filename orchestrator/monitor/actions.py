@@ -256,7 +256,12 @@ class Actions:
 
         target = make_target(self.ctx, rec.target)
         try:
-            kill_session(target, rec.session)
+            if rec.job_id:  # a Slurm job (Slurm enforces its own --time too)
+                from orchestrator.slurm.submit import cancel_job
+
+                cancel_job(target, rec.job_id)
+            else:
+                kill_session(target, rec.session)
         finally:
             with contextlib.suppress(Exception):
                 target.close()

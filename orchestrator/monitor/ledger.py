@@ -240,17 +240,6 @@ def _insert_alerts(db: sqlite3.Connection, alerts: list[Recorded], now: str) -> 
     return ids
 
 
-def request_cancel(store: Store, stage_dir: str, run_id: str) -> None:
-    """Mark a run as being stopped by the user, BEFORE killing it, so the monitor records
-    `cancelled` (no alert) instead of `crashed` when the process disappears."""
-    with store.tx() as db:
-        db.execute(
-            "INSERT INTO run_monitor (stage_dir, run_id, cancel_requested) VALUES (?,?,1) "
-            "ON CONFLICT(stage_dir, run_id) DO UPDATE SET cancel_requested = 1",
-            (stage_dir, run_id),
-        )
-
-
 # -- actions ledger -------------------------------------------------------------------------
 def actions_done(store: Store, stage_dir: str, run_id: str) -> set[str]:
     text = monitor_row(store, stage_dir, run_id).get("actions_done") or ""

@@ -1,6 +1,7 @@
 """The watcher's clock: APScheduler 3.x jobs, one per target that has active runs.
 
     poll:<target>   IntervalTrigger(interval_s, jitter), max_instances=1, coalesce=True,
+                    (`push_poll_s` instead while the target's agent pushes: monitor/push.py)
                     every `[monitor] interval_s` of the target, or faster while a run of a stage
                     with a shorter `poll_interval_s` is active on it (see `poll_interval`),
                     misfire_grace_time=misfire_grace_s: a laptop that slept polls once on
@@ -30,10 +31,12 @@ from typing import TYPE_CHECKING
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from orchestrator.alerturls import check_urls
 from orchestrator.monitor import alerts as alerts_mod
 from orchestrator.monitor import ledger
 from orchestrator.monitor.actions import Actions
 from orchestrator.monitor.lock import WatcherLock
+from orchestrator.monitor.push import attach
 from orchestrator.monitor.refresh import Poller
 from orchestrator.monitor.statemachine import RunState
 from state.models import RunRecord
@@ -87,6 +90,8 @@ class Watcher:
             provider_verdict=self.actions.provider_verdict,
             on_change=on_change,
         )
+        # Agents that can push are subscribed by the polls; pushed lines take the poll path.
+        self.push = attach(self.poller)
         # "skipped: maximum number of running instances reached" is max_instances=1 doing its
         # job (a slow box is never polled twice at once), not something to warn about.
         logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
@@ -116,6 +121,8 @@ class Watcher:
             for t in active:
                 mon = self.ctx.config.monitor_for(t)
                 every = poll_interval(mon.interval_s, by_target[t])
+                if self.push.active(t):  # pushes arrive: the poll is only a safety net
+                    every = max(every, mon.push_poll_s)
                 if self._polling.get(t) == every:
                     continue
                 trigger = IntervalTrigger(
@@ -186,7 +193,7 @@ class Watcher:
     # -- life ------------------------------------------------------------------------------------
     def start(self) -> None:
         """Resume: undelivered alerts are due now, unfinished actions retried, then schedule."""
-        alerts_mod.check_urls(self.ctx.config.alerts.urls, deep=True)  # a bad URL stops us here
+        check_urls(self.ctx.config.alerts.urls, deep=True)  # a bad URL stops us here
         alerts_mod.reset_retry_schedule(self.ctx.store)
         common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": 3600}
         self.scheduler.add_job(

@@ -34,9 +34,19 @@ from datetime import datetime
 
 from state.models import RunObservation, RunRecord, RunStatus
 from state.phases import Phase
+from state.slurm import (
+    SLURM_ACTIVE,
+    SLURM_LOST,
+    SLURM_TIMED_OUT,
+    SLURM_WAITING,
+    failed_upstream,
+)
+
+#: Slurm's reason for a job whose `afterok` upstream failed.
+DEPENDENCY_NEVER = "DependencyNeverSatisfied"
 
 #: Phases the monitor polls (earlier ones belong to `orch launch`, later ones are final).
-MONITORED_PHASES = frozenset({Phase.RUNNING, Phase.HUNG})
+MONITORED_PHASES = frozenset({Phase.QUEUED, Phase.RUNNING, Phase.HUNG})
 
 
 @dataclass(frozen=True)
@@ -300,6 +310,14 @@ def _judge(
         gone: bool | None = None
     else:
         gone = obs.session_alive is not True and obs.pid_alive is not True
+    slurm_active = False
+    if obs.slurm is not None:
+        verdict = _judge_slurm(prev, state, obs, now)
+        if verdict is not None:
+            return verdict
+        # Slurm's word leaves it to the run dir: running, COMPLETED, or a job Slurm forgot.
+        slurm_active = obs.slurm.state in SLURM_ACTIVE
+        gone = None if obs.slurm.error else not slurm_active
 
     if prev.cancel_requested and (gone or code is not None):
         return _finish(state, Phase.CANCELLED, "stopped by the user")
@@ -357,7 +375,9 @@ def _judge(
         return state, []
     state = replace(state, gone_since=None)
 
-    if (now - state.started_at).total_seconds() >= limits.timeout_s:
+    # Slurm enforces a job's own time limit (`--time`) and says TIMEOUT; time spent queued
+    # must not count against it here.
+    if not slurm_active and (now - state.started_at).total_seconds() >= limits.timeout_s:
         return _finish(
             state,
             Phase.TIMED_OUT,
@@ -389,8 +409,70 @@ def _judge(
             )
         ]
 
+    if obs.slurm is not None and obs.slurm.error and not slurm_active:
+        return replace(state, reason=f"Slurm cannot tell: {obs.slurm.error}"), []
     if note:  # not stale yet: keep the phase, say why progress is not judged
         return replace(state, reason=f"progress unknown: {note}"), []
     if state.phase is not Phase.RUNNING or state.reason:
         state = replace(state, phase=Phase.RUNNING, reason="")
     return state, []
+
+
+def _judge_slurm(
+    prev: RunState, state: RunState, obs: RunObservation, now: datetime
+) -> tuple[RunState, list[Alert]] | None:
+    """Slurm's verdict on a run's batch job, or None to let the run dir decide.
+
+    A finished run dir (`.run_complete`, manifest, exit 0) is a success whatever the job's end
+    looked like. Otherwise: PENDING (also after a requeue, which is not a crash) -> queued with
+    Slurm's reason and the stale clock held; CANCELLED -> cancelled; TIMEOUT -> timed_out;
+    NODE_FAIL/PREEMPTED -> lost; OUT_OF_MEMORY -> failed; FAILED -> failed with Slurm's reason
+    when the run dir says nothing. While the job runs, a signal death in `exit_code` (the
+    wrapper saw Slurm's SIGTERM) waits for Slurm's final word rather than read as a crash.
+    """
+    job = obs.slurm
+    assert job is not None
+    code = obs.exit_code
+    if obs.complete and obs.manifest_present and code == 0:
+        return None
+    st = job.state
+    if job.error or not job.known:
+        return None
+    if st in SLURM_WAITING:
+        if prev.cancel_requested:
+            return _finish(state, Phase.CANCELLED, "stopped by the user (while queued)")
+        why = f"queued in Slurm ({job.reason or st.lower()})"
+        if job.reason == DEPENDENCY_NEVER:  # a cluster without kill-on-invalid-dep
+            why += f": upstream {', '.join(failed_upstream(job)) or '?'} did not succeed"
+        if job.restarts:
+            why += f"; requeued {job.restarts} time(s), not a crash"
+        # Nothing runs yet: no progress is expected, so the stale clock starts only later.
+        return replace(state, phase=Phase.QUEUED, reason=why, last_seq_change_at=now), []
+    if st in SLURM_ACTIVE:
+        if code is not None and is_signal_exit(code):
+            return state, []  # ending under a Slurm signal: its final state says why
+        return None
+    if st == "CANCELLED" and job.reason == DEPENDENCY_NEVER and not prev.cancel_requested:
+        # `--kill-on-invalid-dep=yes`: an upstream of the study's graph did not succeed
+        upstream = ", ".join(failed_upstream(job)) or "an upstream job"
+        return _finish(state, Phase.CANCELLED, f"never ran: upstream {upstream} did not succeed")
+    if prev.cancel_requested or st == "CANCELLED":
+        why = "stopped by the user" if prev.cancel_requested else "cancelled in Slurm (scancel)"
+        return _finish(state, Phase.CANCELLED, why)
+    if st in SLURM_TIMED_OUT:
+        return _finish(state, Phase.TIMED_OUT, f"Slurm ended job {job.job_id} at its time limit")
+    if st in SLURM_LOST:
+        what = {"NODE_FAIL": "its node failed", "PREEMPTED": "it was preempted"}.get(
+            st, "its node did not boot"
+        )
+        return _finish(state, Phase.LOST, f"Slurm job {job.job_id} {st}: {what}")
+    if st == "OUT_OF_MEMORY":
+        return _finish(state, Phase.FAILED, f"Slurm job {job.job_id} ran out of memory")
+    if st == "FAILED" and not obs.failed_marker and code is None:
+        exit_ = f", exit {job.exit_code}" if job.exit_code is not None else ""
+        return _finish(
+            state,
+            Phase.FAILED,
+            f"Slurm job {job.job_id} FAILED ({job.reason or 'no reason'}{exit_})",
+        )
+    return None  # COMPLETED, FAILED with a run dir that says more, or a state we do not know

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import abc
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from orchestrator.sshcmd import SyncStats
+from state.errors import TargetError
 
 
 @dataclass(frozen=True)
@@ -27,23 +31,9 @@ class CommandResult:
         return self.returncode == 0
 
 
-@dataclass
-class SyncStats:
-    """What a tree sync moved (from rsync's --stats)."""
-
-    files_transferred: int = 0
-    bytes_sent: int = 0  # bytes on the wire
-    literal_bytes: int = 0  # file data actually sent (0 for a no-op sync)
-    total_size: int = 0
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def decode_agent_answer(target: str, line: bytes) -> dict[str, Any]:
     """One answer line of `python -m state.agent` as a dict; TargetError for anything else
     (the channel is then out of step and the caller must drop it)."""
-    from state.errors import TargetError
-
     try:
         answer = json.loads(line)
     except ValueError as exc:
@@ -54,11 +44,26 @@ def decode_agent_answer(target: str, line: bytes) -> dict[str, Any]:
 
 
 class Agent(abc.ABC):
-    """A long-lived `python -m state.agent` on the target: one JSON line per request."""
+    """A long-lived `python -m state.agent` on the target: one JSON line per request.
+
+    After a `watch` request the agent also pushes lines by itself (`{"push": n, ...}`); every
+    such line read, while waiting for an answer or in `drain`, goes to `on_push` (called on the
+    reading thread: it must only hand the line on, never call back into this agent)."""
+
+    on_push: Callable[[dict[str, Any]], None] | None = None
 
     @abc.abstractmethod
     def request(self, payload: dict[str, Any], *, timeout: float) -> dict[str, Any]:
         """Send one request and return the parsed answer; UnreachableError past the deadline."""
+
+    def drain(self, wait: float) -> bool:
+        """Wait up to `wait` s for pushed lines and hand them to `on_push`. False once the
+        channel is gone (the next request starts a new agent) or when this agent cannot push."""
+        return False
+
+    @staticmethod
+    def is_push(answer: dict[str, Any]) -> bool:
+        return "push" in answer and "ok" not in answer
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.config import LocalTarget as LocalConfig
+from orchestrator.config import SlurmTarget as SlurmConfig
 from orchestrator.config import SshTarget as SshConfig
 from orchestrator.targets.base import Target
 from state.errors import ConfigError
@@ -21,6 +22,7 @@ from state.models import RunRecord
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
+    from orchestrator.targets.sshconfig import SshHop
 
 KNOWN_HOSTS_FILE = "known_hosts"
 
@@ -37,6 +39,22 @@ def recorded_python(ctx: Context, name: str) -> str | None:
         if row and row.get("python"):
             return str(row["python"])
     return None
+
+
+def resolve_ssh(cfg: SshConfig) -> SshHop:
+    """Where an ssh target really is: its `host` looked up in the ssh_config (an alias's
+    HostName, User, Port, IdentityFile, ProxyJump), orch.toml's own keys winning. Connects
+    nowhere."""
+    # fabric (and invoke with it) loads only when an ssh target is built or shown.
+    from orchestrator.targets.sshconfig import resolve
+
+    return resolve(
+        cfg.host,
+        port=cfg.port,
+        user=cfg.user,
+        identity_file=cfg.identity_file,
+        ssh_config=cfg.ssh_config,
+    )
 
 
 def missing_target_hint(name: str, to_do: str) -> str:
@@ -59,6 +77,8 @@ def make_target(ctx: Context, name: str | None = None) -> Target:
     """The target called `name` (default: the config's default_target). ConfigError if unknown."""
     name, cfg = ctx.config.target(name)
     python = cfg.python or recorded_python(ctx, name)
+    # Each kind's module is imported when a target of that kind is built: paramiko (ssh, vast)
+    # costs every `orch` command a noticeable start-up otherwise.
     if isinstance(cfg, LocalConfig):
         from orchestrator.targets.local import LocalTarget
 
@@ -70,21 +90,45 @@ def make_target(ctx: Context, name: str | None = None) -> Target:
         from orchestrator.targets.ssh import SshTarget
 
         mon = ctx.config.monitor_for(name)
-        return SshTarget(
-            name,
-            host=cfg.host,
-            port=cfg.port,
-            user=cfg.user,
-            identity_file=cfg.identity_file,
-            known_hosts=cfg.known_hosts or default_known_hosts(ctx),
-            workdir=cfg.workdir,
-            python=python,
-            env=cfg.env,
-            connect_timeout=mon.connect_timeout_s,
-            command_timeout=mon.command_timeout_s,
-        )
+        known_hosts = cfg.known_hosts or default_known_hosts(ctx)
+
+        def build(hop: SshHop, label: str, **kw: object) -> SshTarget:
+            # Every hop pins its key in the same known_hosts, the jump host's included.
+            return SshTarget(
+                label,
+                host=hop.host,
+                port=hop.port,
+                user=hop.user,
+                identity_file=hop.identity_file,
+                known_hosts=known_hosts,
+                connect_timeout=mon.connect_timeout_s,
+                command_timeout=mon.command_timeout_s,
+                jump=build(hop.jump, f"{name} (jump {hop.jump.host})") if hop.jump else None,
+                **kw,  # type: ignore[arg-type]
+            )
+
+        hop = resolve_ssh(cfg)
+        if isinstance(cfg, SlurmConfig):  # a Slurm login node: an ssh box that also submits
+            from orchestrator.targets.slurm import SlurmTarget
+
+            return SlurmTarget(
+                name,
+                config=cfg,
+                host=hop.host,
+                port=hop.port,
+                user=hop.user,
+                identity_file=hop.identity_file,
+                known_hosts=known_hosts,
+                connect_timeout=mon.connect_timeout_s,
+                command_timeout=mon.command_timeout_s,
+                jump=build(hop.jump, f"{name} (jump {hop.jump.host})") if hop.jump else None,
+                workdir=cfg.workdir,
+                python=python,
+                env=cfg.env,
+            )
+        return build(hop, name, workdir=cfg.workdir, python=python, env=cfg.env)
     if cfg.kind == "vast":
-        try:
+        try:  # by name: an orch built without vast support still serves local and ssh targets
             vast = importlib.import_module("orchestrator.targets.vast")
         except ModuleNotFoundError as exc:
             if exc.name not in {"orchestrator.targets.vast", "orchestrator.vast"}:
@@ -93,8 +137,8 @@ def make_target(ctx: Context, name: str | None = None) -> Target:
                 f"target {name!r} is kind 'vast', but vast support is not installed in this orch",
                 hint='update orch, or use a `kind = "ssh"` target pointing at the box',
             ) from exc
-        target: Target = vast.make_vast_target(ctx, name, cfg)
+        target: Target = vast.make_vast_target(ctx, name, cfg, python=python)
         return target
     raise ConfigError(
-        f"target {name!r} has unknown kind {cfg.kind!r}", hint="use local, ssh or vast"
+        f"target {name!r} has unknown kind {cfg.kind!r}", hint="use local, ssh, slurm or vast"
     )

@@ -15,6 +15,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,7 @@ class LocalAgent(Agent):
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._buf = b""
+        self._lock = threading.RLock()  # close() may run inside a locked drain
 
     def alive(self) -> bool:
         return self._proc is None or self._proc.poll() is None
@@ -225,6 +227,40 @@ class LocalAgent(Agent):
             )
 
     def request(self, payload: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        with self._lock:
+            return self._request(payload, timeout)
+
+    def drain(self, wait: float) -> bool:
+        """Wait (outside the lock) up to `wait` s for output, then hand every complete pushed
+        line to `on_push`. False once the agent is gone: the next request starts a new one."""
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return False
+        fd = proc.stdout.fileno()
+        if b"\n" not in self._buf:
+            with contextlib.suppress(OSError, ValueError):
+                select.select([fd], [], [], wait)
+        with self._lock:
+            if self._proc is not proc:
+                return False
+            ready, _, _ = select.select([fd], [], [], 0)
+            chunk = os.read(fd, 65536) if ready else b""
+            self._buf += chunk
+            while b"\n" in self._buf:
+                raw, _, self._buf = self._buf.partition(b"\n")
+                try:
+                    line = decode_agent_answer(self.target.name, raw)
+                except TargetError:
+                    self.close()
+                    return False
+                if self.is_push(line) and self.on_push is not None:
+                    self.on_push(line)
+            if ready and not chunk:  # EOF: the agent exited
+                self.close()
+                return False
+        return True
+
+    def _request(self, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         if self._proc is None or self._proc.poll() is not None:
             self.close()
@@ -242,6 +278,15 @@ class LocalAgent(Agent):
         return self._read_line(deadline)
 
     def _read_line(self, deadline: float, *, starting: bool = False) -> dict[str, Any]:
+        """The next answer line; pushed lines met on the way go to `on_push`."""
+        while True:
+            answer = self._next_line(deadline, starting=starting)
+            if not self.is_push(answer):
+                return answer
+            if self.on_push is not None:
+                self.on_push(answer)
+
+    def _next_line(self, deadline: float, *, starting: bool = False) -> dict[str, Any]:
         assert self._proc is not None and self._proc.stdout is not None
         fd = self._proc.stdout.fileno()
         while b"\n" not in self._buf:

@@ -10,6 +10,9 @@ Why it is built this way (see /work/shared/reference/reliability-notes.md):
 - Host keys are pinned on first use into orch's own known_hosts (`orchestrator.hostkeys`); a
   changed key is a HostKeyError. rsync's ssh checks the same file with StrictHostKeyChecking=yes.
 - Secrets go over stdin only: sshd drops `environment=` without AcceptEnv, and argv is public.
+- Behind a ProxyJump host (`jump`, from the ssh_config: `sshconfig.py`) the connection runs in a
+  direct-tcpip channel of the jump host's own connection, whose key is pinned the same way;
+  rsync's ssh reaches it through a ProxyCommand with the same strict options (`sshcmd.py`).
 - The poll agent is one long-lived `python -m state.agent` on a channel that stays open, so a
   status poll is one line each way instead of a new ssh channel and a new remote process.
 """
@@ -28,6 +31,8 @@ import paramiko
 from orchestrator import hostkeys
 from orchestrator.sshcmd import SshEndpoint, include_list_file, quote_argv, rsync_argv, run_rsync
 from orchestrator.targets.base import Agent, CommandResult, SyncStats, Target
+from orchestrator.targets.ssh_agent import SshAgent
+from orchestrator.targets.watchdog import Watchdog
 from state.errors import (
     ConfigError,
     HostKeyError,
@@ -67,27 +72,6 @@ _PUT_SCRIPT = (
 )
 
 
-class Watchdog:
-    """Closes `transport` when `deadline` passes, so a blocked paramiko call returns."""
-
-    def __init__(self, transport: paramiko.Transport, deadline: float) -> None:
-        self.fired = False
-        self._transport = transport
-        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
-        self._timer.daemon = True
-
-    def _fire(self) -> None:
-        self.fired = True
-        self._transport.close()
-
-    def __enter__(self) -> Watchdog:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-
-
 class SshTarget(Target):
     """A box reachable over ssh. Nothing connects until the first call."""
 
@@ -108,6 +92,7 @@ class SshTarget(Target):
         connect_timeout: float = 10.0,
         command_timeout: float = 15.0,
         kind: str = "ssh",
+        jump: SshTarget | None = None,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -131,6 +116,8 @@ class SshTarget(Target):
         self._agent: Agent | None = None
         self._made_dirs: set[str] = set()
         self._ssh_agent: paramiko.Agent | None = None
+        #: the ProxyJump host: its own pinned connection, carrying ours in a direct-tcpip channel
+        self.jump = jump
 
     def __repr__(self) -> str:
         return f"SshTarget({self.name!r}, {self.user}@{self.host}:{self.port})"
@@ -144,6 +131,7 @@ class SshTarget(Target):
             known_hosts=self.known_hosts,
             identity_file=self.identity_file,
             connect_timeout=self.connect_timeout,
+            jump=self.jump.endpoint if self.jump is not None else None,
         )
 
     @property
@@ -172,6 +160,8 @@ class SshTarget(Target):
         if not self.host.strip():
             raise ConfigError(f"target {self.name}: host is empty", hint="set host in orch.toml")
         self._keys()
+        if self.jump is not None:
+            self.jump.preflight()
 
     # -- connection -------------------------------------------------------------------------
     def _keys(self) -> list[paramiko.PKey]:
@@ -219,13 +209,7 @@ class SshTarget(Target):
             raise UnreachableError(
                 f"target {self.name}: no time left to connect to {self._where()}"
             )
-        try:
-            sock = socket.create_connection((self.host, self.port), timeout=left)
-        except OSError as exc:
-            self._failed()
-            raise UnreachableError(
-                f"target {self.name}: cannot connect to {self._where()}: {exc.strerror or exc}"
-            ) from exc
+        sock = self._open_socket(deadline)
         t = paramiko.Transport(sock)
         t.banner_timeout = t.handshake_timeout = t.auth_timeout = max(0.1, left)
         self._prefer_pinned_types(t)
@@ -266,6 +250,36 @@ class SshTarget(Target):
         self._retry_at = 0.0
         return t
 
+    def _open_socket(self, deadline: float) -> socket.socket | paramiko.Channel:
+        """A TCP connection to host:port: direct, or a direct-tcpip channel opened on the jump
+        host's own (pinned, authenticated) connection, as fabric's gateway does."""
+        left = max(0.1, deadline - time.monotonic())
+        if self.jump is None:
+            try:
+                return socket.create_connection((self.host, self.port), timeout=left)
+            except OSError as exc:
+                self._failed()
+                raise UnreachableError(
+                    f"target {self.name}: cannot connect to {self._where()}: {exc.strerror or exc}"
+                ) from exc
+        try:
+            jt = self.jump.transport(deadline)
+        except UnreachableError as exc:
+            self._failed()
+            raise UnreachableError(
+                f"target {self.name}: cannot reach its jump host: {exc}", hint=exc.hint
+            ) from exc
+        try:
+            return jt.open_channel("direct-tcpip", (self.host, self.port), ("", 0), timeout=left)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self._failed()
+            if not jt.is_active():
+                self.jump.after_failure(jt)
+            raise UnreachableError(
+                f"target {self.name}: the jump host {self.jump._where()} cannot reach "
+                f"{self._where()}: {exc}"
+            ) from exc
+
     def _prefer_pinned_types(self, t: paramiko.Transport) -> None:
         """Negotiate only the pinned key type(s), so a server with several keys is checked
         against the one we pinned instead of offering another one that looks 'new'."""
@@ -297,7 +311,8 @@ class SshTarget(Target):
         self._retry_at = time.monotonic() + self._backoff
 
     def _where(self) -> str:
-        return f"{self.host}:{self.port}"
+        via = f" via {self.jump._where()}" if self.jump is not None else ""
+        return f"{self.host}:{self.port}{via}"
 
     @property
     def current_transport(self) -> paramiko.Transport | None:
@@ -508,8 +523,6 @@ class SshTarget(Target):
 
     def agent(self) -> Agent:
         if self._agent is None:
-            from orchestrator.targets.ssh_agent import SshAgent
-
             self._agent = SshAgent(self)
         return self._agent
 
@@ -531,6 +544,8 @@ class SshTarget(Target):
             self._agent = None
         with self._lock:
             self._drop()
+        if self.jump is not None:
+            self.jump.close()
 
 
 def _short(s: str, n: int = 120) -> str:

@@ -12,23 +12,36 @@ import json
 import select
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import paramiko
 
 from orchestrator.sshcmd import quote_argv
 from orchestrator.targets.base import Agent, decode_agent_answer
-from orchestrator.targets.ssh import Watchdog
+from orchestrator.targets.watchdog import Watchdog
 from state.errors import RemoteCommandError, TargetError, UnreachableError
 
-if TYPE_CHECKING:
-    from orchestrator.targets.ssh import SshTarget
+
+class ChannelSource(Protocol):
+    """What the agent needs of its connection (`SshTarget` is one): channels on a transport
+    with a deadline, and word of a failure so the connection is dropped and remade."""
+
+    name: str
+
+    @property
+    def current_transport(self) -> paramiko.Transport | None: ...
+
+    def open_channel(self, deadline: float) -> tuple[paramiko.Transport, paramiko.Channel]: ...
+
+    def after_failure(self, t: paramiko.Transport) -> None: ...
+
+    def agent_argv(self) -> list[str]: ...
 
 
 class SshAgent(Agent):
     """The poll agent on a channel that stays open; restarted after a timeout or EOF."""
 
-    def __init__(self, target: SshTarget, start_timeout: float = 30.0) -> None:
+    def __init__(self, target: ChannelSource, start_timeout: float = 30.0) -> None:
         self.target = target
         self.start_timeout = start_timeout
         self._chan: paramiko.Channel | None = None
@@ -79,6 +92,56 @@ class SshAgent(Agent):
             return self._read_line(deadline)
 
     def _read_line(self, deadline: float, *, starting: bool = False) -> dict[str, Any]:
+        """The next answer line; pushed lines met on the way go to `on_push`."""
+        while True:
+            answer = self._next_line(deadline, starting=starting)
+            if not self.is_push(answer):
+                return answer
+            self._pushed(answer)
+
+    def _pushed(self, line: dict[str, Any]) -> None:
+        if self.on_push is not None:
+            self.on_push(line)
+
+    def drain(self, wait: float) -> bool:
+        """Wait (outside the lock) up to `wait` s for data, then hand every complete pushed line
+        to `on_push`. False once the channel is gone: the next request reconnects."""
+        chan = self._chan
+        if chan is None or chan.closed:
+            return False
+        if b"\n" not in self._buf and not chan.recv_ready():
+            select.select([chan], [], [], wait)
+        with self._lock:
+            if self._chan is not chan:
+                return False
+            try:
+                while chan.recv_ready():
+                    chunk = chan.recv(65536)
+                    if not chunk:
+                        break
+                    self._buf += chunk
+            except (OSError, paramiko.SSHException, EOFError):
+                self._fail()
+                return False
+            while b"\n" in self._buf:
+                raw, _, self._buf = self._buf.partition(b"\n")
+                try:
+                    line = decode_agent_answer(self.target.name, raw)
+                except TargetError:
+                    self.close()
+                    return False
+                if self.is_push(line):
+                    self._pushed(line)  # an answer nobody waits for is dropped
+            transport = chan.get_transport()
+            if chan.eof_received or chan.closed or not transport.is_active():
+                if transport.is_active():
+                    self.close()
+                else:
+                    self._fail()
+                return False
+        return True
+
+    def _next_line(self, deadline: float, *, starting: bool = False) -> dict[str, Any]:
         chan = self._chan
         assert chan is not None
         while b"\n" not in self._buf:

@@ -97,8 +97,11 @@ def drop_host_key(
         forget_host_key(path, host, port or 22)
 
 
-def make_vast_target(ctx: Context, name: str, cfg: VastConfig) -> VastBoxTarget:
-    """The ssh side of vast target `name`; TargetError when it has no usable instance."""
+def make_vast_target(
+    ctx: Context, name: str, cfg: VastConfig, *, python: str | None = None
+) -> VastBoxTarget:
+    """The ssh side of vast target `name`; TargetError when it has no usable instance. `python`
+    is the interpreter to run there (the factory's choice: config, else what bootstrap recorded)."""
     row = ctx.store.live_instance_for(name)
     if row is None:
         raise TargetError(
@@ -109,8 +112,6 @@ def make_vast_target(ctx: Context, name: str, cfg: VastConfig) -> VastBoxTarget:
             f"vast instance {row['instance_id']} of target {name!r} is not ready (state {row.get('state') or 'unknown'})",
             hint=f"finish provisioning with `orch up {name}`, or `orch down {name}`",
         )
-    from orchestrator.targets.factory import recorded_python
-
     mon = ctx.config.monitor_for(name)
     known = known_hosts_path(ctx, cfg, str(row["instance_id"]))
     known.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ def make_vast_target(ctx: Context, name: str, cfg: VastConfig) -> VastBoxTarget:
         identity_file=str(identity_file(cfg)),
         known_hosts=known,
         workdir=cfg.workdir,
-        python=cfg.python or recorded_python(ctx, name),
+        python=python,
         env=cfg.env,
         connect_timeout=mon.connect_timeout_s,
         command_timeout=mon.command_timeout_s,

@@ -68,7 +68,6 @@ from orchestrator.vast.records import (
     running_fields,
     stopped_fields,
 )
-from orchestrator.vast.teardown import DownResult, down, down_orphans
 from state.errors import ConfigError, OrchError, ProviderError
 from state.runtime_contract import image_problem
 from state.store import dumps
@@ -79,13 +78,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BootProblem",
-    "DownResult",
     "ProvisionFailed",
     "UpResult",
     "boot_problem",
     "destroy_recorded",
-    "down",
-    "down_orphans",
     "up",
     "wait_running",
 ]

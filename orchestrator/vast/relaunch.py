@@ -21,6 +21,9 @@ The new run's `spec.json` names the run it replaces (`relaunch_of`), how many re
 chain has had (`relaunch_count`) and where it resumed from (`resumed_from`). A chain stops after
 `max_relaunches`; the action is recorded in the store, so a restarted watcher never relaunches
 the same lost run twice.
+
+`orch launch STAGE --resume RUN` (`resume_run`) is the same path by hand, on any target: the run
+(crashed, failed, lost ...) is relaunched with its recorded task from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ from orchestrator.checkpoints import (
 )
 from orchestrator.vast.records import info_of
 from state import names
-from state.errors import LaunchError
+from state.errors import LaunchError, StageError
 from state.models import RunRecord, RunSpec
 from state.phases import Phase
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
+    from orchestrator.progress import Steps
     from orchestrator.targets.base import Target
 
 SEED_TIMEOUT_S = 600.0
@@ -184,6 +188,78 @@ def relaunch_lost(ctx: Context, rec: RunRecord) -> RelaunchResult:
         f"logs: orch logs {new.key}",
     )
     return RelaunchResult(new=new, instance_id=iid, resumed_from=ckpt)
+
+
+def resume_run(
+    ctx: Context,
+    ref: str,
+    stage_name: str | None = None,
+    *,
+    sync: bool = True,
+    report: Steps | None = None,
+) -> RunRecord:
+    """`orch launch STAGE --resume RUN`: relaunch a training run that ended unfinished (crashed,
+    failed, lost, ...) on its own target with its exact recorded task, resuming from its newest
+    complete checkpoint. The auto-relaunch's path (`relaunch_lost` above): the checkpoint
+    is hard-linked from the old run dir on the box (or sent from a pulled copy) into the new run
+    dir, where the worker resumes from it exactly; the new spec names the old run
+    (`relaunch_of`) and the checkpoint (`resumed_from`). With no checkpoint it starts at step 0."""
+    from jobs.spec import StageSpec
+    from orchestrator.launch import launch_stage
+    from orchestrator.pull import local_run_dir
+    from orchestrator.targets.factory import make_target
+
+    rec = ctx.store.resolve_run(ref)
+    if stage_name is not None and stage_name != rec.stage:
+        raise StageError(
+            f"run {rec.key} is a run of {rec.stage}, not {stage_name}",
+            hint=f"orch launch {rec.stage} --resume {rec.key}",
+        )
+    if not rec.phase.is_terminal or rec.phase is Phase.SUCCEEDED:
+        raise StageError(
+            f"run {rec.key} is {rec.phase.value}: only a run that ended unfinished is resumed",
+            hint=f"stop it first (orch stop {rec.key})" if not rec.phase.is_terminal else "",
+        )
+    old = lineage(rec)
+    if old.task.command != "train":
+        raise StageError(
+            f"run {rec.key} is a {old.task.command} run: only training resumes from a checkpoint",
+            hint=f"orch launch {rec.stage}",
+        )
+    found = local_checkpoints(local_run_dir(ctx, rec))
+    target = make_target(ctx, rec.target)
+    try:
+        with contextlib.suppress(Exception):  # a box that lost the run dir: the pulled copy
+            found += remote_checkpoints(target, rec.run_dir)
+    finally:
+        with contextlib.suppress(Exception):
+            target.close()
+    ckpt = newest(found)
+    stage = StageSpec(
+        name=old.stage,
+        stage_dir=old.stage_dir,
+        task=old.task,
+        timeout_s=old.timeout_s,
+        stale_after_s=old.stale_after_s,
+        poll_interval_s=old.poll_interval_s,
+        resources=old.resources,
+        nproc_per_node=old.nproc_per_node,
+    )
+    extra = {
+        "relaunch_of": rec.key,
+        "relaunch_count": old.relaunch_count + 1,
+        "resumed_from": ckpt.describe() if ckpt else None,
+        "inputs": old.inputs,
+    }
+
+    def seed(t: Target, new: RunRecord) -> None:
+        if ckpt is not None:
+            seed_checkpoint(t, ckpt, new.run_dir)
+
+    return launch_stage(
+        ctx, stage, rec.target, sync=sync, profile=old.profile, seed=seed, spec_extra=extra,
+        report=report,
+    )  # fmt: skip
 
 
 def relaunch_failed(ctx: Context, rec: RunRecord, exc: BaseException, attempts: int) -> None:

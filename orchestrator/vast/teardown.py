@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from orchestrator.vast.provision import make_client, vast_config
+from orchestrator.vast.reconcile import destroy_orphans, list_all, orphans
 from orchestrator.vast.records import destroy_recorded
 from state.errors import OrchError, ProviderError, TargetError
 from state.phases import Phase
@@ -27,8 +29,6 @@ def down(ctx: Context, name: str | None, *, force: bool = False, pull: bool = Fa
     """Destroy the live instance of vast target `name`: refuse while runs are active (unless
     `force`, which marks them cancelled), pull first if asked, then destroy, forget the pinned
     host key and the env bootstrap recorded for the old box."""
-    from orchestrator.vast.provision import make_client, vast_config
-
     name, cfg = vast_config(ctx, name)
     row = ctx.store.live_instance_for(name)
     if row is None:
@@ -68,9 +68,6 @@ def down_orphans(
 ) -> list[int]:
     """Destroy the instances labelled as orch's (of target `name`, or of every vast target)
     that the store does not hold as live, after `confirm` (skipped with `yes`)."""
-    from orchestrator.vast.provision import vast_config
-    from orchestrator.vast.reconcile import destroy_orphans, list_all, orphans
-
     if name is not None:
         name, _ = vast_config(ctx, name)
     found = orphans(ctx, list_all(ctx), target=name)

@@ -13,19 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.alerturls import Redactor, check_urls, expand_env, redact_url, url_problem
 from orchestrator.config import AlertSettings, parse_config
 from orchestrator.monitor import ledger
-from orchestrator.monitor.alerts import (
-    Redactor,
-    alert_payload,
-    backoff_s,
-    check_urls,
-    deliver_pending,
-    expand_env,
-    format_alert,
-    redact_url,
-    url_problem,
-)
+from orchestrator.monitor.alerts import alert_payload, backoff_s, deliver_pending, format_alert
 from orchestrator.monitor.refresh import merge_target_alerts
 from orchestrator.monitor.statemachine import Alert, Limits, RunState, transition
 from state.errors import ConfigError

@@ -43,9 +43,14 @@ def test_a_ministral_step_checkpoint_is_about_41_gb_and_the_peak_counts_the_one_
     final = footprint.checkpoint_bytes(shape.parameters, "float32", optimizer=False)
     assert 41.0 * GB < step < 41.3 * GB  # fp32 weights + AdamW's two fp32 moments = 12 B/param
     assert 13.7 * GB < final < 13.8 * GB
-    # keep_checkpoints=2: two complete ones plus the one being written (the 123 GB)
-    assert footprint.checkpoints_peak_bytes(step, 2, final) == 3 * step
+    # prune before save (worker.checkpoints): keep_checkpoints=2 is one complete one plus the
+    # one being written (82 GB, not the 123 GB); keep=1 keeps the previous one until
+    # the new one is complete (also 2); keep=3 is 3; final/ is written beside one step only
+    assert footprint.checkpoints_peak_bytes(step, 2, final) == 2 * step
     assert footprint.checkpoints_peak_bytes(step, 1, final) == 2 * step
+    assert footprint.checkpoints_peak_bytes(step, 3, final) == 3 * step
+    assert footprint.checkpoints_peak_bytes(step, 2, final, saves=1) == step + final
+    assert footprint.checkpoints_peak_bytes(step, 2, final, saves=0) == final
 
 
 def test_training_memory_of_the_ministral_profile_fits_80_gb_and_not_24() -> None:

@@ -72,13 +72,23 @@ def test_the_default_80_gb_disk_cannot_hold_two_ministral_checkpoints() -> None:
     assert "disk_gb" in row.fix
 
 
-def test_keeping_more_checkpoints_costs_one_checkpoint_each() -> None:
+def test_the_checkpoint_peak_follows_the_worker_s_prune_before_save_rule() -> None:
     c = cap("H100 SXM", 80, 1000)
-    [one] = plan_stages(specs(MINI, "stage3a"), MINI, c, Recorded())
-    [two] = plan_stages(specs(MINI, "stage3a", keep_checkpoints=2), MINI, c, Recorded())
-    assert two.disk.checkpoints_peak - one.disk.checkpoints_peak == pytest.approx(
-        one.disk.checkpoint, rel=1e-6
-    )
+
+    def peak(**over: object) -> tuple[int, int]:
+        [p] = plan_stages(specs(MINI, "stage3a", **over), MINI, c, Recorded())
+        return p.disk.checkpoints_peak, p.disk.checkpoint
+
+    one, step = peak(keep_checkpoints=1)
+    assert one == 2 * step  # the previous one stays until the new one is complete
+    assert peak(keep_checkpoints=2)[0] == 2 * step  # pruned to one before the save
+    assert peak(keep_checkpoints=3)[0] == 3 * step
+    # one save in 2000 steps: that one, and final/ (weights only, a third of it) beside it
+    assert 1.2 * step < peak(keep_checkpoints=3, save_every=1000)[0] < 1.5 * step
+    # a final with the optimizer state is as big as a step checkpoint
+    no_saves = {"save_every": 5000}
+    weights_only = peak(**no_saves)[0]
+    assert peak(final_weights_only=False, **no_saves)[0] > 2.5 * weights_only
 
 
 def test_a_run_s_own_throughput_replaces_the_profile_table() -> None:

@@ -230,7 +230,7 @@ def test_messages_rows_with_a_chat_template(tiny_tokenizer, tmp_path: Path) -> N
         }
     ]
     sft = data.load_sft(_src(_write_jsonl(tmp_path / "chat.jsonl", rows), "sft"))
-    (t,) = data.tokenize_sft(sft, tok, 64)
+    (t,) = data.tokenize_sft(sft, tok, 64, use_chat_template=True)  # only when asked
     assert tok.convert_ids_to_tokens(t.prompt_ids)[-3:] == [
         ".",
         "<unk>",

@@ -88,10 +88,63 @@ def test_prefix_mode_changes_the_scores(tiny_sdpa) -> None:
 
 
 def test_long_contexts_are_left_truncated(tiny_tokenizer) -> None:
+    # lm-eval's rule: the model is fed (context + continuation)[:-1], at most max_length tokens,
+    # so context + continuation may be max_length + 1 tokens; plain left truncation (no BOS kept)
     ex = McExample("count : " + " ".join(str(i % 19) for i in range(40)) + " next", [" 1", " 2"], 0)
     (q,), truncated = ev.prepare([ex], tiny_tokenizer, 16)
-    assert truncated == 1 and len(q.ctx) + 1 == 16 and q.ctx[0] == tiny_tokenizer.bos_token_id
+    assert truncated == 1 and len(q.ctx) + 1 == 16 + 1
+    assert q.ctx[0] != tiny_tokenizer.bos_token_id
     assert tiny_tokenizer.decode(q.ctx[-2:]) == f"{39 % 19} next"  # the end is kept
+    with pytest.raises(WorkerError, match="longer than max_length 8"):
+        ev.prepare([McExample("count :", [" 1 2 3 4 5 6 7 8 9"], 0)], tiny_tokenizer, 8)
+
+
+def _no_bos_tokenizer(tok):
+    """A copy of `tok` whose default encoding adds nothing (no BOS), BOS token still defined."""
+    import copy
+
+    other = copy.deepcopy(tok)
+    other.backend_tokenizer.post_processor = None
+    assert other("sum : 3")["input_ids"][0] != tok.bos_token_id
+    return other
+
+
+def test_bos_follows_the_tokenizer_default_unless_the_stage_sets_it(tiny_tokenizer) -> None:
+    tok = tiny_tokenizer
+    bos = tok.bos_token_id
+    plain = tok("sum : 3 plus 4 is", add_special_tokens=False)["input_ids"]
+    ex = [McExample("sum : 3 plus 4 is", [" 7", " 8"], 0)]
+    # the tiny tokenizer adds BOS by default (its post-processor): same tokens as always-BOS
+    assert ev.resolve_add_bos(tok, None) == (True, "tokenizer default")
+    assert ev.prepare(ex, tok, 64)[0][0].ctx == [bos, *plain]
+    assert ev.prepare(ex, tok, 64, add_bos=False)[0][0].ctx == plain
+    assert ev.resolve_add_bos(tok, False) == (False, "stage")
+    # a tokenizer that adds nothing by default: no BOS unless the stage asks for it
+    nobos = _no_bos_tokenizer(tok)
+    assert ev.resolve_add_bos(nobos, None) == (False, "tokenizer default")
+    assert ev.prepare(ex, nobos, 64)[0][0].ctx == plain
+    assert ev.prepare(ex, nobos, 64, add_bos=True)[0][0].ctx == [bos, *plain]
+    assert ev.resolve_add_bos(nobos, True) == (True, "stage")
+    # an empty context is the prefix token (BOS) whatever the rule; as lm-eval 0.4.9's
+    # tok_encode(continuation), the continuation carries a BOS of its own when BOS is on
+    seven = tok(" 7", add_special_tokens=False)["input_ids"]
+    assert encode_pair(tok, "", " 7", add_bos=False, lm_eval_empty=True) == ([bos], seven)
+    assert encode_pair(tok, "", " 7", add_bos=True, lm_eval_empty=True) == ([bos], [bos, *seven])
+    assert encode_pair(tok, "", " 7") == ([bos], seven)  # SFT's default: unchanged
+
+
+def test_context_limit_is_the_models_own(tiny_sdpa) -> None:
+    model, tok = tiny_sdpa.model, tiny_sdpa.tokenizer
+    assert ev.context_limit(model, tok, 100) == (100, "stage")
+    assert model.config.max_position_embeddings == 512 == tok.model_max_length
+    assert ev.context_limit(model, tok, None)[0] == 512
+
+    class Tok:
+        model_max_length = int(1e30)  # transformers' "not set"
+
+    assert ev.context_limit(model, Tok(), None) == (512, "config.max_position_embeddings")
+    Tok.model_max_length = 128
+    assert ev.context_limit(model, Tok(), None) == (128, "tokenizer.model_max_length")
 
 
 def _args(**kw) -> EvalArgs:
@@ -123,6 +176,13 @@ def test_tiny_model_end_to_end_well_above_chance(tiny_sdpa) -> None:
     tokens = [k for _, _, k in seen]
     assert all(b > a for a, b in zip(tokens, tokens[1:], strict=False)), tokens
     assert [k for k, _ in events] == ["eval", "eval", "eval"]
+    # what was applied, recorded: BOS rule, context limit, tokenizer, lm-eval counterparts
+    assert res["add_bos"] is True and res["add_bos_source"] == "tokenizer default"
+    assert (res["max_length"], res["max_length_source"]) == (512, "config.max_position_embeddings")
+    assert res["tokenizer"]["class"] == "TokenizersBackend" and res["tokenizer"]["is_fast"]
+    assert res["tokenizer"]["backend"] == res["tokenizer"]["requested"] == "hf"
+    assert res["mask_check_tokens"] == "data"
+    assert all(t["lm_eval_metrics"] == [] for t in res["tasks"].values())  # mc: none
 
 
 def test_shared_and_naive_evaluate_agree_with_fewer_tokens(tiny_sdpa) -> None:

@@ -229,7 +229,10 @@ def test_profile_args_load_the_local_replica(ministral_dir: Path) -> None:
     assert profile.model == MINISTRAL_3B_ID == "mistralai/Ministral-3-3B-Base-2512"
     args = dict(get_stage("stage2", "ministral-3b").task.args)
     assert (args["dtype"], args["attn_implementation"]) == ("bfloat16", "sdpa")
-    assert args["max_length"] <= 16384  # within YaRN's original window (262144 extended)
+    # eval: contexts cut to the model's own limit, as lm-eval does; the SFT rows of training
+    # stay within YaRN's original window (262144 extended)
+    assert args["max_length"] is None
+    assert get_stage("stage3b", "ministral-3b").task.args["max_length"] <= 16384
     args.update(model=str(ministral_dir), device="cpu")  # no GPU, no hub here
     loaded = modeling.load(EvalArgs.model_validate(args))
     assert type(loaded.model).__name__ == "Ministral3ForCausalLM"
@@ -299,3 +302,27 @@ def test_other_architecture_is_refused_clearly(ministral_dir: Path, tmp_path: Pa
     CLIPConfig().save_pretrained(tmp_path / "clip")
     with pytest.raises(WorkerError, match="neither a causal LM nor a vision\\+text"):
         _load(tmp_path / "clip")
+
+
+def test_mask_self_check_on_the_replica_uses_real_tokens_not_reserved_ids(
+    ministral_dir: Path,
+) -> None:
+    """The replica's low ids are Mistral's control tokens; with their embedding rows zeroed (as
+    reported for Tekken's reserved rows), low ids give the same logits under any mask: the check
+    must read text (the stage's rows, or the tokenizer's ordinary vocabulary) and pass."""
+    from state.errors import WorkerError
+
+    loaded = _load(ministral_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    n_special = len(SPECIALS)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:n_special] = 0.0
+    low = torch.randint(3, n_special, (2, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(WorkerError, match="silent causal fallback"):
+        masks.verify_mask_path(model, sample=low.tolist())
+    rows = [
+        tok(r["prompt"] + r["response"])["input_ids"] for r in tiny.sft_rows("recall", "train", 4)
+    ]
+    assert min(i for r in rows for i in r[1:]) >= n_special  # text, past the control tokens
+    assert masks.verify_mask_path(model, sample=rows, tokenizer=tok) == "data"
+    assert masks.verify_mask_path(model, tokenizer=tok) == "tokenizer vocabulary"

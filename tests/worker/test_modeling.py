@@ -137,3 +137,23 @@ def test_concurrent_builds_do_not_race(tmp_path: Path) -> None:
 def test_spec_key_changes_with_the_recipe() -> None:
     assert MINI.key() != tiny.TinySpec().key()
     assert MINI.key() == tiny.TinySpec(**{**MINI.__dict__}).key()
+
+
+def test_tokenizer_backend_is_explicit_and_recorded(tiny_model_dir) -> None:
+    # transformers 5: mistral_format=False keeps the HF files even where a tekken.json and
+    # mistral_common would switch AutoTokenizer to MistralCommonBackend; None = its own pick
+    assert modeling._backend_kwargs("hf") == {"mistral_format": False}
+    assert modeling._backend_kwargs("auto") == {}
+    assert modeling._backend_kwargs("mistral-common") == {"mistral_format": True}
+    args = EvalArgs(model=str(tiny_model_dir), device="cpu", dtype="float32")
+    assert args.tokenizer_backend == "hf"
+    info = modeling.load(args).tokenizer_info
+    assert info == {
+        "class": "TokenizersBackend",
+        "is_fast": True,
+        "backend": "hf",
+        "requested": "hf",
+    }
+    # the tiny dir has no tekken.json: asking for mistral-common is one clear error
+    with pytest.raises(WorkerError, match="tokenizer_backend 'mistral-common'"):
+        modeling.load(args.model_copy(update={"tokenizer_backend": "mistral-common"}))

@@ -1,0 +1,1 @@
+"""Slurm clusters as targets: the sbatch job script (`jobscript`), submit/cancel (`submit`)."""

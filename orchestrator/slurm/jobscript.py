@@ -1,0 +1,169 @@
+"""The sbatch job of one run: its options from the stage spec and the target, and the job
+script that runs the same wrapper as a tmux launch (so the run-dir protocol is unchanged).
+Pure: builds lists and text, no I/O.
+
+    sbatch_argv(cfg, spec, job_name=..., run_dir_abs=..., code_dir=..., script=...)
+    job_script(run_dir_abs, wrapper_command_line)
+
+The options go on sbatch's command line as list items (quoted by the target), never into
+`#SBATCH` lines, so no value is ever parsed by a shell or by Slurm's script scanner. Slurm's
+own output (its "CANCELLED ... DUE TO TIME LIMIT" lines) is appended to the run's stdout.log,
+which `orch logs` reads.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from state import names
+from state.slurm import after_comment, check_job_id
+
+if TYPE_CHECKING:
+    from orchestrator.config import SlurmTarget as SlurmConfig
+    from state.models import RunSpec
+
+#: The job script's own name in the run dir.
+JOB_SCRIPT = "job.sh"
+
+
+def time_limit_minutes(timeout_s: float, margin_s: float = 0.0) -> int:
+    """`--time` in whole minutes (Slurm's unit): the stage timeout plus a margin, at least 1."""
+    return max(1, math.ceil((float(timeout_s) + float(margin_s)) / 60.0))
+
+
+def gres_option(gpus: int, gpu_type: str | None) -> str | None:
+    if gpus <= 0:
+        return None
+    return f"--gres=gpu:{gpu_type}:{gpus}" if gpu_type else f"--gres=gpu:{gpus}"
+
+
+def sbatch_options(
+    cfg: SlurmConfig,
+    spec: RunSpec,
+    *,
+    job_name: str,
+    run_dir_abs: str,
+    code_dir: str,
+    after: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Every sbatch option of a run, as `--name=value` items. `after`: `{job_id: run key}` of
+    the upstream runs of the study's graph: the job starts once they all succeeded
+    (`afterok`), Slurm cancels it if one does not (`--kill-on-invalid-dep=yes`), and the job's
+    comment names them so the monitor can say which one failed."""
+    names.check_name(job_name, "Slurm job name")
+    gpus = max(int(spec.resources.gpus), 0)
+    opts = [
+        f"--job-name={job_name}",
+        f"--output={run_dir_abs}/{names.STDOUT}",
+        "--open-mode=append",
+        f"--chdir={code_dir}",
+        "--nodes=1",
+        "--ntasks=1",
+        f"--time={time_limit_minutes(spec.timeout_s, cfg.time_margin_s)}",
+        "--requeue" if cfg.requeue else "--no-requeue",
+    ]
+    for key, value in (("partition", cfg.partition), ("account", cfg.account), ("qos", cfg.qos)):
+        if value:
+            opts.append(f"--{key}={value}")
+    if cfg.cpus_per_task:
+        opts.append(f"--cpus-per-task={cfg.cpus_per_task}")
+    if cfg.mem:
+        opts.append(f"--mem={cfg.mem}")
+    gres = gres_option(gpus, cfg.gpu_type)
+    if gres:
+        opts.append(gres)
+    if cfg.signal_before_s > 0:
+        # `B:`: to the batch shell (the job script), which notes it; without it Slurm signals
+        # only job steps, and a batch job that runs no srun has none.
+        opts.append(f"--signal=B:USR1@{cfg.signal_before_s}")
+    if after:
+        opts += [
+            "--dependency=afterok:" + ":".join(check_job_id(j) for j in after),
+            "--kill-on-invalid-dep=yes",
+            f"--comment={after_comment(dict(after))}",
+        ]
+    opts += list(cfg.sbatch_args)
+    return opts
+
+
+def sbatch_argv(options: list[str], script_path: str) -> list[str]:
+    """`sbatch --parsable OPTIONS... SCRIPT`: prints `JOBID` (or `JOBID;CLUSTER`)."""
+    return ["sbatch", "--parsable", *options, script_path]
+
+
+def parse_job_id(stdout: str) -> str | None:
+    """The job id `sbatch --parsable` printed (`123` or `123;cluster`), or None."""
+    for line in stdout.splitlines():
+        jid = line.strip().split(";", 1)[0]
+        if jid.isdigit():
+            return jid
+    return None
+
+
+# The batch shell: clears what an earlier attempt of a requeued job left (so a rerun is judged
+# by its own exit code), forwards Slurm's early-warning USR1 to the worker, and waits for the
+# wrapper through signals (a trapped signal interrupts `wait`; the wrapper itself handles TERM
+# from scancel or the time limit and writes exit_code), then exits with the wrapper's code.
+# The wrapper starts with USR1 ignored (an ignored signal stays ignored across exec), so a
+# warning that comes before the worker's handler is there never kills anything: the
+# `.checkpoint_request` file left first tells the worker at its start instead. On USR1 the
+# worker saves a step checkpoint at its next step boundary and trains on (worker/train.py).
+_BODY = """\
+run_dir={run_dir}
+if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then
+    rm -f -- "$run_dir/{exit_code}" "$run_dir/{pid}" "$run_dir/{run_failed}" "$run_dir/{request}"
+    echo "orch: Slurm job $SLURM_JOB_ID restarted (restart $SLURM_RESTART_COUNT)"
+fi
+echo "orch: Slurm job $SLURM_JOB_ID on $(hostname) (${{SLURM_JOB_PARTITION:-?}})"
+sig=""
+usr1=""
+trap '' USR1
+{command} &
+w=$!
+trap 'sig=1; usr1=1' USR1
+trap 'sig=1' TERM
+while :; do
+    wait "$w"
+    rc=$?
+    if [ -n "$usr1" ]; then
+        usr1=""
+        echo "orch: Slurm says the time limit is near (USR1): asking the worker for a checkpoint"
+        : >"$run_dir/{request}"
+        p=$(cat "$run_dir/{pid}" 2>/dev/null)
+        case "$p" in
+            ''|*[!0-9]*) ;;
+            *) kill -USR1 "$p" 2>/dev/null{children} ;;
+        esac
+    fi
+    if [ -n "$sig" ]; then
+        sig=""
+        if kill -0 "$w" 2>/dev/null; then
+            continue
+        fi
+    fi
+    break
+done
+exit "$rc"
+"""
+
+#: Under torchrun the pid file names torchrun (which ignores USR1): its children are the ranks.
+_CHILDREN = '; pkill -USR1 -P "$p" 2>/dev/null'
+
+
+def job_script(run_dir_abs: str, command: str, *, submit_line: str = "", nproc: int = 1) -> str:
+    """The job script: `command` is the wrapper's one shell-command line (`wrapper_command`);
+    `nproc > 1`: the worker runs under torchrun, whose children get the USR1."""
+    head = "#!/bin/sh\n# orch: the batch job of one run (docs/slurm.md); submitted as\n"
+    head += "".join(f"#   {line}\n" for line in (submit_line or "sbatch job.sh").splitlines())
+    return head + _BODY.format(
+        run_dir=shlex.quote(run_dir_abs),
+        exit_code=names.EXIT_CODE,
+        pid=names.PID,
+        run_failed=names.RUN_FAILED,
+        request=names.CHECKPOINT_REQUEST,
+        command=command,
+        children=_CHILDREN if nproc > 1 else "",
+    )

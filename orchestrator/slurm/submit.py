@@ -1,0 +1,91 @@
+"""Submit, ask about and cancel a run's Slurm job, through the login node (a `slurm` target).
+
+    job_id = submit_run(target, cfg, spec, rec, python=..., nproc=..., wrapper_path=...)
+    cancel_job(target, job_id)
+    job = job_state(target, job_id)      # a SlurmJob (the same reading the poll agent makes)
+
+Every command is a list (the target quotes it); the job script is written into the run dir
+first (`job.sh`), so what ran can be read and resubmitted by hand.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from orchestrator import wrapper
+from orchestrator.slurm import jobscript
+from orchestrator.sshcmd import quote_argv
+from state import names
+from state.errors import LaunchError
+from state.models import SlurmJob
+from state.slurm import check_job_id, parse_squeue, squeue_argv
+
+if TYPE_CHECKING:
+    from orchestrator.config import SlurmTarget as SlurmConfig
+    from orchestrator.targets.base import Target
+    from state.models import RunRecord, RunSpec
+
+QUICK_TIMEOUT_S = 30.0
+
+
+def submit_run(
+    target: Target,
+    cfg: SlurmConfig,
+    spec: RunSpec,
+    rec: RunRecord,
+    *,
+    python: str,
+    nproc: int,
+    wrapper_path: str,
+    after: Mapping[str, str] | None = None,
+) -> str:
+    """Write the run's job script and `sbatch` it; the job id (LaunchError with sbatch's
+    words when Slurm refuses the job, e.g. more GPUs than any node has)."""
+    code_dir = posixpath.join(target.workdir, names.CODE_DIR)
+    run_dir_abs = posixpath.join(target.workdir, rec.run_dir)
+    env = wrapper.run_env(code_dir=code_dir, run_dir_abs=run_dir_abs, spec=spec, extra=cfg.env)
+    command = wrapper.wrapper_command(
+        wrapper_path=wrapper_path,
+        run_dir_abs=run_dir_abs,
+        argv=wrapper.worker_argv(python, run_dir_abs, nproc),
+        env=env,
+    )
+    script_path = f"{run_dir_abs}/{jobscript.JOB_SCRIPT}"
+    options = jobscript.sbatch_options(
+        cfg, spec, job_name=rec.session, run_dir_abs=run_dir_abs, code_dir=code_dir, after=after
+    )
+    argv = jobscript.sbatch_argv(options, script_path)
+    text = jobscript.job_script(run_dir_abs, command, submit_line=quote_argv(argv), nproc=nproc)
+    target.put_bytes(text.encode(), script_path, mode=0o755)
+    res = target.run(argv, timeout=QUICK_TIMEOUT_S)
+    if res.returncode == 127:
+        raise LaunchError(
+            f"sbatch is not on PATH on the login node of {target.name!r}",
+            hint="check host/user, or set env = { PATH = ... } for the target",
+        )
+    job_id = parse_job_id_or_none(res.stdout) if res.returncode == 0 else None
+    if job_id is None:
+        why = " ".join(res.stderr.split()) or f"exit {res.returncode}: {res.stdout.strip()}"
+        raise LaunchError(f"Slurm refused the job of {rec.key} on {target.name!r}: {why}")
+    return job_id
+
+
+def parse_job_id_or_none(stdout: str) -> str | None:
+    return jobscript.parse_job_id(stdout)
+
+
+def job_state(target: Target, job_id: str) -> SlurmJob:
+    """What squeue says about one job now (`known=False` once Slurm forgot it)."""
+    res = target.run(squeue_argv([check_job_id(job_id)]), timeout=QUICK_TIMEOUT_S)
+    if res.returncode != 0:
+        why = " ".join(res.stderr.split())[-300:] or f"exit {res.returncode}"
+        return SlurmJob(job_id=job_id, error=f"squeue failed: {why}")
+    return parse_squeue(res.stdout).get(job_id) or SlurmJob(job_id=job_id, known=False)
+
+
+def cancel_job(target: Target, job_id: str) -> bool:
+    """`scancel JOB` (SIGTERM to the job, then SIGKILL after Slurm's KillWait). True if asked."""
+    res = target.run(["scancel", "--", check_job_id(job_id)], timeout=QUICK_TIMEOUT_S)
+    return res.returncode == 0

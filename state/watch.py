@@ -1,0 +1,303 @@
+"""The watching half of the poll agent: after a `watch` request the agent pushes a line itself
+whenever something that decides a run's phase changed, instead of waiting to be asked.
+
+What is watched, per run (cheap, local, read-only):
+
+- the worker's pid: a `pidfd` (`os.pidfd_open`, Linux >= 5.3) that the agent's select loop
+  waits on, so a death is seen the instant it happens; without pidfds a `kill(pid, 0)` on every
+  tick (`pid_alive`);
+- the run files that decide a phase (`exit_code`, `.run_complete`, `.run_failed`,
+  `manifest.json`, `pid`) and `status.json` (its `seq` moves with every atomic rewrite): the
+  run dir's own mtime is looked at every tick (every atomic write renames into it), the files
+  themselves when it moved and at least once a second;
+- the tmux session: `tmux list-sessions` every `session_check_s` (a killed session takes its
+  worker with it, which the pidfd sees at once anyway).
+
+A change is pushed as one line holding a `TargetObservation` (the shape of a poll answer) with
+the runs that changed: at most one line per run every `min_gap_s` while busy; a change that
+only moves progress (`status.json`) at most every `progress_s`; a worker's death waits up to
+`settle_s` for the wrapper's `exit_code` so the one line says how it ended. When nothing was
+pushed for `heartbeat_s` a small heartbeat line says the box is alive and nothing changed.
+
+    {"push": 7, "chan": "9f2c...", "obs": {...TargetObservation...}}
+    {"push": 8, "chan": "9f2c...", "beat": true}
+
+`push` numbers the lines of one subscription from 1 (a new `watch` request keeps counting,
+a new agent starts again with a new `chan`), so the controller drops duplicates and notices
+gaps; the store still decides what is new.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import Field
+
+from state import names
+from state.models import RunObservation, TargetObservation
+from state.observe import (
+    ObserveRequest,
+    RunQuery,
+    gpu_stats,
+    observe,
+    observe_run,
+    pid_alive,
+    tmux_sessions,
+)
+from state.protocol import read_small_int
+
+#: The files whose change can decide a phase (status.json is progress, handled on its own).
+DECISIVE = (names.EXIT_CODE, names.RUN_COMPLETE, names.RUN_FAILED, names.MANIFEST, names.PID)
+
+Stamp = tuple[int, int, int] | None
+
+
+class WatchRequest(ObserveRequest):
+    """`{"op": "watch", "runs": [...], ...}`: observe now (the answer) and push changes."""
+
+    heartbeat_s: float = Field(2.0, gt=0)
+    min_gap_s: float = Field(0.1, ge=0)
+    progress_s: float = Field(1.0, ge=0)
+    tick_s: float = Field(0.1, gt=0)
+    settle_s: float = Field(0.25, ge=0)
+    session_check_s: float = Field(5.0, gt=0)
+
+
+def _stamp(path: Path) -> Stamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def pidfd_supported() -> bool:
+    return hasattr(os, "pidfd_open")
+
+
+@dataclass
+class _Run:
+    q: RunQuery
+    path: Path
+    dir_stamp: Stamp = None
+    files: tuple[Stamp, ...] = ()
+    status: Stamp = None
+    pid: int | None = None
+    pidfd: int | None = None
+    dead: bool = False  # the watched pid is gone
+    session_alive: bool | None = None
+    last_push: float = -1e9
+    last_progress: float = -1e9
+    urgent_at: float | None = None  # push a decisive change at (monotonic)
+    progress_due: bool = False
+    settling_until: float | None = None  # a death waiting for the wrapper's exit_code
+
+
+@dataclass
+class BoxWatcher:
+    """The agent's watch state: which runs, what they looked like, what is due to be pushed."""
+
+    workdir: Path
+    req: WatchRequest
+    chan: str = field(default_factory=lambda: secrets.token_hex(6))
+    seq: int = 0
+    runs: dict[str, _Run] = field(default_factory=dict)
+    last_line: float = field(default_factory=time.monotonic)
+    last_full_check: float = -1e9
+    last_session_check: float = field(default_factory=time.monotonic)
+    sessions: set[str] | None = None
+    lines_pushed: int = 0
+
+    # -- subscription -----------------------------------------------------------------------
+    def subscribe(self, req: WatchRequest) -> str:
+        """(Re)set the watched runs and answer with a full observation of them (a poll answer),
+        plus `watching`, `chan` and `push` (the last line number pushed so far)."""
+        self.req = req
+        wanted = {q.run_dir: q for q in req.runs if not q.job_id}
+        for run_dir in list(self.runs):
+            if run_dir not in wanted:
+                self._forget(self.runs.pop(run_dir))
+        now = time.monotonic()
+        for run_dir, q in wanted.items():
+            r = self.runs.get(run_dir)
+            if r is None:
+                r = self.runs[run_dir] = _Run(q=q, path=self.workdir / run_dir)
+            r.q = q
+            self._stamp_all(r)  # stamps BEFORE the observation: a change after them is pushed
+            self._track_pid(r)
+            r.urgent_at = None
+            r.progress_due = False
+            r.last_push = r.last_progress = now
+        self.sessions = self._sessions()
+        self.last_session_check = now
+        obs = observe(self.workdir, req)  # every run asked for (a Slurm job too), as a poll
+        for r in self.runs.values():
+            self._note_session(r)
+        self.last_line = now
+        answer = json.loads(obs.model_dump_json())
+        answer.update({"watching": len(self.runs), "chan": self.chan, "push": self.seq})
+        return json.dumps(answer)
+
+    def close(self) -> None:
+        for r in self.runs.values():
+            self._forget(r)
+        self.runs.clear()
+
+    def _forget(self, r: _Run) -> None:
+        if r.pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(r.pidfd)
+            r.pidfd = None
+
+    # -- what the select loop waits on -------------------------------------------------------
+    def fds(self) -> dict[int, str]:
+        return {r.pidfd: d for d, r in self.runs.items() if r.pidfd is not None}
+
+    def pid_exited(self, fd: int) -> None:
+        """A pidfd became readable: that worker is gone. Push soon (after a short settle for
+        the wrapper's `exit_code`)."""
+        for r in self.runs.values():
+            if r.pidfd == fd:
+                self._forget(r)
+                self._died(r, time.monotonic())
+                return
+
+    def wait_s(self, now: float) -> float:
+        """How long the select loop may sleep before `tick` has something to do."""
+        tick = self.req.tick_s
+        if any(r.settling_until is not None for r in self.runs.values()):
+            tick = min(tick, 0.01)
+        due = [r.urgent_at for r in self.runs.values() if r.urgent_at is not None]
+        wake = min([now + tick, self.last_line + self.req.heartbeat_s, *due])
+        return max(0.0, wake - now)
+
+    # -- the tick ----------------------------------------------------------------------------
+    def tick(self, now: float) -> list[str]:
+        """Look at every run (cheaply) and return the lines to push now (zero or one change
+        line, or a heartbeat)."""
+        full = now - self.last_full_check >= 1.0
+        if full:
+            self.last_full_check = now
+        if self.runs and now - self.last_session_check >= self.req.session_check_s:
+            self.last_session_check = now
+            self.sessions = self._sessions()
+            for r in self.runs.values():
+                if self._note_session(r):
+                    self._urgent(r, now)
+        for r in self.runs.values():
+            self._look(r, now, full)
+        out: list[str] = []
+        due = [r for r in self.runs.values() if self._due(r, now)]
+        if due:
+            urgent = any(r.urgent_at is not None for r in due)
+            obs = self._observe(due, fresh_sessions=urgent)
+            for r in due:
+                self._note_session(r)
+                r.last_push = now
+                if r.progress_due:
+                    r.last_progress = now
+                r.urgent_at = None
+                r.progress_due = False
+                r.settling_until = None
+            out.append(self._line({"obs": json.loads(obs.model_dump_json())}, now))
+        elif now - self.last_line >= self.req.heartbeat_s:
+            out.append(self._line({"beat": True}, now))
+        return out
+
+    def _line(self, body: dict[str, object], now: float) -> str:
+        self.seq += 1
+        self.last_line = now
+        self.lines_pushed += 1
+        return json.dumps({"push": self.seq, "chan": self.chan, **body})
+
+    def _due(self, r: _Run, now: float) -> bool:
+        if r.urgent_at is not None and now >= r.urgent_at:
+            return True
+        return (
+            r.urgent_at is None
+            and r.progress_due
+            and now >= r.last_progress + self.req.progress_s
+            and now >= r.last_push + self.req.min_gap_s
+        )
+
+    def _urgent(self, r: _Run, now: float, delay: float = 0.0) -> None:
+        at = max(now + delay, r.last_push + self.req.min_gap_s)
+        r.urgent_at = at if r.urgent_at is None else min(r.urgent_at, at)
+
+    def _died(self, r: _Run, now: float) -> None:
+        r.dead = True
+        r.settling_until = now + self.req.settle_s
+        self._urgent(r, now, self.req.settle_s)
+
+    def _look(self, r: _Run, now: float, full: bool) -> None:
+        settling = r.settling_until is not None
+        ds = _stamp(r.path)
+        if ds == r.dir_stamp and not full and not settling:
+            if r.pidfd is None and r.pid is not None and not r.dead and not pid_alive(r.pid):
+                self._died(r, now)
+            return
+        r.dir_stamp = ds
+        files = tuple(_stamp(r.path / n) for n in DECISIVE)
+        if files != r.files:
+            r.files = files
+            self._track_pid(r)
+            self._urgent(r, now)  # e.g. exit_code written: ends a settle at once
+        st = _stamp(r.path / names.STATUS)
+        if st != r.status:
+            r.status = st
+            r.progress_due = True
+        if r.pidfd is None and r.pid is not None and not r.dead and not pid_alive(r.pid):
+            self._died(r, now)
+
+    def _stamp_all(self, r: _Run) -> None:
+        r.dir_stamp = _stamp(r.path)
+        r.files = tuple(_stamp(r.path / n) for n in DECISIVE)
+        r.status = _stamp(r.path / names.STATUS)
+
+    def _track_pid(self, r: _Run) -> None:
+        pid = read_small_int(r.path / names.PID)
+        if pid is None or not 0 < pid < 2**31 or pid == r.pid:
+            return
+        self._forget(r)
+        r.pid, r.dead = pid, False
+        if pidfd_supported():
+            try:
+                r.pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                r.dead = True
+            except OSError:
+                r.pidfd = None  # not ours to open (EPERM) or no kernel support: kill(pid, 0)
+        elif not pid_alive(pid):
+            r.dead = True
+
+    def _sessions(self) -> set[str] | None:
+        if any(r.q.session for r in self.runs.values()):
+            return tmux_sessions()
+        return None
+
+    def _note_session(self, r: _Run) -> bool:
+        """Record the run's session liveness from `self.sessions`; True when it changed."""
+        alive = None if self.sessions is None or not r.q.session else r.q.session in self.sessions
+        changed = alive != r.session_alive and r.session_alive is not None
+        r.session_alive = alive
+        return changed
+
+    def _observe(self, runs: list[_Run], *, fresh_sessions: bool) -> TargetObservation:
+        if fresh_sessions:
+            self.sessions = self._sessions()
+            self.last_session_check = time.monotonic()
+        disk = None
+        with contextlib.suppress(OSError):
+            wd = self.workdir
+            disk = shutil.disk_usage(wd if wd.exists() else wd.parent).free
+        got: list[RunObservation] = [observe_run(self.workdir, r.q, self.sessions) for r in runs]
+        return TargetObservation(
+            disk_free_bytes=disk, gpus=gpu_stats() if self.req.gpus else [], runs=got
+        )

@@ -1,0 +1,157 @@
+"""An ssh target behind a jump host, configured by an ssh_config file alone (orch.toml names only
+the `Host` alias): `orch launch` syncs the code (rsync), starts a short `exec` stage, one poll
+watches it (the persistent agent channel), and the pull (rsync) brings the run home. Two real
+OpenSSH sshd on loopback: the jump host allows forwarding only to the target (`PermitOpen`).
+
+The proof that every path goes through the jump host: while the run's connections are up the
+jump sshd holds a connection for them, both hosts' keys are pinned in orch's known_hosts, and
+with the jump sshd stopped the target (still up) is unreachable from orch and from rsync's ssh.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.spec import StageSpec
+from orchestrator import launch as launch_mod
+from orchestrator.context import Context
+from orchestrator.monitor.refresh import refresh_once
+from orchestrator.pull import pull_run
+from orchestrator.sshcmd import ssh_argv
+from orchestrator.targets.factory import make_target
+from orchestrator.targets.ssh import SshTarget
+from state.errors import UnreachableError
+from state.models import WorkerTask
+from state.phases import Phase
+from tests.conftest import REPO, require_tools
+from tests.sshd import SshServer, make_server
+
+pytestmark = pytest.mark.integration
+
+PACKAGES = ("state", "worker", "jobs", "orchestrator")
+WRITE_RESULT = (
+    "import os, pathlib; d = pathlib.Path(os.environ['ORCH_RUN_DIR']);"
+    "(d / 'result.txt').write_text('through the jump\\n'); print('ran', flush=True)"
+)
+
+
+@pytest.fixture
+def jump_and_box(tmp_path: Path):
+    require_tools("sshd", "ssh", "ssh-keygen", "rsync", "tmux")
+    box = make_server(tmp_path / "box")
+    jump = make_server(tmp_path / "jump")
+    jump.extra_config = ["AllowTcpForwarding yes", f"PermitOpen 127.0.0.1:{box.port}"]
+    box.start()
+    jump.start()
+    try:
+        yield jump, box
+    finally:
+        jump.stop()
+        box.stop()
+
+
+def ssh_config_for(path: Path, jump: SshServer, box: SshServer) -> Path:
+    path.write_text(
+        "Host gpu-box\n"
+        f"    HostName {box.host}\n"
+        f"    Port {box.port}\n"
+        f"    User {box.user}\n"
+        f"    IdentityFile {box.client_key}\n"
+        "    ProxyJump bastion\n"
+        "Host bastion\n"
+        f"    HostName {jump.host}\n"
+        f"    Port {jump.port}\n"
+        f"    User {jump.user}\n"
+        f"    IdentityFile {jump.client_key}\n"
+    )
+    return path
+
+
+def make_project(root: Path, toml: str) -> Path:
+    root.mkdir(parents=True)
+    for pkg in PACKAGES:
+        shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    (root / "orch.toml").write_text(toml)
+    return root
+
+
+def wait_exit(ctx: Context, rec, timeout: float = 90.0) -> int:
+    target = make_target(ctx, rec.target)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = launch_mod.read_remote_exit_code(target, rec)
+            if code is not None:
+                return code
+            time.sleep(0.2)
+    finally:
+        target.close()
+    raise AssertionError(f"{rec.key}: no exit_code after {timeout}s")
+
+
+def test_launch_watch_and_pull_through_proxyjump(jump_and_box, tmp_path, monkeypatch):
+    jump, box = jump_and_box
+    config = ssh_config_for(tmp_path / "ssh_config", jump, box)
+    toml = (
+        'default_target = "box"\n[targets.box]\nkind = "ssh"\nhost = "gpu-box"\n'
+        f'ssh_config = "{config}"\nworkdir = "{tmp_path / "remote"}"\npython = "{sys.executable}"\n'
+    )
+    monkeypatch.chdir(make_project(tmp_path / "proj", toml))
+    ctx = Context()
+    try:
+        target = make_target(ctx, "box")
+        assert isinstance(target, SshTarget) and target.jump is not None
+        assert (target.host, target.port, target.user) == (box.host, box.port, box.user)
+        assert (target.jump.port, target.jump.user) == (jump.port, jump.user)
+
+        stage = StageSpec(
+            name="t-jump",
+            stage_dir="t-jump_dir",
+            task=WorkerTask(command="exec", args={"argv": [sys.executable, "-c", WRITE_RESULT]}),
+            timeout_s=300,
+        )
+        rec = launch_mod.launch_stage(ctx, stage)  # code sync (rsync) + tmux over the jump
+        assert rec.phase == Phase.RUNNING
+        assert wait_exit(ctx, rec) == 0
+        refresh_once(ctx, ["box"])  # one poll: the agent channel, through the jump
+        final = ctx.store.get_run(rec.stage_dir, rec.run_id)
+        assert final is not None and final.phase == Phase.SUCCEEDED, final
+        result = pull_run(ctx, final)  # rsync through the jump, verified against the manifest
+        assert (result.local_dir / "result.txt").read_text() == "through the jump\n"
+
+        # Both hops pinned in orch's own known_hosts.
+        pins = (ctx.state_dir / "known_hosts").read_text()
+        assert f"[127.0.0.1]:{jump.port} " in pins and f"[127.0.0.1]:{box.port} " in pins
+
+        live = make_target(ctx, "box")
+        try:
+            assert live.run(["true"], timeout=20).ok
+            assert jump.connection_pids(), "the jump sshd carries the connection"
+        finally:
+            live.close()
+
+        jump.stop()  # the target sshd stays up: only the path through the jump is gone
+        cut = make_target(ctx, "box")
+        try:
+            with pytest.raises(UnreachableError, match="jump host"):
+                cut.run(["true"], timeout=10)
+        finally:
+            cut.close()
+        direct = subprocess.run(
+            ssh_argv(cut.endpoint, ["true"]),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+        assert direct.returncode != 0  # rsync's ssh goes through the jump as well
+    finally:
+        ctx.close()
