@@ -138,4 +138,3 @@ def failed_upstream(job: SlurmJob) -> list[str]:
     bad = [m.group(1) for m in _DEP_RE.finditer(job.dependency) if m.group(2) == "failed"]
     bad = bad or list(named)  # the field was cleared: every upstream is a suspect
     return [f"{named[j]} (Slurm job {j})" if j in named else f"Slurm job {j}" for j in bad]
-

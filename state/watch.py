@@ -14,8 +14,8 @@ What is watched, per run (cheap, local, read-only):
   worker with it, which the pidfd sees at once anyway).
 
 A change is pushed as one line holding a `TargetObservation` (the shape of a poll answer) with
-the runs that changed: at most one line per run every `min_gap_s` while busy; a change that
-only moves progress (`status.json`) at most every `progress_s`; a worker's death waits up to
+the runs that changed: at most one line per run every `min_gap_s` while busy; changes that
+only move progress (`status.json`) at most every `progress_s`, every such run in one line; a worker's death waits up to
 `settle_s` for the wrapper's `exit_code` so the one line says how it ended. When nothing was
 pushed for `heartbeat_s` a small heartbeat line says the box is alive and nothing changed.
 
@@ -94,7 +94,6 @@ class _Run:
     dead: bool = False  # the watched pid is gone
     session_alive: bool | None = None
     last_push: float = -1e9
-    last_progress: float = -1e9
     urgent_at: float | None = None  # push a decisive change at (monotonic)
     progress_due: bool = False
     settling_until: float | None = None  # a death waiting for the wrapper's exit_code
@@ -111,6 +110,7 @@ class BoxWatcher:
     runs: dict[str, _Run] = field(default_factory=dict)
     last_line: float = field(default_factory=time.monotonic)
     last_full_check: float = -1e9
+    last_progress: float = field(default_factory=time.monotonic)  # one progress clock per box
     last_session_check: float = field(default_factory=time.monotonic)
     sessions: set[str] | None = None
     lines_pushed: int = 0
@@ -134,7 +134,7 @@ class BoxWatcher:
             self._track_pid(r)
             r.urgent_at = None
             r.progress_due = False
-            r.last_push = r.last_progress = now
+            r.last_push = now
         self.sessions = self._sessions()
         self.last_session_check = now
         obs = observe(self.workdir, req)  # every run asked for (a Slurm job too), as a poll
@@ -197,12 +197,14 @@ class BoxWatcher:
         due = [r for r in self.runs.values() if self._due(r, now)]
         if due:
             urgent = any(r.urgent_at is not None for r in due)
+            # Progress waiting elsewhere rides along: one line, not one per run.
+            due += [r for r in self.runs.values() if r.progress_due and r not in due]
             obs = self._observe(due, fresh_sessions=urgent)
+            if any(r.progress_due for r in due):
+                self.last_progress = now
             for r in due:
                 self._note_session(r)
                 r.last_push = now
-                if r.progress_due:
-                    r.last_progress = now
                 r.urgent_at = None
                 r.progress_due = False
                 r.settling_until = None
@@ -223,7 +225,7 @@ class BoxWatcher:
         return (
             r.urgent_at is None
             and r.progress_due
-            and now >= r.last_progress + self.req.progress_s
+            and now >= self.last_progress + self.req.progress_s
             and now >= r.last_push + self.req.min_gap_s
         )
 

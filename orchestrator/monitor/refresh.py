@@ -36,6 +36,7 @@ from orchestrator.alerturls import Redactor
 from orchestrator.monitor import alerts as alerts_mod
 from orchestrator.monitor import ledger
 from orchestrator.monitor.lock import watcher_running
+from orchestrator.monitor.push import attach
 from orchestrator.monitor.statemachine import Alert, Limits, RunState, transition
 from state.errors import HostKeyError, OrchError, StageError, UnreachableError
 from state.models import RunRecord, TargetObservation
@@ -506,16 +507,25 @@ def wait_for_run(
         raise StageError(f"no run {stage_dir}/{run_id} in the store", hint="see `orch status`")
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     poller: Poller | None = None
+    full_at = 0.0  # while the target pushes, a full poll only now and then
+    live = False
     try:
         while True:
             if not rec.phase.is_terminal:
-                if watcher_running(ctx):
+                live = watcher_running(ctx)
+                if live:
                     if poller is not None:
                         poller.close()
                         poller = None
                 else:
-                    poller = poller or Poller(ctx)
-                    poller.poll_target(rec.target)
+                    if poller is None:
+                        poller = Poller(ctx)
+                        attach(poller)  # pushed lines update the store as they arrive
+                    pushing = poller.push is not None and poller.push.active(rec.target)
+                    if not pushing or time.monotonic() >= full_at:
+                        poller.poll_target(rec.target)
+                        full_at = time.monotonic() + ctx.config.monitor_for(rec.target).push_poll_s
+                    live = pushing
             got = ctx.store.get_run(stage_dir, run_id)
             if got is None:
                 raise StageError(f"run {stage_dir}/{run_id} disappeared from the store")
@@ -529,7 +539,8 @@ def wait_for_run(
                     f"run {stage_dir}/{run_id} is still {rec.phase.value} after {timeout_s:.0f} s",
                     hint=f"keep watching with `orch watch`, or see `orch logs {stage_dir}/{run_id}`",
                 )
-            time.sleep(poll_s)
+            # The store moves as pushes arrive (here or in a watcher): read it more often.
+            time.sleep(min(poll_s, 0.5) if live else poll_s)
     finally:
         if poller is not None:
             poller.close()

@@ -154,7 +154,11 @@ class Watcher:
             self._beat_at = time.monotonic()
             try:
                 self.lock.beat(
-                    targets=active, polls=self.polls, round_trips=self.poller.round_trips
+                    targets=active,
+                    polls=self.polls,
+                    round_trips=self.poller.round_trips,
+                    pushed_lines=self.push.stats.lines,
+                    pushing=[t for t in active if self.push.active(t)],
                 )
             except OSError as exc:
                 log.warning("heartbeat: %s", exc)

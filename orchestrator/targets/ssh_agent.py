@@ -114,6 +114,7 @@ class SshAgent(Agent):
         with self._lock:
             if self._chan is not chan:
                 return False
+            assert chan is not None  # (mypy narrows `chan` to the attribute's type above)
             try:
                 while chan.recv_ready():
                     chunk = chan.recv(65536)

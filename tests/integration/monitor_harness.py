@@ -94,6 +94,7 @@ def start_run(
     timeout_s: float = 3600.0,
     stale_after_s: float = 300.0,
     stage: str = "mon",
+    every: float | None = None,
 ) -> RunRecord:
     """Record a run (phase running, as `orch launch` leaves it) and start the worker-like process
     under tmux through the launcher's wrapper, which writes pid and exit_code."""
@@ -135,6 +136,7 @@ def start_run(
         outcome,
         "--seconds",
         str(seconds),
+        *(["--every", str(every)] if every is not None else []),
     ]
     cmd = wrapper.wrapper_command(
         wrapper_path=wrapper.wrapper_remote_path(wd),
