@@ -32,7 +32,7 @@ import contextlib
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.checkpoints import (
     Checkpoint,
@@ -105,11 +105,7 @@ class RelaunchResult:
 def relaunch_lost(ctx: Context, rec: RunRecord) -> RelaunchResult:
     """Rent a box for the lost run's target and relaunch the run there, resuming from the
     newest checkpoint (see the module docstring). Raises ProviderError/LaunchError."""
-    from jobs.spec import StageSpec
     from orchestrator.config import VastTarget as VastConfig
-    from orchestrator.launch import launch_stage
-    from orchestrator.pull import local_run_dir
-    from orchestrator.targets.factory import make_target
     from orchestrator.vast.provision import up
 
     name, cfg = ctx.config.target(rec.target)
@@ -141,38 +137,7 @@ def relaunch_lost(ctx: Context, rec: RunRecord) -> RelaunchResult:
         raise LaunchError(f"{rec.stage} is already running on {name} as {busy[0].key}")
 
     box = up(ctx, name)
-    found = local_checkpoints(local_run_dir(ctx, rec))
-    target = make_target(ctx, name)
-    try:
-        with contextlib.suppress(Exception):  # a new box has no trace of the old run
-            found += remote_checkpoints(target, rec.run_dir)
-    finally:
-        with contextlib.suppress(Exception):
-            target.close()
-    ckpt = newest(found)
-
-    stage = StageSpec(
-        name=old.stage,
-        stage_dir=old.stage_dir,
-        task=old.task,
-        timeout_s=old.timeout_s,
-        stale_after_s=old.stale_after_s,
-        poll_interval_s=old.poll_interval_s,
-        resources=old.resources,
-        nproc_per_node=old.nproc_per_node,
-    )
-    extra = {
-        "relaunch_of": rec.key,
-        "relaunch_count": old.relaunch_count + 1,
-        "resumed_from": ckpt.describe() if ckpt else None,
-        "inputs": old.inputs,
-    }
-
-    def seed(t: Target, new: RunRecord) -> None:
-        if ckpt is not None:
-            seed_checkpoint(t, ckpt, new.run_dir)
-
-    new = launch_stage(ctx, stage, name, profile=old.profile, seed=seed, spec_extra=extra)
+    new, ckpt = _relaunch_from_checkpoint(ctx, rec, old, name)
     iid = box.instance_id
     start = ckpt.describe() if ckpt else "step 0: no checkpoint on the box or on this laptop"
     where = {
@@ -204,10 +169,6 @@ def resume_run(
     is hard-linked from the old run dir on the box (or sent from a pulled copy) into the new run
     dir, where the worker resumes from it exactly; the new spec names the old run
     (`relaunch_of`) and the checkpoint (`resumed_from`). With no checkpoint it starts at step 0."""
-    from jobs.spec import StageSpec
-    from orchestrator.launch import launch_stage
-    from orchestrator.pull import local_run_dir
-    from orchestrator.targets.factory import make_target
 
     rec = ctx.store.resolve_run(ref)
     if stage_name is not None and stage_name != rec.stage:
@@ -226,10 +187,26 @@ def resume_run(
             f"run {rec.key} is a {old.task.command} run: only training resumes from a checkpoint",
             hint=f"orch launch {rec.stage}",
         )
+    new, _ = _relaunch_from_checkpoint(ctx, rec, old, rec.target, sync=sync, report=report)
+    return new
+
+
+def _relaunch_from_checkpoint(
+    ctx: Context, rec: RunRecord, old: RunSpec, target_name: str, **launch_kw: Any
+) -> tuple[RunRecord, Checkpoint | None]:
+    """Launch `old`'s exact task again on `target_name`, seeded with the newest complete
+    checkpoint of `rec` (on the box, or a pulled copy here); the new spec names the old run
+    (`relaunch_of`) and the checkpoint (`resumed_from`). Shared by the auto-relaunch and
+    `orch launch --resume`."""
+    from jobs.spec import StageSpec
+    from orchestrator.launch import launch_stage
+    from orchestrator.pull import local_run_dir
+    from orchestrator.targets.factory import make_target
+
     found = local_checkpoints(local_run_dir(ctx, rec))
-    target = make_target(ctx, rec.target)
+    target = make_target(ctx, target_name)
     try:
-        with contextlib.suppress(Exception):  # a box that lost the run dir: the pulled copy
+        with contextlib.suppress(Exception):  # a new box (or a lost run dir): the pulled copy
             found += remote_checkpoints(target, rec.run_dir)
     finally:
         with contextlib.suppress(Exception):
@@ -256,10 +233,10 @@ def resume_run(
         if ckpt is not None:
             seed_checkpoint(t, ckpt, new.run_dir)
 
-    return launch_stage(
-        ctx, stage, rec.target, sync=sync, profile=old.profile, seed=seed, spec_extra=extra,
-        report=report,
-    )  # fmt: skip
+    new = launch_stage(
+        ctx, stage, target_name, profile=old.profile, seed=seed, spec_extra=extra, **launch_kw
+    )
+    return new, ckpt
 
 
 def relaunch_failed(ctx: Context, rec: RunRecord, exc: BaseException, attempts: int) -> None:
