@@ -234,20 +234,28 @@ class Store:
 
     # -- plumbing ---------------------------------------------------------------------------
     def _migrate(self) -> None:
+        # Two orch processes can open a fresh database at the same moment (the watcher and a
+        # command, or the graph runner's own threads). The version is therefore read again
+        # under the write lock (BEGIN IMMEDIATE) before each step: a step another process has
+        # already applied is skipped, not applied twice ("duplicate column name").
         with self._lock:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"{self.path} has schema version {version}, newer than this orch ({SCHEMA_VERSION})",
-                    hint="upgrade orch, or point ORCH_STATE_DIR elsewhere",
-                )
-            for i in range(version, SCHEMA_VERSION):
+            while True:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    for stmt in MIGRATIONS[i].split(";"):
+                    version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                    if version > SCHEMA_VERSION:
+                        raise ConfigError(
+                            f"{self.path} has schema version {version}, newer than this orch"
+                            f" ({SCHEMA_VERSION})",
+                            hint="upgrade orch, or point ORCH_STATE_DIR elsewhere",
+                        )
+                    if version == SCHEMA_VERSION:
+                        self._db.execute("COMMIT")
+                        return
+                    for stmt in MIGRATIONS[version].split(";"):
                         if stmt.strip():
                             self._db.execute(stmt)
-                    self._db.execute(f"PRAGMA user_version = {i + 1}")  # int, not input
+                    self._db.execute(f"PRAGMA user_version = {version + 1}")  # int, not input
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")

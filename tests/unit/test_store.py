@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import pytest
 from state.errors import ConfigError, StageError
 from state.models import RunRecord
 from state.phases import Phase
-from state.store import SCHEMA_VERSION, Store
+from state.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 
 def rec(
@@ -50,6 +54,58 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(ConfigError, match="newer than this orch"):
         Store(db)
+
+
+def test_a_migration_another_process_applied_meanwhile_is_not_applied_twice(
+    tmp_path: Path,
+) -> None:
+    """Two processes opening a fresh database at once (CI saw "duplicate column name: job_id").
+
+    Another connection holds the write lock and migrates the database to the newest schema
+    while this Store is opening; the Store must see the new version under the lock, not the
+    one it would have read before it.
+    """
+
+    db = tmp_path / "state.db"
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("PRAGMA journal_mode=WAL")
+    other.execute("BEGIN IMMEDIATE")
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            Store(db).close()
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    t = threading.Thread(target=open_store)
+    t.start()
+    time.sleep(0.5)  # the Store is now waiting for the lock
+    for step in MIGRATIONS:
+        for stmt in step.split(";"):
+            if stmt.strip():
+                other.execute(stmt)
+    other.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    other.execute("COMMIT")
+    other.close()
+    t.join(timeout=60)
+    assert not t.is_alive() and errors == []
+    with Store(db) as s:
+        assert s.schema_version == SCHEMA_VERSION
+
+
+def test_many_processes_open_a_fresh_database_at_once(tmp_path: Path) -> None:
+
+    db = tmp_path / "state.db"
+    code = f"from state.store import Store; Store({str(db)!r}).close()"
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=root, stderr=subprocess.PIPE)
+        for _ in range(8)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
 
 
 def test_phase_history_and_update(tmp_path: Path) -> None:
