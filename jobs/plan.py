@@ -40,7 +40,7 @@ class Capacity:
     """What a target offers a stage. None = unknown (shown as `?`, never a pass)."""
 
     target: str
-    kind: str  # local | ssh | vast
+    kind: str  # local | ssh | slurm | vast
     device: str = "cpu"  # cuda | cpu: where `device = auto` stages run
     gpu_name: str | None = None
     gpu_count: int = 0
@@ -346,6 +346,8 @@ def _mem_check(p: StagePlan, cap: Capacity) -> Check:
         have = cap.gpu_memory
         usable = int(have * GPU_USABLE_FRACTION) if have else None
         what, label = "GPU memory", f"{gb(have)} ({cap.gpu_name or '?'})"
+        if have is None and cap.kind == "slurm":  # gres names a type, never a memory size
+            label = f"unknown (gres gpu{':' + cap.gpu_name if cap.gpu_name else ''} gives none)"
         fix = (
             f"rent a GPU with >= {need / GB / GPU_USABLE_FRACTION:.0f} GB "
             "([offer] min_gpu_ram_gb), or lower batch_size / max_length, or turn on "
@@ -388,7 +390,9 @@ def fit_checks(plans: list[StagePlan], cap: Capacity) -> list[Check]:
     rows: list[Check] = []
     for p in plans:
         rows.append(_mem_check(p, cap))
-        if p.device == "cuda" and p.gpus > cap.gpu_count and cap.device == "cuda":
+        # a slurm target has its own row per stage: GPUs a node (jobs.slurm_limits)
+        gpu_row = p.device == "cuda" and cap.device == "cuda" and cap.kind != "slurm"
+        if gpu_row and p.gpus > cap.gpu_count:
             rows.append(
                 Check(p.stage, "GPUs", str(p.gpus), str(cap.gpu_count), False, "[offer] num_gpus")
             )

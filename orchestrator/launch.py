@@ -217,8 +217,13 @@ def launch_stage(
     spec_extra: dict[str, Any] | None = None,
     report: Steps | None = None,
     after: dict[str, RunRecord] | None = None,
+    held: bool = False,
 ) -> RunRecord:
     """Launch `stage` on a target and return its record (phase `running`).
+
+    `held` (a `slurm` target only): prepare the run dir (spec, secrets) but submit nothing;
+    the record stays `launching` until the stage's array job, one task per seed, is submitted
+    for it (orchestrator/graph_runner.py).
 
     `after` (a `slurm` target only): the upstream runs by stage, submitted in the same graph
     and not finished yet: their run dirs are this stage's inputs, and its job starts once
@@ -241,7 +246,7 @@ def launch_stage(
             f"stage {stage.name} runs on this machine, not on a target",
             hint=f"use `orch {stage.name}`",
         )
-    if after and not isinstance(tcfg, SlurmConfig):
+    if (after or held) and not isinstance(tcfg, SlurmConfig):
         raise ConfigError(f"target {tname!r} is not a slurm target: no job dependencies there")
     resolved = resolve_inputs(ctx, stage, tname, after)
     forward, missing = secret_values(forwarded_names(tcfg.forward_env, tcfg.forward_hf_token))
@@ -293,7 +298,15 @@ def launch_stage(
                 mode=0o600,
             )
         sending = True  # from here a session may exist even if its answer never arrives
-        if isinstance(tcfg, SlurmConfig):  # a batch job, not a tmux session (docs/slurm.md)
+        if held:  # one task of an array job, submitted once every task's run dir is ready
+            ctx.store.update_run(
+                rec.stage_dir,
+                rec.run_id,
+                phase=Phase.LAUNCHING,
+                spec_json=spec_json,
+                reason="run dir ready; waiting for its array job to be submitted",
+            )
+        elif isinstance(tcfg, SlurmConfig):  # a batch job, not a tmux session (docs/slurm.md)
             from orchestrator.slurm.submit import submit_run
 
             job_id = submit_run(

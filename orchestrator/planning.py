@@ -5,6 +5,13 @@ pure (`jobs.plan`); nothing here rents, starts or writes anything.
     cap, rows = capacity(ctx, "gpu", needs_cuda=True)    # the offer orch up would rent, or the box
     recorded = recorded_rates(ctx.project_root / "runs", profile)
 
+- slurm: the partition's limits and nodes from the login node in one round trip
+  (`orchestrator.slurm.partition`: `scontrol show partition` + `sinfo -N`, parsed purely by
+  `jobs.slurm_limits`), a row per limit per stage (GPUs a node against `resources.gpus`,
+  `--time` as the job script computes it against MaxTime, `--mem` against RealMemory /
+  MaxMemPerNode / MaxMemPerCPU, `--cpus-per-task` against the node's CPUs), then the probe of
+  the login node's env (contract, free disk of the shared workdir). GPU memory: unknown, gres
+  does not say it. A missing partition is one error naming those that exist.
 - local / ssh: the box itself, probed once (`orchestrator.boxcheck`): GPUs, free disk of the
   workdir, memory, and the runtime contract of the env the worker would use.
 - vast with a live instance: the same probe over its ssh, its recorded $/h and GPU.
@@ -22,7 +29,7 @@ from typing import Any
 from jobs.plan import GB, VAST_IMAGE_BYTES, Capacity, Check, Recorded, run_rate
 from jobs.profiles import Profile
 from jobs.spec import StageSpec
-from orchestrator.config import LocalTarget, SshTarget, VastTarget
+from orchestrator.config import LocalTarget, SlurmTarget, SshTarget, VastTarget
 from orchestrator.context import Context
 from orchestrator.hub import Repo
 from state import names
@@ -106,11 +113,17 @@ def _vast_offer(
 
 def capacity(
     ctx: Context, name: str | None, *, needs_cuda: bool, need_gpu: int = 0, need_disk: int = 0,
-    remote: bool = True,
+    remote: bool = True, stages: list[StageSpec] | None = None,
 ) -> tuple[Capacity, list[Check]]:  # fmt: skip
     """What target `name` offers the stages, and the contract rows of its env (probed when it
-    exists and `remote`)."""
+    exists and `remote`). On a slurm target, also a row per limit of its partition for each of
+    `stages` (their jobs' GPUs, --time, memory and CPUs)."""
     tname, cfg = ctx.config.target(name)
+    if isinstance(cfg, SlurmTarget):
+        if not remote:
+            where = f"slurm partition {cfg.partition or '(default)'}, not read (--offline)"
+            return Capacity(tname, "slurm", device="cuda", where=where), []
+        return _slurm(ctx, tname, cfg, needs_cuda=needs_cuda, stages=stages or [])
     if isinstance(cfg, LocalTarget):
         if not remote:
             return Capacity(tname, "local", where="not probed (--offline)"), []
@@ -146,6 +159,78 @@ def capacity(
         ), rows
     cap, offer_rows = _vast_offer(ctx, tname, cfg, need_gpu, need_disk)
     return cap, rows + offer_rows
+
+
+def _slurm(
+    ctx: Context, name: str, cfg: SlurmTarget, *, needs_cuda: bool, stages: list[StageSpec]
+) -> tuple[Capacity, list[Check]]:
+    """A slurm target: its partition's limits and nodes (one round trip to the login node,
+    `orchestrator.slurm.partition`), then the runtime contract of the env the jobs would use
+    and the free disk of the workdir (the probe, on the login node: the compute nodes share
+    both). The GPUs are the partition's gres: their memory is unknown (gres says none)."""
+    from jobs import slurm_limits as sl
+    from orchestrator.boxcheck import BoxFacts, contract_checks, probe_box
+    from orchestrator.slurm.jobscript import time_limit_minutes
+    from orchestrator.slurm.partition import read_partition
+    from orchestrator.targets.factory import make_target, recorded_python
+
+    facts: BoxFacts | None = None
+    probe_rows: list[Check] = []
+    target = make_target(ctx, name)
+    try:
+        part = read_partition(target, cfg.partition)
+        python = cfg.python or recorded_python(ctx, name)
+        try:
+            facts = probe_box(target, python or "python3")
+        except OrchError as exc:
+            probe_rows = [plan_error_row(exc, "login node env")]
+    finally:
+        target.close()
+    if facts is not None:
+        # the login node has no GPU to show torch; what matters is a CUDA build of torch
+        probe_rows = contract_checks(facts, bootstrapped=python is not None, needs_cuda=False)
+        if needs_cuda and facts.torch and python is not None:  # the venv the jobs run
+            ok = facts.cuda is not None
+            fix = "" if ok else (
+                "the venv the jobs use has a CPU-only torch, and the compute nodes share it: "
+                "install a CUDA build of torch there"
+            )  # fmt: skip
+            probe_rows.append(
+                Check("box", "torch CUDA build", "a CUDA build",
+                      f"CUDA {facts.cuda}" if ok else "a CPU-only torch", ok, fix)
+            )  # fmt: skip
+    rows = sl.partition_checks(part, account=cfg.account, qos=cfg.qos)
+    mem_mb = sl.parse_mem_mb(cfg.mem)
+    for spec in stages:
+        if spec.local_only:
+            continue
+        req = sl.JobRequest(
+            stage=spec.name,
+            gpus=max(int(spec.resources.gpus), 0),
+            gpu_type=cfg.gpu_type,
+            time_min=time_limit_minutes(spec.timeout_s, cfg.time_margin_s),
+            cpus=cfg.cpus_per_task or 1,
+            mem_mb=mem_mb,
+        )
+        rows += sl.stage_checks(req, part)
+    gpus = part.max_gpus(cfg.gpu_type)
+    types = sorted({g.type for n in part.nodes for g in n.gres if g.name == "gpu" and g.type})
+    job_mem = sl.job_memory_mb(sl.JobRequest("", 0, None, 1, cfg.cpus_per_task or 1, mem_mb), part)
+    where = sl.summary(part)
+    if facts is not None:
+        where += f"; login node env {facts.python_exe}"
+    cap = Capacity(
+        target=name,
+        kind="slurm",
+        device="cuda" if gpus else "cpu",
+        gpu_name=cfg.gpu_type or (types[0] if len(types) == 1 else None),
+        gpu_count=gpus,
+        gpu_memory=None,  # gres gives no memory; a guess from the type's name would be a guess
+        host_memory=job_mem * MIB if job_mem is not None else None,
+        disk_free=facts.disk_free if facts is not None else None,
+        where=where,
+    )
+    return cap, probe_rows + rows
 
 
 # ---- earlier runs ------------------------------------------------------------------------------

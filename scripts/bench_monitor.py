@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from orchestrator.context import Context  # noqa: E402
 from orchestrator.monitor.lock import HEARTBEAT_FILE, read_heartbeat  # noqa: E402
 from orchestrator.targets.factory import make_target  # noqa: E402
+from tests.delay_proxy import DelayProxy  # noqa: E402
 from tests.integration.monitor_harness import (  # noqa: E402
     kill_session,
     orch_argv,
@@ -60,7 +61,12 @@ from tests.webhook import Webhook  # noqa: E402
 
 
 def project(
-    root: Path, servers: dict[str, object], hook: Webhook, work: Path, mode: str = "poll"
+    root: Path,
+    servers: dict[str, object],
+    hook: Webhook,
+    work: Path,
+    mode: str = "poll",
+    ports: dict[str, int] | None = None,
 ) -> Path:
     """orch.toml with the given ssh targets and DEFAULT monitor settings (`push = false` for
     mode "poll"; auto-pulls off in both, so a pull never competes with a trial)."""
@@ -71,7 +77,10 @@ def project(
         f"[monitor]\npush = {push}\npull_on_success = false\n\n",
     ]
     for name, srv in servers.items():
-        parts.append(srv.toml(name, workdir=work / name))  # type: ignore[attr-defined]
+        section = srv.toml(name, workdir=work / name)  # type: ignore[attr-defined]
+        if ports and name in ports:  # through the delaying proxy
+            section = section.replace(f"port = {srv.port}", f"port = {ports[name]}")  # type: ignore[attr-defined]
+        parts.append(section)
         parts.append(f'python = "{sys.executable}"\n\n')
     parts.append(f'[alerts]\nurls = ["{hook.url}"]\n')
     (root / "orch.toml").write_text("".join(parts))
@@ -91,17 +100,33 @@ def pct(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def rtt(target: object, n: int = 20) -> float:
+    """Median time of an agent `ping` round trip over the target's channel."""
+    agent = target.agent()  # type: ignore[attr-defined]
+    agent.request({"op": "ping"}, timeout=30)
+    times = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        agent.request({"op": "ping"}, timeout=30)
+        times.append(time.monotonic() - t0)
+    return statistics.median(times)
+
+
 def latency(
-    trials: int, tmp: Path, mode: str = "poll", complete_trials: int = 0
-) -> tuple[list[float], list[float]]:
-    srv = make_server(tmp / f"sshd-lat-{mode}")
+    trials: int, tmp: Path, mode: str = "poll", complete_trials: int = 0, delay_ms: float = 0.0
+) -> tuple[list[float], list[float], float]:
+    tag = f"{mode}-{delay_ms:g}"
+    srv = make_server(tmp / f"sshd-lat-{tag}")
     srv.start()
+    proxy = DelayProxy(("127.0.0.1", srv.port), delay_ms / 2000.0) if delay_ms else None
     hook = Webhook()
-    root = project(tmp / f"lat-{mode}", {"box": srv}, hook, tmp / f"work-{mode}", mode)
+    ports = {"box": proxy.port} if proxy else None
+    root = project(tmp / f"lat-{tag}", {"box": srv}, hook, tmp / f"work-{tag}", mode, ports)
     ctx = Context(cwd=root)
     target = make_target(ctx, "box")
     prepare_target(target, sync=False)
-    log = open(tmp / f"watch-lat-{mode}.log", "ab")  # noqa: SIM115
+    round_trip = rtt(target)
+    log = open(tmp / f"watch-lat-{tag}.log", "ab")  # noqa: SIM115
     watcher = subprocess.Popen(orch_argv("watch"), cwd=root, stdout=log, stderr=subprocess.STDOUT)
     out: list[float] = []
     done: list[float] = []
@@ -120,7 +145,7 @@ def latency(
             hook.wait_for("CRASHED", rec.run_id, timeout=60)
             arrived = next(t for t, p in hook.posts if rec.run_id in str(p.get("message")))
             out.append(arrived - t0)
-            print(f"{mode} kill trial {i + 1:2d}: {out[-1]:.2f} s", flush=True)
+            print(f"{tag} kill trial {i + 1:2d}: {out[-1]:.2f} s", flush=True)
         for i in range(complete_trials):
             rec = start_run(
                 ctx, target, stage="lat", outcome="succeed", seconds=random.uniform(1, 5)
@@ -130,7 +155,7 @@ def latency(
             marker = Path(target.workdir) / rec.run_dir / ".run_complete"
             arrived_wall = time.time() - (time.monotonic() - arrived)
             done.append(arrived_wall - marker.stat().st_mtime)
-            print(f"{mode} complete trial {i + 1:2d}: {done[-1]:.2f} s", flush=True)
+            print(f"{tag} complete trial {i + 1:2d}: {done[-1]:.2f} s", flush=True)
     finally:
         watcher.terminate()
         watcher.wait(20)
@@ -138,8 +163,10 @@ def latency(
             kill_session(target, r)
         target.close()
         hook.close()
+        if proxy is not None:
+            proxy.close()
         srv.stop()
-    return out, done
+    return out, done, round_trip
 
 
 def agent_pids(workdir: Path) -> list[int]:
@@ -260,6 +287,16 @@ def main() -> int:
     ap.add_argument("--modes", default="poll,push", help="comma-separated: poll, push")
     ap.add_argument("--busy-every", type=float, default=0.2, help="status.json period, busy runs")
     ap.add_argument("--quiet-every", type=float, default=5.0, help="status.json period, quiet runs")
+    ap.add_argument(
+        "--idle-every", type=float, default=3600.0, help="status.json period, idle runs (never)"
+    )
+    ap.add_argument(
+        "--delay-ms",
+        type=float,
+        default=100.0,
+        help="also time detection with this much added round trip (a delaying proxy); 0: not",
+    )
+    ap.add_argument("--delay-trials", type=int, default=10)
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
     args = ap.parse_args()
@@ -273,12 +310,27 @@ def main() -> int:
     if not args.skip_latency:
         for mode in modes:
             os.environ["ORCH_STATE_DIR"] = str(tmp / f"state-lat-{mode}")
-            kill, done = latency(args.trials, tmp, mode, args.complete_trials)
-            results.append(f"[{mode}] kill -9 -> crashed alert at the webhook: {summary(kill)}")
+            kill, done, rt = latency(args.trials, tmp, mode, args.complete_trials)
+            results.append(
+                f"[{mode}] kill -9 -> crashed alert at the webhook: {summary(kill)}; "
+                f"agent round trip {rt * 1000:.1f} ms"
+            )
             results.append(f"[{mode}] .run_complete -> succeeded alert: {summary(done)}")
             print(results[-2], results[-1], sep="\n", flush=True)
+        if args.delay_ms:
+            for mode in modes:
+                os.environ["ORCH_STATE_DIR"] = str(tmp / f"state-lat-{mode}-{args.delay_ms:g}")
+                kill, done, rt = latency(
+                    args.delay_trials, tmp, mode, args.delay_trials, args.delay_ms
+                )
+                results.append(
+                    f"[{mode}, +{args.delay_ms:g} ms] kill -9 -> crashed alert: {summary(kill)}; "
+                    f".run_complete -> succeeded alert: {summary(done)}; agent round trip "
+                    f"measured {rt * 1000:.1f} ms"
+                )
+                print(results[-1], flush=True)
     if not args.skip_cost:
-        for every in (args.quiet_every, args.busy_every):
+        for every in (args.idle_every, args.quiet_every, args.busy_every):
             for mode in modes:
                 os.environ["ORCH_STATE_DIR"] = str(tmp / f"state-cost-{mode}-{every:g}")
                 c = cost(args.cost_seconds, args.runs, tmp, mode, every)

@@ -228,6 +228,12 @@ class Store:
         )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
+        # WAL with synchronous=NORMAL: no fsync per commit (the watcher commits on every pushed
+        # line), still never corrupt, and durable across a crash or kill -9 of any orch
+        # process; only a power loss or OS crash may roll back the last few commits, which the
+        # next poll then derives again (an alert may then be sent a second time, never lost).
+        # https://www.sqlite.org/pragma.html#pragma_synchronous, https://www.sqlite.org/wal.html
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()

@@ -22,6 +22,24 @@ pushed for `heartbeat_s` a small heartbeat line says the box is alive and nothin
     {"push": 7, "chan": "9f2c...", "obs": {...TargetObservation...}}
     {"push": 8, "chan": "9f2c...", "beat": true}
 
+With `delta: true` in the request (today's controller asks for it) a change line carries only
+what changed since the last line of the same run (`{"delta": {"host_time": ..., "runs":
+[{"run_dir": ..., "~status": {"seq": 8, "step": 8, "loss": 0.25, ...}}]}}`, `run_patch`): a
+training run's step and loss, not its whole observation with the last events again. Every field of a run is always present in the full
+form, so a patch never has to say a field went away; the controller applies it over its copy
+and asks for a full observation (a new `watch`) whenever a line went missing.
+
+`follow: [{"run_dir": ..., "lines": 50}]` also streams that run's stdout.log (`orch logs -f`):
+from `lines` lines before its end (or from `offset`), every complete line as it is written,
+at most every `min_gap_s`, in lines of at most `LOG_CHUNK` bytes:
+
+    {"push": 9, "chan": "9f2c...", "log": {"run_dir": ..., "offset": 1234, "next": 1290,
+                                           "text": "..."}}
+
+Once the run's `exit_code` exists (or, for a run also in `runs`, its worker died and its
+session is gone) the rest (a last line without a newline too) follows, and a last `log` line
+with `"eof": true` says the output is complete.
+
 `push` numbers the lines of one subscription from 1 (a new `watch` request keeps counting,
 a new agent starts again with a new `chan`), so the controller drops duplicates and notices
 gaps; the store still decides what is new.
@@ -37,8 +55,9 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from state import names
 from state.models import RunObservation, TargetObservation
@@ -55,12 +74,28 @@ from state.protocol import read_small_int
 
 #: The files whose change can decide a phase (status.json is progress, handled on its own).
 DECISIVE = (names.EXIT_CODE, names.RUN_COMPLETE, names.RUN_FAILED, names.MANIFEST, names.PID)
+#: The most log text one pushed line carries (more follows on the next lines).
+LOG_CHUNK = 256 * 1024
+#: How far back from the end a follow's first `lines` lines are looked for.
+LOG_BACK = 1 << 20
 
 Stamp = tuple[int, int, int] | None
 
 
+class FollowQuery(BaseModel):
+    """One run's stdout.log to stream: from `offset` bytes, else from `lines` before its end."""
+
+    model_config = ConfigDict(extra="ignore")
+    run_dir: str
+    lines: int = Field(50, ge=0)
+    offset: int | None = Field(None, ge=0)
+
+
 class WatchRequest(ObserveRequest):
     """`{"op": "watch", "runs": [...], ...}`: observe now (the answer) and push changes."""
+
+    delta: bool = False
+    follow: list[FollowQuery] = Field(default_factory=list)
 
     heartbeat_s: float = Field(2.0, gt=0)
     min_gap_s: float = Field(0.1, ge=0)
@@ -97,6 +132,16 @@ class _Run:
     urgent_at: float | None = None  # push a decisive change at (monotonic)
     progress_due: bool = False
     settling_until: float | None = None  # a death waiting for the wrapper's exit_code
+    sent: dict[str, object] | None = None  # the last observation the controller has of it
+
+
+@dataclass
+class _Follow:
+    path: Path  # the run's stdout.log
+    exit_code: Path
+    offset: int
+    last_push: float = -1e9
+    done: bool = False
 
 
 @dataclass
@@ -114,6 +159,8 @@ class BoxWatcher:
     last_session_check: float = field(default_factory=time.monotonic)
     sessions: set[str] | None = None
     lines_pushed: int = 0
+    box_sent: dict[str, object] = field(default_factory=dict)  # disk and GPUs last sent
+    follows: dict[str, _Follow] = field(default_factory=dict)
 
     # -- subscription -----------------------------------------------------------------------
     def subscribe(self, req: WatchRequest) -> str:
@@ -142,6 +189,11 @@ class BoxWatcher:
             self._note_session(r)
         self.last_line = now
         answer = json.loads(obs.model_dump_json())
+        for d in answer["runs"]:
+            if d["run_dir"] in self.runs:
+                self.runs[d["run_dir"]].sent = d
+        self.box_sent = {k: answer[k] for k in ("disk_free_bytes", "gpus")}
+        self.follows = {f.run_dir: self._follow(f) for f in req.follow if _safe_rel(f.run_dir)}
         answer.update({"watching": len(self.runs), "chan": self.chan, "push": self.seq})
         return json.dumps(answer)
 
@@ -175,6 +227,8 @@ class BoxWatcher:
         if any(r.settling_until is not None for r in self.runs.values()):
             tick = min(tick, 0.01)
         due = [r.urgent_at for r in self.runs.values() if r.urgent_at is not None]
+        if any(not f.done for f in self.follows.values()):
+            tick = min(tick, max(self.req.min_gap_s, 0.01))
         wake = min([now + tick, self.last_line + self.req.heartbeat_s, *due])
         return max(0.0, wake - now)
 
@@ -193,7 +247,7 @@ class BoxWatcher:
                     self._urgent(r, now)
         for r in self.runs.values():
             self._look(r, now, full)
-        out: list[str] = []
+        out: list[str] = [self._line({"log": chunk}, now) for chunk in self._log_chunks(now)]
         due = [r for r in self.runs.values() if self._due(r, now)]
         if due:
             urgent = any(r.urgent_at is not None for r in due)
@@ -208,9 +262,70 @@ class BoxWatcher:
                 r.urgent_at = None
                 r.progress_due = False
                 r.settling_until = None
-            out.append(self._line({"obs": json.loads(obs.model_dump_json())}, now))
-        elif now - self.last_line >= self.req.heartbeat_s:
+            full_obs = json.loads(obs.model_dump_json())
+            if self.req.delta:
+                out.append(self._line({"delta": self._delta(full_obs, due)}, now))
+            else:
+                out.append(self._line({"obs": full_obs}, now))
+        elif not out and now - self.last_line >= self.req.heartbeat_s:
             out.append(self._line({"beat": True}, now))
+        return out
+
+    def _delta(self, obs: dict[str, Any], runs: list[_Run]) -> dict[str, Any]:
+        """`obs` less what the controller already has: per run only the fields that changed
+        since the last line of that run; the box's disk and GPUs only when they changed."""
+        out: dict[str, Any] = {"host_time": obs["host_time"]}
+        for k in ("disk_free_bytes", "gpus"):
+            if self.box_sent.get(k) != obs[k]:
+                out[k] = self.box_sent[k] = obs[k]
+        out["runs"] = []
+        for r, d in zip(runs, obs["runs"], strict=True):
+            out["runs"].append(run_patch(r.sent or {}, d))
+            r.sent = d
+        return out
+
+    # -- log follow --------------------------------------------------------------------------
+    def _follow(self, f: FollowQuery) -> _Follow:
+        rd = self.workdir / f.run_dir
+        log = rd / names.STDOUT
+        offset = f.offset
+        if offset is None:
+            offset = _tail_offset(log, f.lines)
+        return _Follow(path=log, exit_code=rd / names.EXIT_CODE, offset=offset)
+
+    def _log_chunks(self, now: float) -> list[dict[str, object]]:
+        """New output of every followed log: whole lines while the run runs, everything once
+        its exit_code exists, then one `eof`."""
+        out: list[dict[str, object]] = []
+        for run_dir, f in self.follows.items():
+            if f.done or now < f.last_push + self.req.min_gap_s:
+                continue
+            # Looked at before the log, so nothing is written after. A watched run whose worker
+            # died without the wrapper's exit_code (its whole box or session killed) ends too.
+            r = self.runs.get(run_dir)
+            ended = f.exit_code.exists() or (
+                r is not None and r.dead and r.settling_until is None and not r.session_alive
+            )
+            try:
+                size = os.stat(f.path).st_size
+            except OSError:
+                size = None
+            if size is not None and size < f.offset:
+                f.offset = 0  # truncated or replaced: start again from its beginning
+            while size is not None and size > f.offset:
+                text, used = _read_chunk(f.path, f.offset, whole_lines=not ended)
+                if not used:
+                    break
+                nxt = f.offset + used
+                out.append({"run_dir": run_dir, "offset": f.offset, "next": nxt, "text": text})
+                f.offset = nxt
+                f.last_push = now
+                if not ended:
+                    break  # one chunk per tick while it runs; the rest on the next
+            if ended and (size is None or f.offset >= size):
+                eof = {"run_dir": run_dir, "offset": f.offset, "next": f.offset, "text": ""}
+                out.append({**eof, "eof": True})
+                f.done = True
         return out
 
     def _line(self, body: dict[str, object], now: float) -> str:
@@ -303,3 +418,91 @@ class BoxWatcher:
         return TargetObservation(
             disk_free_bytes=disk, gpus=gpu_stats() if self.req.gpus else [], runs=got
         )
+
+
+def run_patch(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """What turns observation `base` into `new` (`apply_patch`): `run_dir`, every field that
+    changed, and for an object that was an object before (`status`: a step moved, the loss, the
+    clock, nothing else) `"~field": {the keys that changed}` and `"~field-": [keys gone]`."""
+    patch: dict[str, Any] = {"run_dir": new["run_dir"]}
+    for k, v in new.items():
+        old = base.get(k, _ABSENT)
+        if old == v:
+            continue
+        if isinstance(v, dict) and isinstance(old, dict):
+            patch["~" + k] = {sk: sv for sk, sv in v.items() if old.get(sk, _ABSENT) != sv}
+            gone = [sk for sk in old if sk not in v]
+            if gone:
+                patch["~" + k + "-"] = gone
+        else:
+            patch[k] = v
+    return patch
+
+
+def apply_patch(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """`new` again from `base` and `run_patch(base, new)` (a new dict; `base` is untouched)."""
+    out = dict(base)
+    for k, v in patch.items():
+        if k.startswith("~") and k.endswith("-"):
+            continue
+        if k.startswith("~"):
+            field_ = k[1:]
+            merged = {**(out.get(field_) or {}), **v}
+            for gone in patch.get(k + "-", []):
+                merged.pop(gone, None)
+            out[field_] = merged
+        else:
+            out[k] = v
+    return out
+
+
+_ABSENT = object()
+
+
+def _safe_rel(run_dir: str) -> bool:
+    """A followed run dir stays under the workdir (the request is the controller's, but a path
+    is checked before it is read all the same)."""
+    parts = Path(run_dir).parts
+    return bool(parts) and not Path(run_dir).is_absolute() and ".." not in parts
+
+
+def _tail_offset(path: Path, lines: int) -> int:
+    """The byte offset where the last `lines` lines of `path` begin (searching at most
+    `LOG_BACK` bytes back); the end of the file for 0 lines, 0 for a missing file."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if lines <= 0:
+                return size
+            start = max(0, size - LOG_BACK)
+            f.seek(start)
+            data = f.read(size - start)
+    except OSError:
+        return 0
+    end = len(data) - 1 if data.endswith(b"\n") else len(data)  # a last partial line counts
+    cut = end
+    for _ in range(lines):
+        cut = data.rfind(b"\n", 0, cut)
+        if cut < 0:
+            return start if start == 0 else start + data.find(b"\n") + 1
+    return start + cut + 1
+
+
+def _read_chunk(path: Path, offset: int, *, whole_lines: bool) -> tuple[str, int]:
+    """(text, bytes consumed) from `offset`, at most `LOG_CHUNK` bytes; with `whole_lines`
+    only up to the last newline, so a line being written (or a character cut in two) is sent
+    whole later. A single line longer than a chunk is sent in pieces all the same."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(LOG_CHUNK)
+    except OSError:
+        return "", 0
+    if whole_lines:
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            if len(data) < LOG_CHUNK:
+                return "", 0
+        else:
+            data = data[: cut + 1]
+    return data.decode("utf-8", "replace"), len(data)

@@ -72,9 +72,9 @@ class EvalArgs(_ModelArgs):
     batch_size: int = Field(16, ge=1)
     shared_context: bool = True  # encode the context once per question
     #: start every context with BOS: None = what the tokenizer does by default (whether
-    #: `tokenizer("x")` starts with its BOS), as lm-evaluation-harness >= 0.4.10 with
-    #: add_bos_token=None; true/false = the stage's rule (lm-eval's add_bos_token=True/False;
-    #: 0.4.9 defaults to False). metrics.json records the rule applied and where it came from.
+    #: `tokenizer("x")` starts with its BOS), as lm-evaluation-harness >= 0.4.9.2 with its
+    #: default add_bos_token=None; true/false = the stage's rule (lm-eval's
+    #: add_bos_token=True/False). metrics.json records the rule applied and where it came from.
     add_bos: bool | None = None
     #: contexts are left-truncated to this many tokens; None = the model's own limit
     #: (max_position_embeddings, capped by the tokenizer's model_max_length when that is set).

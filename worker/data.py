@@ -493,28 +493,25 @@ def encode_pair(
     continuation: str,
     *,
     add_bos: bool = True,
-    lm_eval_empty: bool = False,
 ) -> tuple[list[int], list[int]]:
     """lm-eval split: trailing spaces of the context move to the continuation, and the
     continuation tokens are enc(context + continuation)[len(enc(context)):].
 
     `add_bos`: a BOS (when the tokenizer has one) starts the context. The default (True) is
     SFT's rule; evaluation passes the stage's rule (`worker.evaluate.resolve_add_bos`), which
-    is lm-evaluation-harness 0.4.9's `add_bos_token` (its `tok_encode` then encodes with
-    `add_special_tokens=add_bos_token`, the same tokens for a tokenizer whose only special token
-    is a leading BOS; an explicit BOS here also stays right for one that appends EOS).
+    is lm-evaluation-harness's `add_bos_token` (0.4.13, models/huggingface.py `tok_encode`:
+    `add_special_tokens=add_bos_token`, or the tokenizer's own default when it is None; the same
+    tokens for a tokenizer whose only special token is a leading BOS; an explicit BOS here also
+    stays right for one that appends EOS).
 
     An empty context is the prefix token alone, BOS (or EOS when there is no BOS), whatever
-    `add_bos` (lm-eval's `prefix_token_id`), and the continuation is encoded on its own.
-    `lm_eval_empty=True` (evaluation) copies lm-eval 0.4.9's `TemplateLM.loglikelihood` there
-    exactly: the continuation is `tok_encode(continuation)`, so with `add_bos` it starts with a
-    BOS of its own (later lm-eval versions drop that duplicate) and its spaces stay where they
-    are."""
+    `add_bos`, and the continuation is encoded on its own without special tokens, as lm-eval's
+    `TemplateLM.loglikelihood` (0.4.9.2+: `tok_encode(continuation, add_special_tokens=False)`;
+    0.4.9 gave it a second BOS of its own)."""
     bos = _bos(tokenizer) if add_bos else []
     if not context:
         prefix = _bos(tokenizer) or [tokenizer.eos_token_id]
-        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        return prefix, (bos + cont if lm_eval_empty else cont)
+        return prefix, tokenizer(continuation, add_special_tokens=False)["input_ids"]
     n_space = len(context) - len(context.rstrip())
     if n_space:
         continuation = context[-n_space:] + continuation

@@ -6,11 +6,12 @@ tokens are enc(ctx + cont)[len(enc(ctx)):]). `acc` = argmax of that score; `acc_
 score / len(choice in characters, without the one delimiter space). Per task and macro;
 `lm_eval_metrics` names, per task, the metrics lm-evaluation-harness reports for it.
 
-As lm-evaluation-harness 0.4.9's HFLM (tests/worker/test_lm_eval_equality.py checks equal
-per-choice log-likelihoods and acc/acc_norm against it): a BOS starts the context only when the
-stage's `add_bos` says so, or, unset, when the tokenizer adds one by default (`resolve_add_bos`).
-`add_bos` true/false is lm-eval's `add_bos_token=True/False`; unset is lm-eval >= 0.4.10's
-default `add_bos_token=None` (0.4.9's own default is False: no BOS). Contexts are left-truncated
+As lm-evaluation-harness's HFLM (0.4.13, the dev extra's pin; tests/worker/
+test_lm_eval_equality.py checks equal per-choice log-likelihoods and acc/acc_norm against it): a
+BOS starts the context only when the stage's `add_bos` says so, or, unset, when the tokenizer
+adds one by default (`resolve_add_bos`). `add_bos` true/false is lm-eval's
+`add_bos_token=True/False`; unset is lm-eval's default `add_bos_token=None`, the tokenizer's own
+default (since 0.4.9.2; 0.4.9's default was False: no BOS). Contexts are left-truncated
 to the model's own limit (`context_limit`), not a fixed length. metrics.json records the BOS
 rule, the limit, where each came from, and the tokenizer that loaded.
 
@@ -65,7 +66,7 @@ class Counter:
     tokens: int = 0  # real tokens fed
 
 
-#: The metrics of each schema that lm-evaluation-harness (0.4.9) reports for the same task, from
+#: The metrics of each schema that lm-evaluation-harness (0.4.13) reports for the same task, from
 #: its task YAMLs' `metric_list` (lm_eval/tasks/arc/arc_easy.yaml, arc_challenge.yaml includes it;
 #: hellaswag/hellaswag.yaml; piqa/piqa.yaml; super_glue/boolq/default.yaml: `acc` only). The
 #: worker's own `mc` rows (tiny tasks, local files) have no lm-eval counterpart.
@@ -137,7 +138,7 @@ def prepare(
     max_length: int,
     add_bos: bool | None = None,
 ) -> tuple[list[Question], int]:
-    """Tokenize every question (`encode_pair`, lm-eval 0.4.9's split; `add_bos` None = the
+    """Tokenize every question (`encode_pair`, lm-eval's split; `add_bos` None = the
     tokenizer's default, `resolve_add_bos`); left-truncate contexts that do not fit.
 
     Truncation as lm-eval's `_loglikelihood_tokens`: the model is fed (context + continuation)
@@ -149,10 +150,7 @@ def prepare(
     bos, _ = resolve_add_bos(tokenizer, add_bos)
     out, truncated = [], 0
     for ex in examples:
-        pairs = [
-            encode_pair(tokenizer, ex.context, c, add_bos=bos, lm_eval_empty=True)
-            for c in ex.choices
-        ]
+        pairs = [encode_pair(tokenizer, ex.context, c, add_bos=bos) for c in ex.choices]
         ctx = pairs[0][0]
         conts = [p[1] for p in pairs]
         if any(not c for c in conts):

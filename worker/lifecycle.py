@@ -310,6 +310,18 @@ def run_exec(args: ExecArgs, ctx: RunContext) -> None:
 # ---- the run ----------------------------------------------------------------------------
 
 
+#: For tests only (tests/slurm/test_slurm_array.py): a run of this study seed fails at its
+#: start with BAD_INPUT, as an unusable input would. Unset everywhere else.
+TEST_FAIL_SEED_ENV = "ORCH_TEST_FAIL_SEED"
+
+
+def _fail_seed_for_tests(spec: RunSpec | None) -> None:
+    want = os.environ.get(TEST_FAIL_SEED_ENV, "").strip()
+    seed = spec.task.args.get("seed") if spec is not None else None
+    if want and seed is not None and str(seed) == want:
+        raise WorkerError(f"{TEST_FAIL_SEED_ENV}={want}: seed {seed} fails on purpose (a test)")
+
+
 def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -350,6 +362,7 @@ def execute(
         with _signals_raise(rd, request):
             if error is not None:
                 raise error
+            _fail_seed_for_tests(spec)
             args = parse_args(command, raw_args)
             if main:
                 status = StatusWriter(

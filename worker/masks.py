@@ -24,6 +24,7 @@ fallback).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -360,8 +361,10 @@ def ordinary_ids(tokenizer: Any, vocab_size: int) -> list[int]:
     added tokens marked special) and not below the number of special tokens (Tekken keeps its
     first 1000 ids for reserved control tokens, not all of them named)."""
     special = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    special |= {int(i) for i, t in added.items() if getattr(t, "special", False)}
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    if isinstance(added, Mapping):  # MistralCommonBackend has none (a method there); its
+        # all_special_ids are the whole reserved block already
+        special |= {int(i) for i, t in added.items() if getattr(t, "special", False)}
     n = min(int(vocab_size), len(tokenizer))
     return [i for i in range(len(special), n) if i not in special]
 

@@ -201,6 +201,8 @@ def load(
     if args.tokenizer and args.tokenizer.startswith(tiny.SCHEME):
         tok_path = str(tiny.resolve(args.tokenizer))
     backend = getattr(args, "tokenizer_backend", "hf")
+    if backend == "mistral-common":
+        _check_mistral_common(tok_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_path, **common, **_backend_kwargs(backend))
     except WorkerError:
@@ -264,6 +266,33 @@ def _backend_kwargs(backend: str) -> dict[str, Any]:
             hint="use tokenizer_backend 'hf', or upgrade transformers",
         )
     return {"mistral_format": True}
+
+
+#: transformers' own floor for MistralCommonBackend (`MISTRAL_COMMON_MIN_VERSION`, 5.24)
+MISTRAL_COMMON_MIN = "1.11.5"
+
+
+def _check_mistral_common(tok_path: str) -> None:
+    """tokenizer_backend 'mistral-common' can load: the package importable (transformers also
+    wants pillow for it, `is_mistral_common_available`) and, for a local directory, a tekken.json
+    in it; else one error naming the fix, before transformers' own ImportError / OSError (whose
+    fix, `mistral_format=False`, is not a stage setting)."""
+    from transformers.utils.import_utils import is_mistral_common_available
+
+    if not is_mistral_common_available(MISTRAL_COMMON_MIN):
+        raise WorkerError(
+            f"tokenizer_backend 'mistral-common' needs the mistral-common package (>= "
+            f"{MISTRAL_COMMON_MIN}, with pillow), which is not importable here",
+            hint=f"pip install 'mistral-common>={MISTRAL_COMMON_MIN}' pillow, or set "
+            "tokenizer_backend 'hf' to use the HF tokenizer files",
+        )
+    local = Path(tok_path)
+    if local.is_dir() and not (local / "tekken.json").is_file():
+        raise WorkerError(
+            f"tokenizer_backend 'mistral-common' needs a tekken.json, and {local} has none",
+            hint="set tokenizer_backend 'hf' to use its tokenizer.json, or point `tokenizer` "
+            "at a directory with the model's tekken.json",
+        )
 
 
 def tokenizer_info(tokenizer: Any, requested: str = "hf") -> dict[str, Any]:

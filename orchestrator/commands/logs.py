@@ -1,4 +1,11 @@
-"""`orch logs RUN [-f] [-n N]`: the tail of a run's stdout.log, read over its target."""
+"""`orch logs RUN [-f] [-n N]`: the tail of a run's stdout.log, read over its target.
+
+`-f` streams over the target's agent channel (state/watch.py's `follow`): the box pushes each
+new complete line as it is written (within about 0.1 s), and says when the run's output is
+complete, so the command ends when the run does. No command runs on the box per second, and a
+dropped connection is picked up again from the last byte printed. An agent that cannot follow
+(older than this orch) is read as before: `tail -c +N` once a second.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,10 @@ import argparse
 import collections
 import contextlib
 import posixpath
+import queue
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from rich.markup import escape
 
@@ -16,11 +24,13 @@ from orchestrator.context import Context
 from orchestrator.dashboard.snapshot import run_view
 from orchestrator.targets.base import Target
 from state import names
-from state.errors import ConfigError, RemoteCommandError
+from state.errors import ConfigError, RemoteCommandError, TargetError
 from state.models import RunRecord
 from state.store import RUN_FORMS
 
 READ_TIMEOUT_S = 30.0
+FOLLOW_WAIT_S = 0.25  # the longest sleep between looks at the channel
+RECONNECT_S = (1.0, 2.0, 5.0, 10.0)  # backoff while the box does not answer
 
 
 def register(sub: Any) -> None:
@@ -133,6 +143,113 @@ def recorded(ctx: Context, rec: RunRecord, lines: int) -> int:
     return 0
 
 
+class _NoFollow(Exception):
+    """The target's agent cannot stream a log (an agent older than `follow`)."""
+
+
+def stream(target: Target, rec: RunRecord, lines: int, out: TextIO) -> int:
+    """Follow the run's stdout.log over the agent channel until the box says it is complete;
+    reconnects (from the last byte printed) while the box is unreachable. Raises _NoFollow
+    for an agent that cannot do it, before anything is printed."""
+    offset: int | None = None  # None: start `lines` lines before the end
+    failures = 0
+    note = False
+    last = "\n"  # the last character printed
+    while True:
+        pushed: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        try:
+            agent = target.agent()
+            agent.on_push = pushed.put
+            follow: dict[str, Any] = {"run_dir": rec.run_dir, "lines": max(0, lines)}
+            if offset is not None:
+                follow["offset"] = offset
+            answer = agent.request(
+                {
+                    "op": "watch",
+                    # A Slurm job's pid is on a compute node: its end is its exit_code only.
+                    "runs": []
+                    if rec.job_id
+                    else [{"run_dir": rec.run_dir, "session": rec.session}],
+                    "gpus": False,
+                    "follow": [follow],
+                    "heartbeat_s": 5.0,
+                    "session_check_s": 30.0,
+                },
+                timeout=READ_TIMEOUT_S,
+            )
+        except (TargetError, OSError) as exc:  # UnreachableError is a TargetError
+            if offset is None and failures >= len(RECONNECT_S):
+                raise
+            wait = RECONNECT_S[min(failures, len(RECONNECT_S) - 1)]
+            failures += 1
+            if not note:
+                print(f"orch logs: {rec.target} does not answer ({exc}); retrying", file=sys.stderr)
+                note = True
+            time.sleep(wait)
+            continue
+        if answer.get("ok") is False or "chan" not in answer:
+            agent.on_push = None
+            if offset is None and "unknown op" in str(answer.get("error", "")):
+                raise _NoFollow(str(answer.get("error")))
+            raise TargetError(f"target {rec.target}: cannot follow the log: {answer.get('error')}")
+        failures, note = 0, False
+        chan = answer["chan"]
+        try:
+            while True:
+                alive = agent.drain(FOLLOW_WAIT_S)
+                while True:
+                    try:
+                        line = pushed.get_nowait()
+                    except queue.Empty:
+                        break
+                    chunk = line.get("log")
+                    if line.get("chan") != chan or not isinstance(chunk, dict):
+                        continue
+                    if chunk.get("run_dir") != rec.run_dir:
+                        continue
+                    at = int(chunk.get("offset") or 0)
+                    text = str(chunk.get("text") or "")
+                    if offset is not None and at < offset:
+                        continue  # a chunk of an earlier subscription already printed
+                    if text:
+                        out.write(text)
+                        last = text[-1]
+                    offset = int(chunk.get("next") or at + len(text.encode("utf-8")))
+                    if chunk.get("eof"):
+                        if last != "\n":
+                            out.write("\n")  # the last line may lack a newline
+                        out.flush()
+                        return 0
+                out.flush()
+                if not alive:
+                    break  # the channel dropped: subscribe again from `offset`
+        finally:
+            agent.on_push = None
+
+
+def follow_polling(
+    target: Target, rec: RunRecord, offset: int, interval: float, out: TextIO
+) -> int:
+    """`-f` for an agent that cannot stream: `tail -c +N` once per `interval`."""
+    while True:
+        done = ended(target, rec)
+        text, offset = read_from(target, rec, offset)
+        if text:
+            out.write(text)
+            out.flush()
+        if done:
+            # The last line may lack a newline: print whatever is left.
+            res = target.run(
+                ["tail", "-c", f"+{offset + 1}", _path(target, rec, names.STDOUT)],
+                timeout=READ_TIMEOUT_S,
+            )
+            if res.returncode == 0 and res.stdout:
+                out.write(res.stdout + ("" if res.stdout.endswith("\n") else "\n"))
+            out.flush()
+            return 0
+        time.sleep(interval)
+
+
 def handle(args: argparse.Namespace, ctx: Context) -> int:
     from orchestrator.targets.factory import make_target
 
@@ -142,6 +259,11 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
     target = make_target(ctx, rec.target)
     out = sys.stdout
     try:
+        if args.follow:
+            try:
+                return stream(target, rec, args.lines, out)
+            except _NoFollow:
+                pass  # an old agent on the box: read it the old way
         text, offset = tail(target, rec, args.lines)
         if not args.follow and not text and _size(target, _path(target, rec, names.STDOUT)) is None:
             raise RemoteCommandError(
@@ -152,23 +274,7 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
         out.flush()
         if not args.follow:
             return 0
-        while True:
-            done = ended(target, rec)
-            text, offset = read_from(target, rec, offset)
-            if text:
-                out.write(text)
-                out.flush()
-            if done:
-                # The last line may lack a newline: print whatever is left.
-                res = target.run(
-                    ["tail", "-c", f"+{offset + 1}", _path(target, rec, names.STDOUT)],
-                    timeout=READ_TIMEOUT_S,
-                )
-                if res.returncode == 0 and res.stdout:
-                    out.write(res.stdout + ("" if res.stdout.endswith("\n") else "\n"))
-                out.flush()
-                return 0
-            time.sleep(args.interval)
+        return follow_polling(target, rec, offset, args.interval, out)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -6,7 +6,9 @@ batch size and `max_length`; `jobs.plan`, `state.footprint`); disk at its peak (
 outputs, HF cache, venv, and what earlier stages left); the expected time from a recorded
 throughput (an earlier run's own, else the profile's table) and its dollars at the target's
 $/h. Then row by row whether the target fits, and on an ssh or vast box the runtime contract of
-its env (one round trip) and the hub checks of the pinned model and data sets with `HF_TOKEN`.
+its env (one round trip); on a slurm target its partition's limits against each stage's job
+(GPUs a node, --time against MaxTime, memory, CPUs) and the login node's env; and the hub
+checks of the pinned model and data sets with `HF_TOKEN`.
 Exit 0 when everything known fits, 1 when anything does not. Nothing is rented or started.
 """
 
@@ -224,7 +226,7 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
     try:
         cap, rows = capacity(
             ctx, tname, needs_cuda=needs_cuda, need_gpu=need_gpu, need_disk=need_disk,
-            remote=not args.offline,
+            remote=not args.offline, stages=specs,
         )  # fmt: skip
     except OrchError as exc:
         cap = Capacity(tname, tcfg.kind, where=f"unknown: {exc.message}")

@@ -150,6 +150,9 @@ def save_many(store: Store, changes: list[Change], shared: list[Recorded]) -> li
 
     A run changed under us meanwhile (e.g. `orch stop`) is skipped with its own alerts, and is
     judged afresh on the next poll; the shared alerts are recorded if any run was written."""
+    changes = [c for c in changes if c[2] or _changes(c[0], c[1], c[3]) or _mon_changed(c[0], c[1])]
+    if not changes and not shared:
+        return []  # nothing to write: no transaction (a quiet poll costs no commit)
     now = now_iso()
     ids: list[int] = []
     with store.tx() as db:

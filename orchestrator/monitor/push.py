@@ -16,9 +16,13 @@ How a target is watched:
   run the agent left out. Every `interval_s` the last observation of every run is judged again
   (the heartbeat says nothing changed since), so the stale clock, timeouts and the exit grace
   run as they do under polling.
+- Deltas: the agent sends only what changed since its last line of a run (`delta: true`);
+  the subscription keeps the full observation of every run (as JSON, the form the patch
+  applies to) and judges the patched whole, so the state machine sees what a poll would show.
 - Sequence numbers: a line whose `push` number is not above the last one of its channel is a
-  duplicate and dropped; a gap (a line lost) or a line of another channel asks for a full
-  poll. Whatever slips through, the store decides: a transition is written only from the phase
+  duplicate and dropped; a gap (a line lost) or a line of another channel ends the
+  subscription (a patch over a copy that missed a line could be wrong), and the full poll
+  that follows subscribes again with a whole observation. Whatever slips through, the store decides: a transition is written only from the phase
   it was judged from, and an alert only once per dedup key.
 - Silence: no line (change or heartbeat) for `silence_s` means the box, the agent or the
   channel froze: a full poll goes out at once, whose deadline makes the target unreachable
@@ -38,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.monitor.statemachine import MONITORED_PHASES
 from state.models import RunObservation, TargetObservation
+from state.watch import apply_patch
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
@@ -45,8 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("orch.monitor.push")
 
-DRAIN_WAIT_S = 0.25  # the listener's longest sleep between looks at its channel
-RUNSET_CHECK_S = 1.0  # how often a listener compares its runs with the store's active ones
+DRAIN_WAIT_S = 1.0  # the listener's longest sleep between looks (data wakes it at once)
+RUNSET_CHECK_S = 2.0  # how often a listener compares its runs with the store's active ones
 
 
 @dataclass
@@ -77,10 +82,13 @@ class Subscription:
     last_seq: int = 0
     last_line: float = field(default_factory=time.monotonic)
     cache: dict[str, RunObservation] = field(default_factory=dict)
+    raw: dict[str, dict[str, Any]] = field(default_factory=dict)  # the same, as JSON (patched)
+    box_raw: dict[str, Any] = field(default_factory=dict)
     box: TargetObservation | None = None
     stopped: threading.Event = field(default_factory=threading.Event)
     lines: queue.SimpleQueue[dict[str, Any]] = field(default_factory=queue.SimpleQueue)
     thread: threading.Thread | None = None
+    broken: bool = False  # a gap or a stranger's line: subscribe again from a full answer
 
     @property
     def alive(self) -> bool:
@@ -94,6 +102,10 @@ class Subscription:
         self.chan = str(answer.get("chan") or "")
         self.last_seq = int(answer.get("push") or 0)
         self.last_line = time.monotonic()
+        self.box_raw = {k: answer.get(k) for k in ("disk_free_bytes", "gpus")}
+        for d in answer.get("runs") or []:
+            if isinstance(d, dict) and isinstance(d.get("run_dir"), str):
+                self.raw[d["run_dir"]] = d
         self._remember(TargetObservation.model_validate(answer))
         self.thread = threading.Thread(
             target=self._listen, name=f"orch-push-{self.name}", daemon=True
@@ -116,6 +128,9 @@ class Subscription:
             while not self.stopped.is_set():
                 ok = self.agent.drain(DRAIN_WAIT_S)
                 self._handle_queued()
+                if self.broken:
+                    why = "a line went missing"
+                    break
                 if self.stopped.is_set():
                     return
                 if not ok:
@@ -163,29 +178,56 @@ class Subscription:
             return
         if str(line.get("chan") or "") != self.chan:
             hub.stats.gaps += 1  # another channel's line: do not trust either, look again
-            hub.poll(self.name)
+            self.broken = True
             return
         if seq <= self.last_seq:
             hub.stats.duplicates += 1
             return
-        gap = seq > self.last_seq + 1
+        if seq > self.last_seq + 1:
+            hub.stats.gaps += 1  # a line went missing: no patch is applied over the hole
+            self.broken = True
+            return
         self.last_seq = seq
         self.last_line = time.monotonic()
         if line.get("beat"):
             hub.stats.beats += 1
-        elif isinstance(line.get("obs"), dict):
-            try:
-                obs = TargetObservation.model_validate(line["obs"])
-            except ValueError as exc:
-                log.warning("target %s pushed an unusable line: %s", self.name, exc)
-                obs = None
-            if obs is not None:
-                hub.stats.changes += 1
-                self._remember(obs)
-                hub.feed(self.name, obs)
-        if gap:
-            hub.stats.gaps += 1
-            hub.poll(self.name)  # a line went missing: a full observation fills the hole
+            return
+        body = line.get("obs")
+        if isinstance(line.get("delta"), dict):
+            body = self._patched(line["delta"])
+            if body is None:
+                self.broken = True
+                return
+        if not isinstance(body, dict):
+            return  # e.g. a `log` line: another reader's (orch logs -f)
+        try:
+            obs = TargetObservation.model_validate(body)
+        except ValueError as exc:
+            log.warning("target %s pushed an unusable line: %s", self.name, exc)
+            return
+        hub.stats.changes += 1
+        self._remember(obs)
+        hub.feed(self.name, obs)
+
+    def _patched(self, delta: dict[str, Any]) -> dict[str, Any] | None:
+        """The whole observation a delta line describes (only its runs, as a change line),
+        or None when it patches a run this subscription has no copy of."""
+        for k in ("disk_free_bytes", "gpus"):
+            if k in delta:
+                self.box_raw[k] = delta[k]
+        runs = []
+        for patch in delta.get("runs") or []:
+            base = self.raw.get(str(patch.get("run_dir"))) if isinstance(patch, dict) else None
+            if base is None:
+                log.warning("target %s pushed a change of a run it was not asked", self.name)
+                return None
+            merged = apply_patch(base, patch)
+            self.raw[merged["run_dir"]] = merged
+            runs.append(merged)
+        out: dict[str, Any] = {**self.box_raw, "runs": runs}
+        if delta.get("host_time"):
+            out["host_time"] = delta["host_time"]
+        return out
 
     def _replay(self) -> None:
         """Judge every run again from its last observation: nothing changed since (the agent
@@ -289,6 +331,7 @@ class PushHub:
             "op": "watch",
             "heartbeat_s": hb,
             "progress_s": self.ctx.config.monitor_for(name).push_progress_s,
+            "delta": True,
         }
         answer = agent.request(watch, timeout=timeout)
         if answer.get("ok") is False and "unknown op" in str(answer.get("error", "")):

@@ -42,6 +42,9 @@ from state.errors import HostKeyError, OrchError, StageError, UnreachableError
 from state.models import RunRecord, TargetObservation
 from state.protocol import MAX_STATUS_BYTES
 
+#: A target's row (disk, GPUs, last seen) is rewritten at most this often from pushed lines.
+TARGET_ROW_EVERY_S = 2.0
+
 if TYPE_CHECKING:
     from orchestrator.context import Context
     from orchestrator.monitor.push import PushHub
@@ -174,6 +177,7 @@ class Poller:
         self._redactor: Redactor | None = None
         #: pushed lines from the targets' agents (monitor/push.py `attach`); None: polls only
         self.push: PushHub | None = None
+        self._target_written: dict[str, float] = {}  # target -> when its row was last written
 
     # -- connections ----------------------------------------------------------------------------
     def _link(self, name: str) -> _Link:
@@ -293,7 +297,7 @@ class Poller:
             }
             obs = pushed if pushed is not None else self._request(name, link, payload)
             now = self.clock()
-            self._record_target(name, obs, now, link.last_error)
+            self._record_target(name, obs, now, link.last_error, pushed=pushed is not None)
             # A changed host key is not silence: it gets its own page at once (with the fix),
             # instead of an `unreachable` one later; the runs stay unjudged meanwhile.
             refused = link.refused if obs is None else None
@@ -307,6 +311,9 @@ class Poller:
                     log.warning("provider check of %s failed: %s", name, exc)
             by_dir = {r.run_dir: r for r in obs.runs} if obs is not None else {}
             finals: list[RunRecord] = []
+            # Every run's own change in one transaction (one commit, one fsync per poll or
+            # pushed line, not one per run).
+            singles: list[ledger.Change] = []
             grouped: dict[str, list[_Grouped]] = {kind: [] for kind in TARGET_ALERTS}
             for rec, prev in pairs:
                 run_obs = by_dir.get(rec.run_dir) if obs is not None else None
@@ -332,16 +339,12 @@ class Poller:
                     own = [a for a in alerts if a.kind not in TARGET_ALERTS]
                     grouped[shared[0].kind].append(_Grouped(prev, new, shared[0], own, status_json))
                     continue
-                ledger.save(
-                    self.ctx.store,
-                    prev,
-                    new,
-                    [_with_text(a) for a in alerts],
-                    status_json=status_json,
-                )
+                singles.append((prev, new, [_with_text(a) for a in alerts], status_json))
+            ledger.save_many(self.ctx.store, singles, [])
+            for prev, new, _, _ in singles:
                 self._changed(prev, new)
                 if new.phase.is_terminal:
-                    after = self.ctx.store.get_run(rec.stage_dir, rec.run_id)
+                    after = self.ctx.store.get_run(new.stage_dir, new.run_id)
                     if after is not None:
                         finals.append(after)
             for kind, items in grouped.items():
@@ -404,13 +407,26 @@ class Poller:
                 log.debug("on_change hook failed: %s", exc)
 
     def _record_target(
-        self, name: str, obs: TargetObservation | None, now: datetime, error: str
+        self,
+        name: str,
+        obs: TargetObservation | None,
+        now: datetime,
+        error: str,
+        *,
+        pushed: bool = False,
     ) -> None:
         try:
             kind = (
                 self.ctx.config.targets[name].kind if name in self.ctx.config.targets else "unknown"
             )
             if obs is not None:
+                # A pushed line every second need not rewrite the target's row each time: its
+                # disk, GPUs and last-seen are shown to the second, not to the line.
+                mono = time.monotonic()
+                last = self._target_written.get(name, -math.inf)
+                if pushed and mono - last < TARGET_ROW_EVERY_S:
+                    return
+                self._target_written[name] = mono
                 box = obs.model_dump(mode="json", exclude={"runs"})
                 self.ctx.store.upsert_target(
                     name,
@@ -421,6 +437,7 @@ class Poller:
                     last_obs_json=json.dumps(box),
                 )
             else:
+                self._target_written.pop(name, None)
                 row = self.ctx.store.get_target(name) or {}
                 since = row.get("unreachable_since") or now
                 self.ctx.store.upsert_target(name, kind, reachable=False, unreachable_since=since)

@@ -312,7 +312,7 @@ def _judge(
         gone = obs.session_alive is not True and obs.pid_alive is not True
     slurm_active = False
     if obs.slurm is not None:
-        verdict = _judge_slurm(prev, state, obs, now)
+        verdict = _judge_slurm(prev, state, obs, now, limits.exit_grace_s)
         if verdict is not None:
             return verdict
         # Slurm's word leaves it to the run dir: running, COMPLETED, or a job Slurm forgot.
@@ -419,7 +419,7 @@ def _judge(
 
 
 def _judge_slurm(
-    prev: RunState, state: RunState, obs: RunObservation, now: datetime
+    prev: RunState, state: RunState, obs: RunObservation, now: datetime, grace_s: float
 ) -> tuple[RunState, list[Alert]] | None:
     """Slurm's verdict on a run's batch job, or None to let the run dir decide.
 
@@ -429,6 +429,9 @@ def _judge_slurm(
     NODE_FAIL/PREEMPTED -> lost; OUT_OF_MEMORY -> failed; FAILED -> failed with Slurm's reason
     when the run dir says nothing. While the job runs, a signal death in `exit_code` (the
     wrapper saw Slurm's SIGTERM) waits for Slurm's final word rather than read as a crash.
+    A queued job that Slurm no longer lists while its run dir holds nothing at all never ran:
+    `cancelled` after the grace (Slurm drops a pending array task cancelled with
+    `scancel 12_1` from squeue at once, with no CANCELLED row), not a crash.
     """
     job = obs.slurm
     assert job is not None
@@ -436,6 +439,18 @@ def _judge_slurm(
     if obs.complete and obs.manifest_present and code == 0:
         return None
     st = job.state
+    if not job.error and not job.known and prev.phase is Phase.QUEUED and _untouched(obs):
+        since = prev.gone_since or now
+        if (now - since).total_seconds() < grace_s:
+            return replace(state, gone_since=since), []
+        if prev.cancel_requested:
+            return _finish(state, Phase.CANCELLED, "stopped by the user (while queued)")
+        return _finish(
+            state,
+            Phase.CANCELLED,
+            f"never ran: Slurm job {job.job_id} left the queue with nothing in its run dir "
+            "(cancelled in Slurm while pending?)",
+        )
     if job.error or not job.known:
         return None
     if st in SLURM_WAITING:
@@ -476,3 +491,14 @@ def _judge_slurm(
             f"Slurm job {job.job_id} FAILED ({job.reason or 'no reason'}{exit_})",
         )
     return None  # COMPLETED, FAILED with a run dir that says more, or a state we do not know
+
+
+def _untouched(obs: RunObservation) -> bool:
+    """The run dir shows no sign that the worker or its wrapper ever started."""
+    return (
+        obs.exit_code is None
+        and obs.status_state == "missing"
+        and not obs.complete
+        and not obs.failed_marker
+        and not obs.manifest_present
+    )

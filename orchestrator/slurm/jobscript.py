@@ -4,6 +4,11 @@ Pure: builds lists and text, no I/O.
 
     sbatch_argv(cfg, spec, job_name=..., run_dir_abs=..., code_dir=..., script=...)
     job_script(run_dir_abs, wrapper_command_line)
+    array_job_script({0: ArrayTask(seed=0, run_dir_abs=..., command=...), 1: ...})
+
+An array job (`--array=0-2`, one task per seed of a study) runs one script for every task:
+`SLURM_ARRAY_TASK_ID` picks the task's run dir and its wrapper command (whose spec.json holds
+the seed), so each task keeps the run-dir protocol of a single run.
 
 The options go on sbatch's command line as list items (quoted by the target), never into
 `#SBATCH` lines, so no value is ever parsed by a shell or by Slurm's script scanner. Slurm's
@@ -16,10 +21,11 @@ from __future__ import annotations
 import math
 import shlex
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from state import names
-from state.slurm import after_comment, check_job_id
+from state.slurm import after_comment, split_job_id
 
 if TYPE_CHECKING:
     from orchestrator.config import SlurmTarget as SlurmConfig
@@ -48,11 +54,17 @@ def sbatch_options(
     run_dir_abs: str,
     code_dir: str,
     after: Mapping[str, str] | None = None,
+    array: str | None = None,
 ) -> list[str]:
     """Every sbatch option of a run, as `--name=value` items. `after`: `{job_id: run key}` of
     the upstream runs of the study's graph: the job starts once they all succeeded
     (`afterok`), Slurm cancels it if one does not (`--kill-on-invalid-dep=yes`), and the job's
-    comment names them so the monitor can say which one failed."""
+    comment names them so the monitor can say which one failed.
+
+    `array` (`0-2`): an array job, one task per seed; `run_dir_abs` then holds `%a` (the task
+    index) so each task's Slurm output lands in its own run dir. Its `after` are upstream
+    array tasks (`11_0`, `11_1`, ...): task i waits on task i of each upstream array only
+    (`aftercorr:11`), and only task i is cancelled when that one fails."""
     names.check_name(job_name, "Slurm job name")
     gpus = max(int(spec.resources.gpus), 0)
     opts = [
@@ -79,14 +91,27 @@ def sbatch_options(
         # `B:`: to the batch shell (the job script), which notes it; without it Slurm signals
         # only job steps, and a batch job that runs no srun has none.
         opts.append(f"--signal=B:USR1@{cfg.signal_before_s}")
+    if array:
+        opts.append(f"--array={array}")
     if after:
         opts += [
-            "--dependency=afterok:" + ":".join(check_job_id(j) for j in after),
+            dependency_option(list(after)),
             "--kill-on-invalid-dep=yes",
             f"--comment={after_comment(dict(after))}",
         ]
     opts += list(cfg.sbatch_args)
     return opts
+
+
+def dependency_option(job_ids: list[str]) -> str:
+    """`--dependency=afterok:11:12` on whole jobs; on array tasks (`11_0`, `11_1`, `12_0`)
+    `--dependency=aftercorr:11:12`: each task after the same-index task of those arrays."""
+    split = [split_job_id(j) for j in job_ids]
+    if all(task is None for _, task in split):
+        return "--dependency=afterok:" + ":".join(job_ids)
+    if any(task is None for _, task in split):
+        raise ValueError(f"an array job waits on array tasks only, not on {job_ids!r}")
+    return "--dependency=aftercorr:" + ":".join(dict.fromkeys(base for base, _ in split))
 
 
 def sbatch_argv(options: list[str], script_path: str) -> list[str]:
@@ -112,7 +137,7 @@ def parse_job_id(stdout: str) -> str | None:
 # `.checkpoint_request` file left first tells the worker at its start instead. On USR1 the
 # worker saves a step checkpoint at its next step boundary and trains on (worker/train.py).
 _BODY = """\
-run_dir={run_dir}
+{run_dir}
 if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then
     rm -f -- "$run_dir/{exit_code}" "$run_dir/{pid}" "$run_dir/{run_failed}" "$run_dir/{request}"
     echo "orch: Slurm job $SLURM_JOB_ID restarted (restart $SLURM_RESTART_COUNT)"
@@ -121,7 +146,7 @@ echo "orch: Slurm job $SLURM_JOB_ID on $(hostname) (${{SLURM_JOB_PARTITION:-?}})
 sig=""
 usr1=""
 trap '' USR1
-{command} &
+{start}
 w=$!
 trap 'sig=1; usr1=1' USR1
 trap 'sig=1' TERM
@@ -158,12 +183,53 @@ def job_script(run_dir_abs: str, command: str, *, submit_line: str = "", nproc: 
     `nproc > 1`: the worker runs under torchrun, whose children get the USR1."""
     head = "#!/bin/sh\n# orch: the batch job of one run (docs/slurm.md); submitted as\n"
     head += "".join(f"#   {line}\n" for line in (submit_line or "sbatch job.sh").splitlines())
-    return head + _BODY.format(
-        run_dir=shlex.quote(run_dir_abs),
+    return head + _body(f"run_dir={shlex.quote(run_dir_abs)}", f"{command} &", nproc)
+
+
+def _body(run_dir: str, start: str, nproc: int) -> str:
+    return _BODY.format(
+        run_dir=run_dir,
         exit_code=names.EXIT_CODE,
         pid=names.PID,
         run_failed=names.RUN_FAILED,
         request=names.CHECKPOINT_REQUEST,
-        command=command,
+        start=start,
         children=_CHILDREN if nproc > 1 else "",
     )
+
+
+@dataclass(frozen=True)
+class ArrayTask:
+    """One task of an array job: the seed it runs, its run dir, its wrapper command line."""
+
+    seed: int | None
+    run_dir_abs: str
+    command: str
+
+
+def array_job_script(
+    tasks: Mapping[int, ArrayTask], *, submit_line: str = "", nproc: int = 1
+) -> str:
+    """The job script of an array job: `SLURM_ARRAY_TASK_ID` picks the task's run dir (and
+    says which seed it is), then starts that task's wrapper; an index it does not know exits 2
+    before anything runs."""
+    if not tasks:
+        raise ValueError("an array job needs at least one task")
+    head = "#!/bin/sh\n# orch: the array job of one stage, one task per seed (docs/slurm.md);"
+    head += " submitted as\n"
+    head += "".join(f"#   {line}\n" for line in (submit_line or "sbatch job.sh").splitlines())
+    pick = ['case "${SLURM_ARRAY_TASK_ID:-}" in']
+    start = ['case "$SLURM_ARRAY_TASK_ID" in']
+    for i in sorted(tasks):
+        t = tasks[i]
+        seed = "" if t.seed is None else f" (seed {int(t.seed)})"
+        note = shlex.quote(f"orch: array task {int(i)}{seed}: {t.run_dir_abs}")
+        pick.append(f"    {int(i)}) run_dir={shlex.quote(t.run_dir_abs)}; echo {note} ;;")
+        start.append(f"    {int(i)}) {t.command} & ;;")
+    pick.append(
+        '    *) echo "orch: array task ${SLURM_ARRAY_TASK_ID:-?} is not one of this job\'s" >&2;'
+        " exit 2 ;;"
+    )
+    pick.append("esac")
+    start.append("esac")
+    return head + _body("\n".join(pick), "\n".join(start), nproc)

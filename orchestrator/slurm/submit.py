@@ -1,6 +1,7 @@
 """Submit, ask about and cancel a run's Slurm job, through the login node (a `slurm` target).
 
     job_id = submit_run(target, cfg, spec, rec, python=..., nproc=..., wrapper_path=...)
+    array_id = submit_array(target, cfg, {0: (spec0, rec0), 1: (spec1, rec1)}, ...)  # `12`
     cancel_job(target, job_id)
     job = job_state(target, job_id)      # a SlurmJob (the same reading the poll agent makes)
 
@@ -20,7 +21,7 @@ from orchestrator.sshcmd import quote_argv
 from state import names
 from state.errors import LaunchError
 from state.models import SlurmJob
-from state.slurm import check_job_id, parse_squeue, squeue_argv
+from state.slurm import INVALID_JOB_ID, array_spec, check_job_id, parse_squeue, squeue_argv
 
 if TYPE_CHECKING:
     from orchestrator.config import SlurmTarget as SlurmConfig
@@ -59,6 +60,68 @@ def submit_run(
     argv = jobscript.sbatch_argv(options, script_path)
     text = jobscript.job_script(run_dir_abs, command, submit_line=quote_argv(argv), nproc=nproc)
     target.put_bytes(text.encode(), script_path, mode=0o755)
+    return _sbatch(target, argv, f"the job of {rec.key}")
+
+
+def submit_array(
+    target: Target,
+    cfg: SlurmConfig,
+    tasks: Mapping[int, tuple[RunSpec, RunRecord]],
+    *,
+    job_name: str,
+    output_dir_abs: str,
+    python: str,
+    nproc: int,
+    wrapper_path: str,
+    after: Mapping[str, str] | None = None,
+) -> str:
+    """One `sbatch --array=INDICES` for the runs of one stage, one task per seed: each task
+    index i runs `tasks[i]`'s run (its own run dir, spec and wrapper command). The run dirs
+    must be `output_dir_abs` with the index in place of `%a` (Slurm's output goes there).
+    `after`: `{upstream task id: run key}` (`aftercorr`). The array job id; LaunchError
+    with sbatch's words when Slurm refuses it."""
+    code_dir = posixpath.join(target.workdir, names.CODE_DIR)
+    scripted: dict[int, jobscript.ArrayTask] = {}
+    for i, (spec, rec) in tasks.items():
+        run_dir_abs = posixpath.join(target.workdir, rec.run_dir)
+        if posixpath.normpath(run_dir_abs) != posixpath.normpath(
+            output_dir_abs.replace("%a", str(int(i)))
+        ):
+            raise LaunchError(f"array task {i}: run dir {rec.run_dir} is not {output_dir_abs}")
+        env = wrapper.run_env(code_dir=code_dir, run_dir_abs=run_dir_abs, spec=spec, extra=cfg.env)
+        command = wrapper.wrapper_command(
+            wrapper_path=wrapper_path,
+            run_dir_abs=run_dir_abs,
+            argv=wrapper.worker_argv(python, run_dir_abs, nproc),
+            env=env,
+        )
+        seed = spec.task.args.get("seed")
+        scripted[int(i)] = jobscript.ArrayTask(
+            seed=seed if isinstance(seed, int) else None, run_dir_abs=run_dir_abs, command=command
+        )
+    first_spec, first = tasks[min(tasks)]
+    options = jobscript.sbatch_options(
+        cfg,
+        first_spec,
+        job_name=job_name,
+        run_dir_abs=output_dir_abs,
+        code_dir=code_dir,
+        after=after,
+        array=array_spec(list(tasks)),
+    )
+    # One script, a copy in every task's run dir (what ran is readable next to each run);
+    # sbatch reads the first at submission.
+    scripts = [f"{t.run_dir_abs}/{jobscript.JOB_SCRIPT}" for _, t in sorted(scripted.items())]
+    argv = jobscript.sbatch_argv(options, scripts[0])
+    text = jobscript.array_job_script(scripted, submit_line=quote_argv(argv), nproc=nproc)
+    for path in scripts:
+        target.put_bytes(text.encode(), path, mode=0o755)
+    return _sbatch(target, argv, f"the array job of {first.stage} ({len(tasks)} task(s))")
+
+
+def _sbatch(target: Target, argv: list[str], what: str) -> str:
+    """Run `sbatch --parsable ...` on the login node: the job id, or LaunchError with
+    sbatch's own words."""
     res = target.run(argv, timeout=QUICK_TIMEOUT_S)
     if res.returncode == 127:
         raise LaunchError(
@@ -68,7 +131,7 @@ def submit_run(
     job_id = parse_job_id_or_none(res.stdout) if res.returncode == 0 else None
     if job_id is None:
         why = " ".join(res.stderr.split()) or f"exit {res.returncode}: {res.stdout.strip()}"
-        raise LaunchError(f"Slurm refused the job of {rec.key} on {target.name!r}: {why}")
+        raise LaunchError(f"Slurm refused {what} on {target.name!r}: {why}")
     return job_id
 
 
@@ -79,6 +142,8 @@ def parse_job_id_or_none(stdout: str) -> str | None:
 def job_state(target: Target, job_id: str) -> SlurmJob:
     """What squeue says about one job now (`known=False` once Slurm forgot it)."""
     res = target.run(squeue_argv([check_job_id(job_id)]), timeout=QUICK_TIMEOUT_S)
+    if res.returncode != 0 and INVALID_JOB_ID in res.stderr:
+        return SlurmJob(job_id=job_id, known=False)
     if res.returncode != 0:
         why = " ".join(res.stderr.split())[-300:] or f"exit {res.returncode}"
         return SlurmJob(job_id=job_id, error=f"squeue failed: {why}")
@@ -86,6 +151,7 @@ def job_state(target: Target, job_id: str) -> SlurmJob:
 
 
 def cancel_job(target: Target, job_id: str) -> bool:
-    """`scancel JOB` (SIGTERM to the job, then SIGKILL after Slurm's KillWait). True if asked."""
+    """`scancel JOB` (SIGTERM to the job, then SIGKILL after Slurm's KillWait). True if asked.
+    An array task (`12_1`) is cancelled alone; the array's other tasks run on."""
     res = target.run(["scancel", "--", check_job_id(job_id)], timeout=QUICK_TIMEOUT_S)
     return res.returncode == 0

@@ -43,9 +43,12 @@ SMALL = [
 ]
 
 
-def study_project(tmp_path: Path, server, monkeypatch, hook_url: str) -> Path:
+def study_project(
+    tmp_path: Path, server, monkeypatch, hook_url: str, extra_env: dict[str, str] | None = None
+) -> Path:
     cache = os.environ.get("ORCH_CACHE_DIR") or str(tmp_path / "cache")
     env = {"ORCH_CACHE_DIR": cache, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.update(extra_env or {})
     toml = slurm_toml(server, tmp_path / "remote", env=env)
     toml += "[targets.cluster.monitor]\ninterval_s = 1\n"
     toml += f'\n[alerts]\nurls = ["{hook_url}"]\n\n[experiment]\nprofile = "tiny"\n'

@@ -125,12 +125,11 @@ def test_bos_follows_the_tokenizer_default_unless_the_stage_sets_it(tiny_tokeniz
     assert ev.prepare(ex, nobos, 64)[0][0].ctx == plain
     assert ev.prepare(ex, nobos, 64, add_bos=True)[0][0].ctx == [bos, *plain]
     assert ev.resolve_add_bos(nobos, True) == (True, "stage")
-    # an empty context is the prefix token (BOS) whatever the rule; as lm-eval 0.4.9's
-    # tok_encode(continuation), the continuation carries a BOS of its own when BOS is on
+    # an empty context is the prefix token (BOS) whatever the rule, and the continuation has
+    # no BOS of its own (lm-eval >= 0.4.9.2: tok_encode(continuation, add_special_tokens=False))
     seven = tok(" 7", add_special_tokens=False)["input_ids"]
-    assert encode_pair(tok, "", " 7", add_bos=False, lm_eval_empty=True) == ([bos], seven)
-    assert encode_pair(tok, "", " 7", add_bos=True, lm_eval_empty=True) == ([bos], [bos, *seven])
-    assert encode_pair(tok, "", " 7") == ([bos], seven)  # SFT's default: unchanged
+    assert encode_pair(tok, "", " 7", add_bos=False) == ([bos], seven)
+    assert encode_pair(tok, "", " 7", add_bos=True) == ([bos], seven)
 
 
 def test_context_limit_is_the_models_own(tiny_sdpa) -> None:

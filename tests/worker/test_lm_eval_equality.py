@@ -1,13 +1,15 @@
-"""The worker's causal evaluation against lm-evaluation-harness 0.4.9 (the `dev` extra), offline
-on CPU: a small local model and local data sets (one in the worker's `mc` schema, with empty
-contexts; one in ARC's schema scored through lm-eval's own arc_easy YAML), with and without BOS.
-Per-choice log-likelihoods equal within 1e-4, acc and acc_norm equal; and the metrics the worker
-names as lm-eval counterparts are those in lm-eval's task YAMLs."""
+"""The worker's causal evaluation against lm-evaluation-harness (the `dev` extra's pin, 0.4.13),
+offline on CPU: a small local model and local data sets (one in the worker's `mc` schema, with
+empty contexts; one in ARC's schema scored through lm-eval's own arc_easy YAML), given to lm-eval
+as task YAMLs in a local directory (`TaskManager(include_path=...)`). With and without BOS, and
+with both defaults: lm-eval's `add_bos_token` unset (the tokenizer's own default since 0.4.9.2)
+against the worker's `add_bos` unset. Per-choice log-likelihoods equal within 1e-4, acc and
+acc_norm equal; and the metrics the worker names as lm-eval counterparts are those in lm-eval's
+task YAMLs. Offline throughout (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, tests/worker/conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +23,6 @@ from worker.data import load_mc_task
 
 
 def _import_lm_eval() -> Any:
-    """lm_eval 0.4.9 with transformers 5: its VLM module reads `AutoModelForVision2Seq`, which
-    transformers 5 renamed `AutoModelForImageTextToText`; alias it for the import. (transformers
-    swaps its module object while `processing_utils` imports, so the alias goes on the final
-    one.) The text-only HFLM used here is untouched by it."""
-    import transformers.processing_utils  # noqa: F401
-
-    tr = sys.modules["transformers"]
-    try:
-        tr.AutoModelForVision2Seq  # noqa: B018
-    except AttributeError:
-        tr.AutoModelForVision2Seq = tr.AutoModelForImageTextToText
     return pytest.importorskip("lm_eval", reason="lm_eval is in the dev extra")
 
 
@@ -87,10 +78,14 @@ def data_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _lm_eval_tasks(lm_eval: Any, files: dict[str, Path]) -> list[Any]:
-    from lm_eval.api.task import ConfigurableTask
-    from lm_eval.utils import load_yaml_config
-
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory: pytest.TempPathFactory, data_files: dict[str, Path]) -> Path:
+    """The two tasks as lm-eval task YAMLs in a local directory, lm-eval's supported way to add
+    tasks (`TaskManager(include_path=...)`; in 0.4.13 `simple_evaluate` resolves every task,
+    a `ConfigurableTask` object too, through the manager's index). orch_arc includes lm-eval's
+    own arc_easy.yaml and only points it at the local file."""
+    lm_eval = _import_lm_eval()
+    d = tmp_path_factory.mktemp("lm-eval-tasks")
     local = {
         "dataset_path": "json",
         "dataset_name": None,
@@ -102,41 +97,54 @@ def _lm_eval_tasks(lm_eval: Any, files: dict[str, Path]) -> list[Any]:
     mc = {
         **local,
         "task": "orch_mc",
-        "dataset_kwargs": {"data_files": {"test": str(files["mc"])}},
+        "dataset_kwargs": {"data_files": {"test": str(data_files["mc"])}},
         "output_type": "multiple_choice",
         "doc_to_text": "{{context}}",
         "doc_to_choice": "{{choices}}",
         "doc_to_target": "{{label}}",
         "metric_list": [{"metric": "acc", **mean}, {"metric": "acc_norm", **mean}],
     }
-    yaml = Path(lm_eval.__file__).parent / "tasks" / "arc" / "arc_easy.yaml"
-    arc = {**load_yaml_config(str(yaml), mode="full"), **local, "task": "orch_arc"}
-    arc["dataset_kwargs"] = {"data_files": {"test": str(files["arc"])}}
-    return [ConfigurableTask(config=mc), ConfigurableTask(config=arc)]
+    arc = {
+        "include": str(Path(lm_eval.__file__).parent / "tasks" / "arc" / "arc_easy.yaml"),
+        **local,
+        "task": "orch_arc",
+        "tag": [],
+        "dataset_kwargs": {"data_files": {"test": str(data_files["arc"])}},
+    }
+    for cfg in (mc, arc):  # JSON is YAML
+        (d / f"{cfg['task']}.yaml").write_text(json.dumps(cfg, indent=1) + "\n")
+    return d
 
 
 def _lm_eval_scores(
-    lm_eval: Any,
+    task_dir: Path,
     model_dir: Path,
-    files: dict[str, Path],
-    add_bos_token: bool,
+    add_bos_token: bool | None,
     max_length: int | None = None,
 ) -> dict[str, tuple[list[list[float]], dict[str, float]]]:
-    """{task: (per-choice log-likelihoods in document order, {acc, acc_norm})} from lm-eval."""
+    """{task: (per-choice log-likelihoods in document order, {acc, acc_norm})} from lm-eval.
+    `add_bos_token=None` leaves it unset: HFLM's default."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
+    bos = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
     lm = HFLM(
         pretrained=str(model_dir),
         device="cpu",
         batch_size=8,
         dtype="float32",
-        add_bos_token=add_bos_token,
         max_length=max_length,
+        **bos,
     )
     res = simple_evaluate(
-        model=lm, tasks=_lm_eval_tasks(lm_eval, files), num_fewshot=0, log_samples=True
+        model=lm,
+        tasks=["orch_mc", "orch_arc"],
+        num_fewshot=0,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
     )
+    assert res is not None
     out = {}
     for ours, theirs in (("mc", "orch_mc"), ("arc", "orch_arc")):
         samples = sorted(res["samples"][theirs], key=lambda s: s["doc_id"])
@@ -180,23 +188,25 @@ def _worker_scores(
     ("tokenizer", "add_bos", "add_bos_token", "applied", "source"),
     [
         ("bos", True, True, True, "stage"),
-        ("bos", False, False, False, "stage"),  # lm-eval 0.4.9's own default (add_bos_token=False)
-        ("bos", None, True, True, "tokenizer default"),
-        ("nobos", None, False, False, "tokenizer default"),
+        ("bos", False, False, False, "stage"),
+        # both defaults (the issue's point): lm-eval's add_bos_token unset, the worker's add_bos
+        # unset; each follows the tokenizer, which adds a BOS here and none in "nobos"
+        ("bos", None, None, True, "tokenizer default"),
+        ("nobos", None, None, False, "tokenizer default"),
         ("nobos", True, True, True, "stage"),  # lm-eval: from_pretrained(add_bos_token=True)
     ],
 )
 def test_worker_scores_equal_lm_eval(
     model_dirs: dict[str, Path],
     data_files: dict[str, Path],
+    task_dir: Path,
     tokenizer: str,
     add_bos: bool | None,
-    add_bos_token: bool,
+    add_bos_token: bool | None,
     applied: bool,
     source: str,
 ) -> None:
-    lm_eval = _import_lm_eval()
-    theirs = _lm_eval_scores(lm_eval, model_dirs[tokenizer], data_files, add_bos_token)
+    theirs = _lm_eval_scores(task_dir, model_dirs[tokenizer], add_bos_token)
     ours, metrics = _worker_scores(model_dirs[tokenizer], data_files, add_bos)
     assert (metrics["add_bos"], metrics["add_bos_source"]) == (applied, source)
     for task in ("mc", "arc"):
@@ -211,12 +221,21 @@ def test_worker_scores_equal_lm_eval(
     assert metrics["max_length"] == 512 and metrics["tasks"]["arc"]["truncated"] == 0
 
 
-def test_truncated_contexts_equal_lm_eval(
+def test_bos_rule_changes_the_scores(
     model_dirs: dict[str, Path], data_files: dict[str, Path]
 ) -> None:
+    # the equality above is not vacuous: with and without BOS the log-likelihoods differ
+    with_bos, _ = _worker_scores(model_dirs["nobos"], data_files, True)
+    without, _ = _worker_scores(model_dirs["nobos"], data_files, None)
+    pairs = zip(with_bos["arc"], without["arc"], strict=True)
+    assert max(abs(a - b) for q, r in pairs for a, b in zip(q, r, strict=True)) > 1e-3
+
+
+def test_truncated_contexts_equal_lm_eval(
+    model_dirs: dict[str, Path], data_files: dict[str, Path], task_dir: Path
+) -> None:
     # max_length 8: most contexts lose their left end (and the BOS), as in lm-eval
-    lm_eval = _import_lm_eval()
-    theirs = _lm_eval_scores(lm_eval, model_dirs["bos"], data_files, True, max_length=8)
+    theirs = _lm_eval_scores(task_dir, model_dirs["bos"], True, max_length=8)
     ours, metrics = _worker_scores(model_dirs["bos"], data_files, True, max_length=8)
     assert (metrics["max_length"], metrics["max_length_source"]) == (8, "stage")
     assert metrics["tasks"]["arc"]["truncated"] > 10
@@ -229,18 +248,23 @@ def test_truncated_contexts_equal_lm_eval(
 
 
 def test_lm_eval_counterparts_are_lm_evals_task_metrics() -> None:
-    lm_eval = _import_lm_eval()
-    from lm_eval.utils import load_yaml_config
+    _import_lm_eval()
+    from lm_eval.tasks import TaskManager
 
-    tasks = Path(lm_eval.__file__).parent / "tasks"
-    yamls = {
-        "arc": ["arc/arc_easy.yaml", "arc/arc_challenge.yaml"],
-        "hellaswag": ["hellaswag/hellaswag.yaml"],
-        "piqa": ["piqa/piqa.yaml"],
-        "boolq": ["super_glue/boolq/default.yaml"],
+    # 0.4.13's YAML loader (includes resolved); 0.4.9 had it as lm_eval.utils.load_yaml_config
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    index = TaskManager().task_index
+    names = {
+        "arc": ["arc_easy", "arc_challenge"],
+        "hellaswag": ["hellaswag"],
+        "piqa": ["piqa"],
+        "boolq": ["boolq"],
     }
-    for schema, paths in yamls.items():
-        for p in paths:
-            cfg = load_yaml_config(str(tasks / p), mode="full")
-            assert [m["metric"] for m in cfg["metric_list"]] == ev.LM_EVAL_METRICS[schema], p
+    for schema, tasks in names.items():
+        for name in tasks:
+            path = index[name].yaml_path
+            assert path is not None, name
+            cfg = load_yaml(path, resolve_func=False)
+            assert [m["metric"] for m in cfg["metric_list"]] == ev.LM_EVAL_METRICS[schema], name
     assert ev.LM_EVAL_METRICS["boolq"] == ["acc"]

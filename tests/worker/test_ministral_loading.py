@@ -13,6 +13,8 @@ fine-tuned `checkpoints/final` of it loads back (stage 4).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -326,3 +328,181 @@ def test_mask_self_check_on_the_replica_uses_real_tokens_not_reserved_ids(
     assert min(i for r in rows for i in r[1:]) >= n_special  # text, past the control tokens
     assert masks.verify_mask_path(model, sample=rows, tokenizer=tok) == "data"
     assert masks.verify_mask_path(model, tokenizer=tok) == "tokenizer vocabulary"
+
+
+# ---- the Tekken tokenizer (mistral-common) beside the HF files, as the real repo ships both
+
+#: Tekken's pre-tokenization regex (tiktoken `pat_str`), as in Mistral's tekken.json files
+TEKKEN_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _tekken_json(vocab_size: int) -> tuple[dict, int]:
+    """(a tekken.json in mistral-common's file format, its number of reserved special ids).
+
+    The format of `mistral_common.tokens.tokenizers.tekken` (`ModelData`: `vocab` of TokenInfo
+    {rank, token_bytes (base64), token_str}, `special_tokens` of SpecialTokenInfo {rank,
+    token_str, is_control}, `config` of TekkenConfig). Ranks 0-255 are the single bytes, then the
+    replica's byte-level BPE merges in training order; the special tokens come first in the ids
+    (Mistral's control tokens, `<unk>`=0, `<s>`=1, `</s>`=2, `[IMG]`=10, `<pad>`=11), padded with
+    `<SPECIAL_n>` fillers to a reserved block, as Tekken reserves its first 1000 ids."""
+    import base64
+
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    to_byte = {u: b for b, u in bytes_to_unicode().items()}
+    hf = _tokenizer().backend_tokenizer.get_vocab(with_added_tokens=False)
+    by_id = sorted(hf.items(), key=lambda kv: kv[1])
+    merges = [t for t, _ in by_id if len(t) > 1 and t not in SPECIALS]
+    inner = [bytes([i]) for i in range(256)] + [bytes(to_byte[c] for c in t) for t in merges]
+    n_special = vocab_size - len(inner)
+    specials = [
+        {**t, "token_str": str(t["token_str"])} for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS
+    ]
+    assert n_special > len(specials)
+    data = {
+        "config": {
+            "pattern": TEKKEN_PATTERN,
+            "num_vocab_tokens": len(inner),
+            "default_vocab_size": vocab_size,
+            "default_num_special_tokens": n_special,
+            "version": "v7",
+        },
+        "vocab": [
+            {
+                "rank": i,
+                "token_bytes": base64.b64encode(b).decode(),
+                "token_str": b.decode("utf-8", "replace"),
+            }
+            for i, b in enumerate(inner)
+        ],
+        "special_tokens": specials,
+    }
+    return data, n_special
+
+
+@pytest.fixture(scope="module")
+def tekken_dir(ministral_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The replica with a tekken.json, and the HF tokenizer files transformers converts from it
+    (`convert_tekken_tokenizer`, the same vocabulary), as the real repo ships both."""
+    pytest.importorskip("mistral_common", reason="mistral-common is in the dev extra")
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    dest = tmp_path_factory.mktemp("ministral-3-tekken")
+    for f in ministral_dir.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (dest / f.name).write_bytes(f.read_bytes())
+    vocab = json.loads((ministral_dir / "config.json").read_text())["text_config"]["vocab_size"]
+    data, _ = _tekken_json(vocab)
+    (dest / "tekken.json").write_text(json.dumps(data))
+    convert_tekken_tokenizer(str(dest / "tekken.json")).save_pretrained(dest)
+    return dest
+
+
+def _load_backend(path: Path, backend: str) -> modeling.Loaded:
+    return modeling.load(
+        EvalArgs(model=str(path), device="cpu", dtype="float32", tokenizer_backend=backend)
+    )
+
+
+@pytest.mark.parametrize(
+    ("backend", "cls", "family", "bos_default"),
+    [
+        # transformers' own pick (mistral_format=None): mistral-common whenever it is installed
+        # and a tekken.json is there, whatever tokenizer.json says: the hazard of the issue
+        ("auto", "MistralCommonBackend", "mistral-common", True),
+        ("hf", "TokenizersBackend", "hf", False),  # the converted tokenizer.json adds nothing
+        ("mistral-common", "MistralCommonBackend", "mistral-common", True),
+    ],
+)
+def test_tekken_tokenizer_backend_is_the_one_asked_for(
+    tekken_dir: Path, backend: str, cls: str, family: str, bos_default: bool
+) -> None:
+    from worker import evaluate as ev
+    from worker.data import McExample
+
+    loaded = _load_backend(tekken_dir, backend)
+    tok = loaded.tokenizer
+    assert type(tok).__name__ == cls
+    assert loaded.tokenizer_info == {
+        "class": cls,
+        "is_fast": cls == "TokenizersBackend",
+        "backend": family,
+        "requested": backend,
+    }
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)) == (1, 2, 11, 448)
+    # the same vocabulary either way, its text ids past the reserved control block
+    tekken = json.loads((tekken_dir / "tekken.json").read_text())
+    n_special = tekken["config"]["default_num_special_tokens"]
+    text = "sum : 3 plus 4 is 7"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert (
+        ids
+        == _load_backend(tekken_dir, "hf").tokenizer(text, add_special_tokens=False)["input_ids"]
+    )
+    assert min(ids) >= n_special > 100
+    # BOS follows the backend that loaded (stage add_bos unset), as lm-eval's add_bos_token=None
+    assert ev.resolve_add_bos(tok, None) == (bos_default, "tokenizer default")
+    ctx = ev.prepare([McExample("sum : 3 plus 4 is", [" 7", " 8"], 0)], tok, 64)[0][0].ctx
+    plain = tok("sum : 3 plus 4 is", add_special_tokens=False)["input_ids"]
+    assert ctx == ([1] if bos_default else []) + plain
+    assert ev.resolve_add_bos(tok, True) == (True, "stage")
+    # the mask self-check reads ordinary vocabulary, never the reserved ids
+    assert masks.verify_mask_path(loaded.model, tokenizer=tok) == "tokenizer vocabulary"
+
+
+def test_tekken_backend_is_recorded_in_spec_events_and_metrics(
+    tekken_dir: Path, tmp_path: Path
+) -> None:
+    # spec.json holds the stage's validated args: the backend is always there, explicitly
+    assert get_stage("stage1", "ministral-3b").task.args["tokenizer_backend"] == "hf"
+    rd = tmp_path / "stage1" / "r1"
+    task = {"name": "arith", "source": "tiny:arith", "format": "mc", "limit": 8}
+    args = {
+        "model": str(tekken_dir),
+        "device": "cpu",
+        "dtype": "float32",
+        "tokenizer_backend": "mistral-common",
+        "tasks": [task],
+        "heartbeat_s": 0.5,
+    }
+    code = lifecycle.execute(rd, "eval", args)
+    failed = rd / names.RUN_FAILED
+    assert code == 0, failed.read_text() if failed.exists() else code
+    metrics = json.loads((rd / names.METRICS).read_text())
+    assert metrics["tokenizer"]["class"] == "MistralCommonBackend"
+    assert metrics["tokenizer"]["requested"] == "mistral-common"
+    assert (metrics["add_bos"], metrics["add_bos_source"]) == (True, "tokenizer default")
+    events = [json.loads(x) for x in (rd / names.EVENTS).read_text().splitlines()]
+    loaded = [e["data"]["tokenizer"] for e in events if "tokenizer" in (e.get("data") or {})]
+    assert [t["class"] for t in loaded] == ["MistralCommonBackend"], events
+
+
+def test_missing_tekken_backend_is_one_line_naming_the_fix(
+    ministral_dir: Path, tekken_dir: Path, tmp_path: Path
+) -> None:
+    # asked for mistral-common where the model has only the HF files
+    with pytest.raises(WorkerError, match="needs a tekken.json") as err:
+        _load_backend(ministral_dir, "mistral-common")
+    assert "tokenizer_backend 'hf'" in str(err.value.hint) and "\n" not in str(err.value)
+    # asked for mistral-common where the package is not installed (hidden in a child process)
+    code = (
+        "import sys; sys.modules['mistral_common'] = None\n"
+        "from state.errors import WorkerError\n"
+        "from state.worker_config import EvalArgs\n"
+        "from worker import modeling\n"
+        "try:\n"
+        f"    modeling.load(EvalArgs(model={str(tekken_dir)!r}, device='cpu',"
+        " tokenizer_backend='mistral-common'))\n"
+        "except WorkerError as e:\n"
+        "    print(e); print(e.hint)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    ).stdout.splitlines()
+    assert out[0].startswith("tokenizer_backend 'mistral-common' needs the mistral-common"), out
+    assert "pip install 'mistral-common>=" in out[1], out
