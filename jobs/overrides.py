@@ -2,8 +2,8 @@
 
 A key is a dotted path into a stage's worker args (`max_steps`, `tasks.0.limit`, `data.limit`)
 or one of the spec-level keys (`timeout_s`, `stale_after_s`, `poll_interval_s`,
-`nproc_per_node`, `resources.gpus`, `resources.min_gpu_ram_gb`). A key may be scoped to one stage by prefixing it
-with the stage name (`stage3a.max_steps=50`). Values are parsed as JSON when they parse
+`nproc_per_node`, `nodes`, `tasks_per_node`, `resources.gpus`, `resources.min_gpu_ram_gb`).
+A key may be scoped to one stage by prefixing it with the stage name (`stage3a.max_steps=50`). Values are parsed as JSON when they parse
 (`50` -> 50, `true` -> True, `null` -> None, `[1,2]` -> a list), else kept as strings.
 Pure functions; no I/O.
 """
@@ -22,6 +22,8 @@ SPEC_KEYS: tuple[str, ...] = (
     "stale_after_s",
     "poll_interval_s",
     "nproc_per_node",
+    "nodes",
+    "tasks_per_node",
     "resources.gpus",
     "resources.min_gpu_ram_gb",
 )

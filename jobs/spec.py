@@ -38,7 +38,17 @@ class StageSpec(BaseModel):
     poll_interval_s: float | None = Field(None, gt=0)
     resources: Resources = Field(default_factory=Resources)
     nproc_per_node: int = 1
+    #: Slurm nodes of the job (`--nodes`), one torchrun agent on each; > 1 on a slurm target only.
+    nodes: int = Field(1, ge=1)
+    #: torchrun agents a node (`--ntasks-per-node`): 1 on a real cluster; 2 on one node stands in
+    #: for two nodes on the test cluster (CPU only: the agents would share the node's GPUs).
+    tasks_per_node: int = Field(1, ge=1)
     local_only: bool = False  # e.g. `report`: runs on the laptop, not on a target
+
+    @property
+    def tasks(self) -> int:
+        """Slurm tasks of the job, one torchrun agent each (1: the single-node path)."""
+        return self.nodes * self.tasks_per_node
 
     @property
     def depends_on(self) -> list[str]:

@@ -170,6 +170,8 @@ def _spec_fields(r: StageRecipe, p: Profile) -> dict[str, Any]:
         "stale_after_s": p.train_stale_after_s if train else p.eval_stale_after_s,
         "poll_interval_s": None,  # the target's `[monitor] interval_s`
         "nproc_per_node": p.nproc_per_node if train else 1,
+        "nodes": 1,
+        "tasks_per_node": 1,
         "resources": (p.train_resources if train else p.eval_resources).model_dump(),
     }
 
@@ -311,6 +313,8 @@ def get_stage(
             poll_interval_s=spec_fields["poll_interval_s"],
             resources=resources,
             nproc_per_node=spec_fields["nproc_per_node"],
+            nodes=_whole(name, "nodes", spec_fields["nodes"]),
+            tasks_per_node=_whole(name, "tasks_per_node", spec_fields["tasks_per_node"]),
         )
     except ValidationError as exc:
         err = exc.errors()[0]
@@ -322,7 +326,18 @@ def get_stage(
         raise ConfigError(
             f"stage {name}: timeout_s and stale_after_s must be > 0 and nproc_per_node >= 1"
         )
+    if spec.tasks > 1 and r.kind != "train":
+        raise ConfigError(
+            f"stage {name} ({r.kind}): nodes and tasks_per_node are for training stages only"
+        )
     return spec
+
+
+def _whole(stage: str, key: str, value: Any) -> int:
+    """`nodes`/`tasks_per_node`: a whole number >= 1 (not `2.5`, `true` or `"two"`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"stage {stage}: {key} must be a whole number >= 1, not {value!r}")
+    return value
 
 
 def list_stages(

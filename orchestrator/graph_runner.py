@@ -300,6 +300,27 @@ def wait_graph(
     return records, failures
 
 
+def _refuse_resume_while_running(ctx: Context, target: str) -> None:
+    """`--resume` submits every stage without a succeeded run: with the earlier graph still
+    queued or running on the cluster that would submit those stages a second time."""
+    from orchestrator.monitor.statemachine import MONITORED_PHASES
+
+    study = set(dependency_graph()) - {REPORT_STAGE}
+    active = [
+        r
+        for r in ctx.store.list_runs(active_only=True)
+        if r.target == target and r.stage in study and r.phase in MONITORED_PHASES
+    ]
+    if active:
+        shown = ", ".join(f"{r.key} ({r.phase.value})" for r in active[:4])
+        more = f" and {len(active) - 4} more" if len(active) > 4 else ""
+        raise StageError(
+            f"{len(active)} run(s) of the study are still queued or running on {target!r}: "
+            f"{shown}{more}; --resume would submit their stages again",
+            hint="let them end (`orch watch`, `orch status`), or `orch stop` them, then resume",
+        )
+
+
 def run_graph(
     ctx: Context,
     target: str,
@@ -309,10 +330,14 @@ def run_graph(
     skip_succeeded: bool = False,
     report_out: Path | None = None,
     seeds: list[int] | None = None,
+    detach: bool = False,
 ) -> list[RunRecord]:
     """The whole study as one graph on a slurm target (with `seeds`: one array job per stage,
     a task per seed), then the report. StageError (after every run ended) when a stage did not
-    succeed."""
+    succeed. `detach`: return the submitted runs at once; the cluster runs the graph, `orch
+    watch` alerts and pulls whenever it runs, `orch report` writes the report."""
+    if skip_succeeded:
+        _refuse_resume_while_running(ctx, target)
     graphs: list[dict[str, RunRecord]] = []
     budget = 0.0
     if seeds:
@@ -325,6 +350,13 @@ def run_graph(
             ctx, target, overrides=overrides, profile=profile, skip_succeeded=skip_succeeded
         )
         graphs.append(sub)
+    if detach:
+        ctx.console.print(
+            "  the cluster runs the study now, with nobody waiting here. `orch watch` (any "
+            "time, from any machine with this project) alerts and pulls each stage as it ends; "
+            "`orch status` shows where it is; `orch report` writes the report once all ended"
+        )
+        return [rec for sub in graphs for rec in sub.values()]
     ctx.console.print(
         "  the cluster runs the study now; waiting (Ctrl-C leaves it running: `orch watch`)"
     )

@@ -205,6 +205,17 @@ def new_unique_run_id(ctx: Context, stage_dir: str) -> str:
 
 
 # -- launch ---------------------------------------------------------------------------------------
+def check_layout(stage: StageSpec, target_name: str, kind: str) -> None:
+    """ConfigError, before anything starts, for `nodes > 1` (or `tasks_per_node > 1`) on a
+    target that is not a Slurm cluster: only Slurm hands out several nodes to one job."""
+    if stage.tasks > 1 and kind != "slurm":
+        raise ConfigError(
+            f"stage {stage.name}: nodes={stage.nodes} tasks_per_node={stage.tasks_per_node} needs"
+            f" a slurm target, and {target_name!r} is a {kind} target",
+            hint='use --target CLUSTER (a kind = "slurm" target), or --set nodes=1',
+        )
+
+
 def launch_stage(
     ctx: Context,
     stage: StageSpec,
@@ -248,6 +259,7 @@ def launch_stage(
         )
     if (after or held) and not isinstance(tcfg, SlurmConfig):
         raise ConfigError(f"target {tname!r} is not a slurm target: no job dependencies there")
+    check_layout(stage, tname, tcfg.kind)
     resolved = resolve_inputs(ctx, stage, tname, after)
     forward, missing = secret_values(forwarded_names(tcfg.forward_env, tcfg.forward_hf_token))
     check_gated_token(stage, profile or ctx.config.experiment.profile, forward)
@@ -514,6 +526,8 @@ def _build_spec(
         poll_interval_s=stage.poll_interval_s,
         resources=stage.resources,
         nproc_per_node=stage.nproc_per_node,
+        nodes=stage.nodes,
+        tasks_per_node=stage.tasks_per_node,
         git_commit=commit,
         git_dirty=dirty,
         target=rec.target,

@@ -195,6 +195,11 @@ def run_stages(
     if skip_succeeded:
         order = [s for s in order if s not in have]
     specs = resolve_specs(order, prof, overrides, ctx.config.experiment.overrides)
+    from orchestrator.launch import check_layout
+
+    for spec in specs.values():  # a stage may land on any of the targets
+        for t in target_names:
+            check_layout(spec, t, ctx.config.target(t)[1].kind)
     located = {s: t for s, t in have.items() if s not in order}
     sched = Scheduler(order=order, targets=target_names, graph=graph, located=located)
     seeded = f", seed {seed}" if seed is not None else ""

@@ -26,6 +26,30 @@ SECRETS_FILE = ".secrets.env"
 BIN_DIR = "bin"
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+# Plain characters and `$NAME` / `${NAME}` references only: no quote, backslash, backquote,
+# `$(`, space or glob, so double quotes leave nothing but the variables to the shell.
+_EXPANDED_RE = re.compile(
+    r"^(?:[A-Za-z0-9_=:.,/+@%-]|\$[A-Za-z_][A-Za-z0-9_]*|\$\{[A-Za-z_][A-Za-z0-9_]*\})+\Z"
+)
+
+
+class Expanded(str):
+    """An argv item whose `$NAME` references the job script's own shell expands where the job
+    runs (a compute node's `$SLURM_JOB_ID`, a variable the script set), never on the laptop:
+    written in double quotes where every other item is single-quoted. ValueError for anything
+    but plain characters and variable references."""
+
+    __slots__ = ()
+
+    def __new__(cls, text: str) -> Expanded:
+        if not _EXPANDED_RE.match(text):
+            raise ValueError(f"not a plain word with $NAME references: {text!r}")
+        return super().__new__(cls, text)
+
+
+def quote_item(item: str) -> str:
+    """One argv item for a POSIX shell: `"..."` for an `Expanded`, else `shlex.quote`."""
+    return f'"{item}"' if isinstance(item, Expanded) else shlex.quote(item)
 
 
 @lru_cache(maxsize=1)
@@ -91,10 +115,11 @@ def wrapper_command(
     argv: list[str],
     env: Mapping[str, str],
 ) -> str:
-    """The one shell-command string tmux runs: `env K=V ... sh WRAPPER RUN_DIR -- ARGV...`."""
+    """The one shell-command string tmux runs: `env K=V ... sh WRAPPER RUN_DIR -- ARGV...`.
+    An `Expanded` item of `argv` (a Slurm job script's) is left to that shell's expansion."""
     parts = ["env", *(f"{check_env_name(k)}={v}" for k, v in env.items())]
-    parts += ["sh", wrapper_path, run_dir_abs, "--", *argv]
-    return shlex.join(parts)
+    parts += ["sh", wrapper_path, run_dir_abs, "--"]
+    return " ".join([*map(shlex.quote, parts), *map(quote_item, argv)])
 
 
 def tmux_new_session_argv(session: str, cwd: str, command: str) -> list[str]:

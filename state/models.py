@@ -156,6 +156,9 @@ class RunSpec(_FileModel):
     poll_interval_s: float | None = None
     resources: Resources = Field(default_factory=Resources)
     nproc_per_node: int = 1
+    #: A Slurm job of `nodes` x `tasks_per_node` torchrun agents (docs/slurm.md "Several nodes").
+    nodes: int = 1
+    tasks_per_node: int = 1
     git_commit: str | None = None
     git_dirty: bool = False
     target: str = "local"

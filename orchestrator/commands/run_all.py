@@ -51,6 +51,12 @@ def register(sub: Any) -> None:
         "a,b,c. On the tiny profile a seed also rebuilds the tiny model from it",
     )
     p.add_argument(
+        "--detach",
+        action="store_true",
+        help="on a slurm target: submit the study's graph and return; the cluster runs it "
+        "(`orch watch` alerts and pulls, `orch report` writes the report)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         help="where to write the report (default: reports/RESULTS.md, ignored by git)",
@@ -92,6 +98,15 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
     overrides = ov.parse_assignments(args.overrides)
     seeds = parse_seeds(args.seeds)
     slurm = _slurm_target(ctx, targets)
+    if args.detach and slurm is None:
+        from state.errors import ConfigError
+
+        raise ConfigError(
+            "--detach needs one slurm target: elsewhere orch itself starts each stage when "
+            "its inputs are ready, so it must keep running",
+            hint="drop --detach (Ctrl-C stops waiting, not a running stage), or use "
+            "--target with a slurm target",
+        )
     if slurm is not None:  # the cluster runs the graph itself (orchestrator/graph_runner.py)
         from orchestrator.graph_runner import run_graph
 
@@ -105,9 +120,12 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
             )
         recs = run_graph(
             ctx, slurm, overrides=overrides, profile=args.profile, skip_succeeded=args.resume,
-            report_out=args.out, seeds=seeds,
+            report_out=args.out, seeds=seeds, detach=args.detach,
         )  # fmt: skip
-        ctx.console.print(f"[green]study done[/]: {len(recs)} run(s) on {slurm}")
+        if args.detach:
+            ctx.console.print(f"[green]submitted[/]: {len(recs)} run(s) on {slurm}")
+        else:
+            ctx.console.print(f"[green]study done[/]: {len(recs)} run(s) on {slurm}")
         return 0
     if seeds is None:
         recs = run_stages(

@@ -4,6 +4,7 @@ Pure: builds lists and text, no I/O.
 
     sbatch_argv(cfg, spec, job_name=..., run_dir_abs=..., code_dir=..., script=...)
     job_script(run_dir_abs, wrapper_command_line)
+    agents_argv(python, run_dir_abs, nproc_per_node=G)   # nodes > 1: srun, one torchrun a task
     array_job_script({0: ArrayTask(seed=0, run_dir_abs=..., command=...), 1: ...})
 
 An array job (`--array=0-2`, one task per seed of a study) runs one script for every task:
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from orchestrator.wrapper import Expanded
 from state import names
 from state.slurm import after_comment, split_job_id
 
@@ -67,13 +69,17 @@ def sbatch_options(
     (`aftercorr:11`), and only task i is cancelled when that one fails."""
     names.check_name(job_name, "Slurm job name")
     gpus = max(int(spec.resources.gpus), 0)
+    layout = (
+        [f"--nodes={int(spec.nodes)}", f"--ntasks-per-node={int(spec.tasks_per_node)}"]
+        if task_count(spec) > 1
+        else ["--nodes=1", "--ntasks=1"]
+    )
     opts = [
         f"--job-name={job_name}",
         f"--output={run_dir_abs}/{names.STDOUT}",
         "--open-mode=append",
         f"--chdir={code_dir}",
-        "--nodes=1",
-        "--ntasks=1",
+        *layout,
         f"--time={time_limit_minutes(spec.timeout_s, cfg.time_margin_s)}",
         "--requeue" if cfg.requeue else "--no-requeue",
     ]
@@ -101,6 +107,58 @@ def sbatch_options(
         ]
     opts += list(cfg.sbatch_args)
     return opts
+
+
+def task_count(spec: RunSpec) -> int:
+    """Slurm tasks of the run's job, one torchrun agent each; 1 is the single-node path."""
+    return max(int(spec.nodes), 1) * max(int(spec.tasks_per_node), 1)
+
+
+#: The rendezvous port is `RDZV_PORT_BASE + job id % RDZV_PORT_SPAN`: the same for every agent
+#: of a job without any of them asking, different for jobs submitted close together (a node
+#: may host the head of several jobs), and below Linux's ephemeral range (32768-60999), so no
+#: outgoing connection holds it by chance. Two jobs whose ids differ by a multiple of the span
+#: heading on one node at once would collide: that job's rendezvous fails at its start, loudly.
+RDZV_PORT_BASE = 20000
+RDZV_PORT_SPAN = 10000
+
+#: torchrun's own signal handling: these end the agent and, through it, the ranks (its
+#: default, pinned so that a newer default cannot change it). SIGUSR1 is kept OUT: torchrun
+#: treats every signal in this list as a death signal (it forwards it, then SIGKILLs the ranks
+#: after `--shutdown-timeout` and exits non-zero), while Slurm's USR1 must make the ranks
+#: checkpoint and train on. The agents ignore USR1 instead (`_AGENT`) and Slurm delivers it
+#: to every process of the step, ranks included, on every node.
+SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+
+#: Each task starts its agent with USR1 ignored (the ranks inherit it until the worker's
+#: handler is in place, as on the single-node path).
+_AGENT = ["sh", "-c", 'trap "" USR1; exec "$@"', "orch-agent"]
+
+
+def agents_argv(
+    python: str, run_dir_abs: str, *, nproc_per_node: int, cpus_per_task: int | None = None
+) -> list[str]:
+    """The worker command of a multi-task job: `srun` starts one torchrun agent per task (on
+    every node of the allocation) and they meet at a c10d rendezvous on the allocation's first
+    node; the `Expanded` items name the job script's variables (`_RENDEZVOUS`) and Slurm's,
+    expanded by the job script on that node. `--kill-on-bad-exit=1`: one agent failing ends
+    them all (the others would wait at the rendezvous or in a collective until the limit)."""
+    srun = ["srun", "--kill-on-bad-exit=1"]
+    if cpus_per_task:
+        # Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task.
+        srun.append(f"--cpus-per-task={int(cpus_per_task)}")
+    return [
+        *srun,
+        *_AGENT,
+        python, "-m", "torch.distributed.run",
+        Expanded("--nnodes=$SLURM_NTASKS"),
+        f"--nproc_per_node={int(nproc_per_node)}",
+        "--rdzv_backend=c10d",
+        Expanded("--rdzv_endpoint=$rdzv_head:$rdzv_port"),
+        Expanded("--rdzv_id=$SLURM_JOB_ID"),
+        f"--signals-to-handle={SIGNALS_TO_HANDLE}",
+        "-m", "worker", "run", "--run-dir", run_dir_abs,
+    ]  # fmt: skip
 
 
 def dependency_option(job_ids: list[str]) -> str:
@@ -143,7 +201,7 @@ if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then
     echo "orch: Slurm job $SLURM_JOB_ID restarted (restart $SLURM_RESTART_COUNT)"
 fi
 echo "orch: Slurm job $SLURM_JOB_ID on $(hostname) (${{SLURM_JOB_PARTITION:-?}})"
-sig=""
+{rendezvous}sig=""
 usr1=""
 trap '' USR1
 {start}
@@ -177,16 +235,31 @@ exit "$rc"
 #: Under torchrun the pid file names torchrun (which ignores USR1): its children are the ranks.
 _CHILDREN = '; pkill -USR1 -P "$p" 2>/dev/null'
 
+# A multi-task job (`agents_argv`): where its torchrun agents meet, read from Slurm's
+# environment by the batch shell, which runs on the allocation's first node (hence the
+# `hostname` fallback when scontrol is not on the compute nodes). The pid file then names
+# srun, which forwards the USR1 to every process of its step, on every node.
+_RENDEZVOUS = """\
+rdzv_head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
+rdzv_head=${{rdzv_head:-$(hostname)}}
+rdzv_port=$(({base} + SLURM_JOB_ID % {span}))
+echo "orch: rendezvous c10d at $rdzv_head:$rdzv_port (id $SLURM_JOB_ID):\
+ $SLURM_NTASKS torchrun agent(s) on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST)"
+"""
 
-def job_script(run_dir_abs: str, command: str, *, submit_line: str = "", nproc: int = 1) -> str:
+
+def job_script(
+    run_dir_abs: str, command: str, *, submit_line: str = "", nproc: int = 1, tasks: int = 1
+) -> str:
     """The job script: `command` is the wrapper's one shell-command line (`wrapper_command`);
-    `nproc > 1`: the worker runs under torchrun, whose children get the USR1."""
+    `nproc > 1`: the worker runs under torchrun, whose children get the USR1; `tasks > 1`:
+    under `srun` (`agents_argv`), after the script found the rendezvous."""
     head = "#!/bin/sh\n# orch: the batch job of one run (docs/slurm.md); submitted as\n"
     head += "".join(f"#   {line}\n" for line in (submit_line or "sbatch job.sh").splitlines())
-    return head + _body(f"run_dir={shlex.quote(run_dir_abs)}", f"{command} &", nproc)
+    return head + _body(f"run_dir={shlex.quote(run_dir_abs)}", f"{command} &", nproc, tasks)
 
 
-def _body(run_dir: str, start: str, nproc: int) -> str:
+def _body(run_dir: str, start: str, nproc: int, tasks: int = 1) -> str:
     return _BODY.format(
         run_dir=run_dir,
         exit_code=names.EXIT_CODE,
@@ -194,7 +267,10 @@ def _body(run_dir: str, start: str, nproc: int) -> str:
         run_failed=names.RUN_FAILED,
         request=names.CHECKPOINT_REQUEST,
         start=start,
-        children=_CHILDREN if nproc > 1 else "",
+        rendezvous=_RENDEZVOUS.format(base=RDZV_PORT_BASE, span=RDZV_PORT_SPAN)
+        if tasks > 1
+        else "",
+        children=_CHILDREN if nproc > 1 and tasks <= 1 else "",
     )
 
 
@@ -208,7 +284,7 @@ class ArrayTask:
 
 
 def array_job_script(
-    tasks: Mapping[int, ArrayTask], *, submit_line: str = "", nproc: int = 1
+    tasks: Mapping[int, ArrayTask], *, submit_line: str = "", nproc: int = 1, agents: int = 1
 ) -> str:
     """The job script of an array job: `SLURM_ARRAY_TASK_ID` picks the task's run dir (and
     says which seed it is), then starts that task's wrapper; an index it does not know exits 2
@@ -232,4 +308,4 @@ def array_job_script(
     )
     pick.append("esac")
     start.append("esac")
-    return head + _body("\n".join(pick), "\n".join(start), nproc)
+    return head + _body("\n".join(pick), "\n".join(start), nproc, agents)

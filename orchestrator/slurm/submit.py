@@ -50,7 +50,7 @@ def submit_run(
     command = wrapper.wrapper_command(
         wrapper_path=wrapper_path,
         run_dir_abs=run_dir_abs,
-        argv=wrapper.worker_argv(python, run_dir_abs, nproc),
+        argv=worker_argv(cfg, spec, python, run_dir_abs, nproc),
         env=env,
     )
     script_path = f"{run_dir_abs}/{jobscript.JOB_SCRIPT}"
@@ -58,7 +58,13 @@ def submit_run(
         cfg, spec, job_name=rec.session, run_dir_abs=run_dir_abs, code_dir=code_dir, after=after
     )
     argv = jobscript.sbatch_argv(options, script_path)
-    text = jobscript.job_script(run_dir_abs, command, submit_line=quote_argv(argv), nproc=nproc)
+    text = jobscript.job_script(
+        run_dir_abs,
+        command,
+        submit_line=quote_argv(argv),
+        nproc=nproc,
+        tasks=jobscript.task_count(spec),
+    )
     target.put_bytes(text.encode(), script_path, mode=0o755)
     return _sbatch(target, argv, f"the job of {rec.key}")
 
@@ -92,7 +98,7 @@ def submit_array(
         command = wrapper.wrapper_command(
             wrapper_path=wrapper_path,
             run_dir_abs=run_dir_abs,
-            argv=wrapper.worker_argv(python, run_dir_abs, nproc),
+            argv=worker_argv(cfg, spec, python, run_dir_abs, nproc),
             env=env,
         )
         seed = spec.task.args.get("seed")
@@ -113,10 +119,28 @@ def submit_array(
     # sbatch reads the first at submission.
     scripts = [f"{t.run_dir_abs}/{jobscript.JOB_SCRIPT}" for _, t in sorted(scripted.items())]
     argv = jobscript.sbatch_argv(options, scripts[0])
-    text = jobscript.array_job_script(scripted, submit_line=quote_argv(argv), nproc=nproc)
+    text = jobscript.array_job_script(
+        scripted,
+        submit_line=quote_argv(argv),
+        nproc=nproc,
+        agents=jobscript.task_count(first_spec),
+    )
     for path in scripts:
         target.put_bytes(text.encode(), path, mode=0o755)
     return _sbatch(target, argv, f"the array job of {first.stage} ({len(tasks)} task(s))")
+
+
+def worker_argv(
+    cfg: SlurmConfig, spec: RunSpec, python: str, run_dir_abs: str, nproc: int
+) -> list[str]:
+    """The command the wrapper runs in the job: one worker process (under torchrun for
+    `nproc > 1`) as on any box, or for `nodes`/`tasks_per_node` > 1 one torchrun agent per
+    Slurm task through `srun` (`jobscript.agents_argv`)."""
+    if jobscript.task_count(spec) > 1:
+        return jobscript.agents_argv(
+            python, run_dir_abs, nproc_per_node=nproc, cpus_per_task=cfg.cpus_per_task
+        )
+    return wrapper.worker_argv(python, run_dir_abs, nproc)
 
 
 def _sbatch(target: Target, argv: list[str], what: str) -> str:

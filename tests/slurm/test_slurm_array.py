@@ -1,7 +1,8 @@
 """`orch run-all --target CLUSTER --seeds N` on the Slurm test cluster: one array job per stage
 (`sbatch --array=0-(N-1)`, task i running seed i), each downstream array after its upstream
 arrays with `aftercorr`, every task a run of its own; a seed whose upstream fails has only its
-own dependents cancelled; `orch stop` of one seed's run cancels that task alone.
+own dependents cancelled (submitted with `--detach`, followed with `orch status`; `--resume`
+refused while it runs); `orch stop` of one seed's run cancels that task alone.
 """
 
 from __future__ import annotations
@@ -109,10 +110,28 @@ def test_a_failed_seed_cancels_only_its_own_dependents(
     hook = Webhook()
     study_project(tmp_path, slurm_login, monkeypatch, hook.url, extra_env={TEST_FAIL_SEED_ENV: "1"})
     try:
-        rc = main([*run_all_args(small_model), "--seeds", "2"])
-        assert rc != 0
+        # --detach: submitted, and the command returns at once (the laptop may close).
+        rc = main([*run_all_args(small_model), "--seeds", "2", "--detach"])
+        out = capsys.readouterr()
+        assert rc == 0 and "submitted" in out.out, out
+        # --resume while that graph is queued or running would submit its stages twice.
+        rc = main([*run_all_args(small_model), "--seeds", "2", "--resume"])
         err = capsys.readouterr()
-        assert "graph stopped" in err.err + err.out
+        assert rc != 0 and "still queued or running" in err.err + err.out, err
+        # Nobody waits: `orch status` (which refreshes when no watcher runs) sees it through.
+        deadline = time.monotonic() + 300
+        while True:
+            assert main(["status", "--json"]) == 0
+            capsys.readouterr()
+            ctx = Context()
+            try:
+                active = ctx.store.list_runs(active_only=True)
+            finally:
+                ctx.close()
+            if not active:
+                break
+            assert time.monotonic() < deadline, active
+            time.sleep(2)
         ctx = Context()
         try:
             runs = {stage: by_seed(recs) for stage, recs in runs_by_stage(ctx).items()}

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from orchestrator import wrapper
 from orchestrator.config import parse_config
 from orchestrator.monitor.statemachine import Limits, RunState, transition
 from orchestrator.slurm import jobscript
@@ -332,3 +333,134 @@ def test_a_dependency_never_satisfied_is_cancelled_naming_the_upstream():
     obs = RunObservation(run_dir="runs/s1/20260101-120000", slurm=pending)
     new, _ = transition(state(), obs, at(5), LIM)
     assert new.phase == Phase.QUEUED and "upstream b/r1" in new.reason
+
+
+# -- several nodes: srun, one torchrun agent a task ---------------------------------------------
+def test_nodes_and_tasks_per_node_are_checked_spec_keys():
+    from jobs.stages import get_stage
+
+    st = get_stage("stage3b", "tiny", {"stage3b.nodes": "2", "resources.gpus": 4})
+    assert (st.nodes, st.tasks_per_node, st.tasks, st.resources.gpus) == (2, 1, 2, 4)
+    assert get_stage("stage3b", "tiny").tasks == 1
+    for bad in (0, -1, 2.5, True, "two", None):
+        with pytest.raises(ConfigError, match="nodes must be a whole number >= 1"):
+            get_stage("stage3b", "tiny", {"nodes": bad})
+    with pytest.raises(ConfigError, match="tasks_per_node must be a whole number"):
+        get_stage("stage3b", "tiny", {"tasks_per_node": 0})
+    with pytest.raises(ConfigError, match="for training stages only"):
+        get_stage("stage4", "tiny", {"nodes": 2})
+
+
+def test_nodes_above_one_need_a_slurm_target():
+    from jobs.stages import get_stage
+    from orchestrator.launch import check_layout
+
+    st = get_stage("stage3b", "tiny", {"nodes": 2})
+    with pytest.raises(ConfigError) as err:
+        check_layout(st, "box", "ssh")
+    assert "stage3b: nodes=2 tasks_per_node=1 needs a slurm target" in str(err.value)
+    assert "'box' is a ssh target" in str(err.value) and "\n" not in str(err.value)
+    check_layout(st, "cluster", "slurm")
+    check_layout(get_stage("stage3b", "tiny"), "box", "ssh")
+
+
+def test_multi_task_sbatch_options_and_the_agents_argv():
+    from orchestrator.slurm.submit import worker_argv
+
+    c = cfg(cpus_per_task=8, gpu_type="h100")
+    two = spec(nodes=2, resources={"gpus": 4})
+    opts = jobscript.sbatch_options(c, two, job_name="j", run_dir_abs="/r", code_dir="/c")
+    assert "--nodes=2" in opts and "--ntasks-per-node=1" in opts and "--ntasks=1" not in opts
+    assert "--gres=gpu:h100:4" in opts and "--cpus-per-task=8" in opts  # both per node/task
+    one = jobscript.sbatch_options(c, spec(), job_name="j", run_dir_abs="/r", code_dir="/c")
+    assert "--nodes=1" in one and "--ntasks=1" in one
+    test_layout = spec(tasks_per_node=2)
+    assert jobscript.task_count(test_layout) == 2
+    assert "--ntasks-per-node=2" in jobscript.sbatch_options(
+        c, test_layout, job_name="j", run_dir_abs="/r", code_dir="/c"
+    )
+
+    argv = worker_argv(c, two, "/v/bin/python", "/w/runs/s/r 1", 4)
+    assert argv[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=8"]
+    assert argv[argv.index("torch.distributed.run") + 1 :] == [
+        "--nnodes=$SLURM_NTASKS",
+        "--nproc_per_node=4",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=$rdzv_head:$rdzv_port",
+        "--rdzv_id=$SLURM_JOB_ID",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+        "-m", "worker", "run", "--run-dir", "/w/runs/s/r 1",
+    ]  # fmt: skip
+    assert worker_argv(c, spec(), "/py", "/rd", 1) == wrapper.worker_argv("/py", "/rd", 1)
+    line = wrapper.wrapper_command(
+        wrapper_path="/w/bin/wr.sh", run_dir_abs="/w/runs/s/r 1", argv=argv, env={"K": "a b"}
+    )
+    # Slurm's variables stay for the job script's shell (double quotes); the rest single-quoted.
+    assert '"--rdzv_endpoint=$rdzv_head:$rdzv_port" "--rdzv_id=$SLURM_JOB_ID"' in line
+    assert "'K=a b'" in line and "'/w/runs/s/r 1'" in line
+    assert 'sh -c \'trap "" USR1; exec "$@"\' orch-agent /v/bin/python' in line
+    for bad in ("$(id)", "a b", '"x', "`id`", "${X:-y}", "a\\b", "*", ""):
+        with pytest.raises(ValueError):
+            wrapper.Expanded(bad)
+
+
+def test_multi_task_job_script_finds_the_rendezvous_in_slurms_environment(tmp_path):
+    """The batch shell reads the first host of the node list (scontrol) and the port from the
+    job id, then runs the command with both expanded; without scontrol it is its own host
+    (the batch shell runs on the allocation's first node)."""
+    rd = tmp_path / "rd"
+    rd.mkdir()
+    argv = [
+        sys.executable, "-c", "import sys; print('argv', sys.argv[1:])",
+        wrapper.Expanded("--rdzv_endpoint=$rdzv_head:$rdzv_port"),
+        wrapper.Expanded("--nnodes=$SLURM_NTASKS"),
+    ]  # fmt: skip
+    cmd = " ".join(map(wrapper.quote_item, argv))
+    text = jobscript.job_script(str(rd), cmd, nproc=4, tasks=2)
+    assert "pkill" not in text  # the pid is srun's: it signals its step itself
+    script = tmp_path / "job.sh"
+    script.write_text(text)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(
+        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n'
+    )
+    (fake / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "123457", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "2"}
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "gpu[07-08]", **slurm}
+    res = subprocess.run(["sh", str(script)], capture_output=True, text=True, env=env, timeout=20)
+    assert res.returncode == 0, res
+    port = jobscript.RDZV_PORT_BASE + 123457 % jobscript.RDZV_PORT_SPAN
+    assert port == 23457
+    assert (
+        f"orch: rendezvous c10d at gpu07:{port} (id 123457): 2 torchrun agent(s) on 2" in res.stdout
+    )
+    assert f"argv ['--rdzv_endpoint=gpu07:{port}', '--nnodes=2']" in res.stdout, res.stdout
+
+    (fake / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+    res = subprocess.run(["sh", str(script)], capture_output=True, text=True, env=env, timeout=20)
+    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    assert f"argv ['--rdzv_endpoint={host}:{port}'" in res.stdout, res.stdout
+
+
+def test_multi_task_array_job_script_has_the_rendezvous():
+    task = jobscript.ArrayTask(seed=0, run_dir_abs="/r/t0", command="true")
+    text = jobscript.array_job_script({0: task}, nproc=2, agents=2)
+    assert "rdzv_port=$((20000 + SLURM_JOB_ID % 10000))" in text and "pkill" not in text
+    assert "rdzv_head" not in jobscript.array_job_script({0: task}, nproc=2)
+
+
+def test_run_stages_refuses_nodes_on_a_box_before_anything_starts(tmp_path, monkeypatch):
+    from orchestrator.context import Context
+    from orchestrator.pipeline_runner import run_stages
+
+    (tmp_path / "orch.toml").write_text('default_target = "box"\n[targets.box]\nkind = "local"\n')
+    (tmp_path / "pyproject.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    ctx = Context()
+    try:
+        with pytest.raises(ConfigError, match="stage3b: nodes=2 .* needs a slurm target"):
+            run_stages(ctx, ["stage3b"], overrides={"stage3b.nodes": 2})
+        assert ctx.store.list_runs() == []
+    finally:
+        ctx.close()
