@@ -21,4 +21,4 @@ python scripts/import_cycles.py  # every module of the four packages, function-l
 echo "== mypy (state, orchestrator)"
 mypy
 echo "== pytest"
-exec python -m pytest -q -p no:cacheprovider "$@"
+exec python -m pytest -q -p no:cacheprovider --durations=25 "$@"
