@@ -46,13 +46,7 @@ def submit_run(
     words when Slurm refuses the job, e.g. more GPUs than any node has)."""
     code_dir = posixpath.join(target.workdir, names.CODE_DIR)
     run_dir_abs = posixpath.join(target.workdir, rec.run_dir)
-    env = wrapper.run_env(code_dir=code_dir, run_dir_abs=run_dir_abs, spec=spec, extra=cfg.env)
-    command = wrapper.wrapper_command(
-        wrapper_path=wrapper_path,
-        run_dir_abs=run_dir_abs,
-        argv=worker_argv(cfg, spec, python, run_dir_abs, nproc),
-        env=env,
-    )
+    command = _run_command(cfg, spec, code_dir, run_dir_abs, python, nproc, wrapper_path)
     script_path = f"{run_dir_abs}/{jobscript.JOB_SCRIPT}"
     options = jobscript.sbatch_options(
         cfg, spec, job_name=rec.session, run_dir_abs=run_dir_abs, code_dir=code_dir, after=after
@@ -94,13 +88,7 @@ def submit_array(
             output_dir_abs.replace("%a", str(int(i)))
         ):
             raise LaunchError(f"array task {i}: run dir {rec.run_dir} is not {output_dir_abs}")
-        env = wrapper.run_env(code_dir=code_dir, run_dir_abs=run_dir_abs, spec=spec, extra=cfg.env)
-        command = wrapper.wrapper_command(
-            wrapper_path=wrapper_path,
-            run_dir_abs=run_dir_abs,
-            argv=worker_argv(cfg, spec, python, run_dir_abs, nproc),
-            env=env,
-        )
+        command = _run_command(cfg, spec, code_dir, run_dir_abs, python, nproc, wrapper_path)
         seed = spec.task.args.get("seed")
         scripted[int(i)] = jobscript.ArrayTask(
             seed=seed if isinstance(seed, int) else None, run_dir_abs=run_dir_abs, command=command
@@ -141,6 +129,26 @@ def worker_argv(
             python, run_dir_abs, nproc_per_node=nproc, cpus_per_task=cfg.cpus_per_task
         )
     return wrapper.worker_argv(python, run_dir_abs, nproc)
+
+
+def _run_command(
+    cfg: SlurmConfig,
+    spec: RunSpec,
+    code_dir: str,
+    run_dir_abs: str,
+    python: str,
+    nproc: int,
+    wrapper_path: str,
+) -> str:
+    """The wrapper command line that runs one run's worker in the job (its env, the run dir
+    protocol's wrapper, torchrun or srun torchrun as the spec's layout asks)."""
+    env = wrapper.run_env(code_dir=code_dir, run_dir_abs=run_dir_abs, spec=spec, extra=cfg.env)
+    return wrapper.wrapper_command(
+        wrapper_path=wrapper_path,
+        run_dir_abs=run_dir_abs,
+        argv=worker_argv(cfg, spec, python, run_dir_abs, nproc),
+        env=env,
+    )
 
 
 def _sbatch(target: Target, argv: list[str], what: str) -> str:
