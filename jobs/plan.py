@@ -49,6 +49,7 @@ class Capacity:
     disk_free: int | None = None  # bytes the study may use on the target's disk
     dph: float | None = None  # $/h
     where: str = ""  # one line: the offer, the instance, the box
+    credit: float | None = None  # $ the account may still spend (vast: /users/current), if read
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class StagePlan:
 
 
 #: Rows about the target rather than a stage (`Check.stage`).
-NOT_STAGES = frozenset({"box", "image", "hub", "offer", "target"})
+NOT_STAGES = frozenset({"account", "box", "image", "hub", "offer", "target"})
 
 
 @dataclass(frozen=True)
@@ -385,8 +386,24 @@ def _time_check(p: StagePlan) -> Check:
     return Check(p.stage, "time", hours(p.seconds), f"timeout {hours(p.timeout_s)}", ok, fix)
 
 
+def _credit_check(plans: list[StagePlan], credit: float) -> Check:
+    """The planned stages' dollars against what the account may still spend (`orch up`
+    refuses an offer whose expected spend the credit does not cover)."""
+    have = f"credit {dollars(credit)}"
+    if not plans or any(p.dollars is None for p in plans):
+        return Check("account", "credit", "the stages' dollars: unknown", have, None, "")
+    cost = sum(p.dollars or 0.0 for p in plans)
+    ok = cost <= credit
+    fix = "" if ok else (
+        f"the account's credit ({dollars(credit)}) does not cover ~{dollars(cost)} for these "
+        "stages: add credit at https://cloud.vast.ai/billing/"
+    )  # fmt: skip
+    return Check("account", "credit", f"~{dollars(cost)}", have, ok, fix)
+
+
 def fit_checks(plans: list[StagePlan], cap: Capacity) -> list[Check]:
-    """Row by row: memory, disk and time of every stage against the target."""
+    """Row by row: memory, disk and time of every stage against the target, then (when the
+    target's account credit was read) their dollars against the credit."""
     rows: list[Check] = []
     for p in plans:
         rows.append(_mem_check(p, cap))
@@ -398,6 +415,8 @@ def fit_checks(plans: list[StagePlan], cap: Capacity) -> list[Check]:
             )
         rows.append(_disk_check(p, cap))
         rows.append(_time_check(p))
+    if cap.credit is not None:
+        rows.append(_credit_check(plans, cap.credit))
     return rows
 
 

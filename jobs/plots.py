@@ -20,9 +20,11 @@ def available() -> bool:
 
 
 def _pyplot() -> Any:
+    # lazy, for start-up time: pulls in matplotlib
     import matplotlib
 
     matplotlib.use("Agg", force=True)
+    # lazy, for start-up time: pulls in matplotlib
     import matplotlib.pyplot as plt
 
     return plt

@@ -56,6 +56,7 @@ def url_problem(url: str, *, deep: bool = False) -> str | None:
         return None
     scheme = m.group(1).lower()
     logging.getLogger("apprise").propagate = False  # its log lines hold full URLs
+    # lazy, for start-up time: pulls in apprise
     from apprise import Apprise
     from apprise.manager_plugins import NotificationManager
 

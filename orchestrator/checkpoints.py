@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator.pull import local_run_dir
+from orchestrator.targets.factory import make_target
 from state import names
+from state.models import RunSpec
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
     from orchestrator.targets.base import Target
-    from state.models import RunRecord, RunSpec
+    from state.models import RunRecord
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 #: Written last by the worker's checkpoint save: a step dir without it is incomplete.
@@ -118,8 +121,6 @@ def prune_local(local_run_dir: Path, keep: int) -> list[str]:
 
 def spec_of(rec: RunRecord) -> RunSpec | None:
     """The run's recorded `spec.json`, or None if it has none or it does not parse."""
-    from state.models import RunSpec
-
     if not rec.spec_json:
         return None
     try:
@@ -149,9 +150,6 @@ def pull_checkpoints(ctx: Context, rec: RunRecord, *, timeout: float | None = No
     """Mirror a (live) run's complete step checkpoints into its local run dir, then prune the
     local copy to the run's `keep_checkpoints`. Only new files move (rsync, partial-resume).
     Returns the complete checkpoints now held here, oldest first."""
-    from orchestrator.pull import local_run_dir
-    from orchestrator.targets.factory import make_target
-
     local = local_run_dir(ctx, rec)
     target = make_target(ctx, rec.target)
     try:

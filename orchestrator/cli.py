@@ -16,6 +16,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+import orchestrator.commands as commands_pkg
 from orchestrator import __version__
 from orchestrator.context import Context
 from state.errors import OrchError
@@ -34,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", help="controller state dir (default: $ORCH_STATE_DIR or ./.orch)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    import orchestrator.commands as commands_pkg
 
     for mod in sorted(pkgutil.iter_modules(commands_pkg.__path__), key=lambda m: m.name):
         if mod.name.startswith("_"):

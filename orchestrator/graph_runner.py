@@ -27,6 +27,7 @@ task of its index.
 from __future__ import annotations
 
 import posixpath
+import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,8 +37,13 @@ from jobs import overrides as ov
 from jobs.pipeline import dependency_graph, plan
 from jobs.spec import StageSpec
 from jobs.stages import REPORT_STAGE
+from orchestrator import bootstrap, wrapper
+from orchestrator.config import SlurmTarget as SlurmConfig
 from orchestrator.context import Context
+from orchestrator.launch import launch_stage, run_dir_of, tmux_session_for
 from orchestrator.pipeline_runner import WAIT_GRACE_S, resolve_specs, run_report, succeeded_on
+from orchestrator.pull import pull_run
+from orchestrator.targets.factory import make_target
 from state import names
 from state.errors import OrchError, StageError
 from state.models import RunRecord, RunSpec
@@ -70,7 +76,6 @@ def submit_graph(
     ctx.console.print(
         f"graph ({prof}{seeded}) on {target}: {' -> '.join(order)}, submitted at once"
     )
-    from orchestrator.launch import launch_stage
 
     submitted: dict[str, RunRecord] = {}
     budget = 0.0
@@ -183,11 +188,8 @@ def _submit_array(
 ) -> list[RunRecord]:
     """One array job for `stage`, one task per seed of `group`: every task's run dir is
     prepared first (`launch_stage(held=True)`), then one sbatch; the records (by `group`)."""
-    from orchestrator import bootstrap, wrapper
-    from orchestrator.config import SlurmTarget as SlurmConfig
-    from orchestrator.launch import launch_stage, run_dir_of, tmux_session_for
+    # lazy, for start-up time: only this path needs orchestrator.slurm.submit
     from orchestrator.slurm.submit import submit_array
-    from orchestrator.targets.factory import make_target
 
     spec0 = specs[group[0]][stage]
     base, tail = _array_run_ids(ctx, spec0.stage_dir, [index[s] for s in group])
@@ -265,8 +267,6 @@ def _submit_array(
 def _array_run_ids(ctx: Context, stage_dir: str, indices: list[int]) -> tuple[str, str]:
     """(base, tail) of an array's run ids `<base>-t<i><tail>`, none of them taken yet (a second
     array of the same stage within the same second gets a short random tail)."""
-    import secrets
-
     base, tail = names.new_run_id(), ""
     while any(ctx.store.get_run(stage_dir, f"{base}-t{i}{tail}") for i in indices):
         tail = "x" + secrets.token_hex(1)
@@ -278,8 +278,8 @@ def wait_graph(
 ) -> tuple[list[RunRecord], list[str]]:
     """Wait for every submitted run (polling the target, or reading the store while an
     `orch watch` runs) and pull the succeeded ones. (final records, failures)."""
+    # lazy, for start-up time: only this path needs orchestrator.monitor.refresh
     from orchestrator.monitor.refresh import wait_for_run
-    from orchestrator.pull import pull_run
 
     deadline = time.monotonic() + timeout_s
     records: list[RunRecord] = []
@@ -303,6 +303,7 @@ def wait_graph(
 def _refuse_resume_while_running(ctx: Context, target: str) -> None:
     """`--resume` submits every stage without a succeeded run: with the earlier graph still
     queued or running on the cluster that would submit those stages a second time."""
+    # lazy, for start-up time: only this path needs orchestrator.monitor.statemachine
     from orchestrator.monitor.statemachine import MONITORED_PHASES
 
     study = set(dependency_graph()) - {REPORT_STAGE}

@@ -31,12 +31,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from jobs.plan import Capacity, gb, plan_stage
+from jobs.profiles import PROFILES
 from jobs.spec import InputRef, StageSpec
 from orchestrator import __version__, bootstrap, wrapper
 from orchestrator.config import SlurmTarget as SlurmConfig
 from orchestrator.context import Context
 from orchestrator.progress import Steps
 from orchestrator.targets.base import Target
+from orchestrator.targets.factory import make_target
 from state import names
 from state.errors import (
     ConfigError,
@@ -48,6 +51,7 @@ from state.errors import (
 )
 from state.models import RunRecord, RunSpec, WorkerTask
 from state.phases import Phase
+from state.slurm import SLURM_ACTIVE, SLURM_WAITING
 from state.worker_config import ARGS_BY_COMMAND
 
 #: Deadline of the small remote commands of a launch (mkdir, tmux, ...).
@@ -122,8 +126,6 @@ def forwarded_names(
 def check_gated_token(stage: StageSpec, profile: str | None, forwarded: dict[str, str]) -> None:
     """ConfigError, before anything is recorded, when the stage loads its profile's gated hub
     model and no HF_TOKEN goes with the run (the download would fail minutes into a paid box)."""
-    from jobs.profiles import PROFILES
-
     p = PROFILES.get(profile or "")
     model = str(stage.task.args.get("model", ""))
     if p is None or not p.hub_gated or model != p.model or forwarded.get(HF_TOKEN):
@@ -271,8 +273,6 @@ def launch_stage(
             f"run {stage.stage_dir}/{rid} already exists", hint="use another --run-id"
         )
 
-    from orchestrator.targets.factory import make_target
-
     merge_inputs(stage.task, resolved, "/")  # validate the args now; the real paths need the box
     target = make_target(ctx, tname)
     _reach(target, stage.name)  # a misconfigured or silent target leaves no run row behind
@@ -287,6 +287,7 @@ def launch_stage(
             )
         if sync:
             _set_phase(ctx, rec, Phase.SYNCING)
+            # lazy, for start-up time: orchestrator.codesync only here
             from orchestrator.codesync import sync_code
 
             sync_code(target, ctx.project_root, report=report, exclude=ctx.config.sync.exclude)
@@ -319,6 +320,7 @@ def launch_stage(
                 reason="run dir ready; waiting for its array job to be submitted",
             )
         elif isinstance(tcfg, SlurmConfig):  # a batch job, not a tmux session (docs/slurm.md)
+            # lazy, for start-up time: orchestrator.slurm.submit only here
             from orchestrator.slurm.submit import submit_run
 
             job_id = submit_run(
@@ -352,6 +354,7 @@ def launch_stage(
         if started:
             with contextlib.suppress(Exception):
                 if job_id:
+                    # lazy, for start-up time: orchestrator.slurm.submit only here
                     from orchestrator.slurm.submit import cancel_job
 
                     cancel_job(target, job_id)
@@ -400,9 +403,6 @@ def disk_need(ctx: Context, stage: StageSpec, profile: str | None, tname: str) -
     """(bytes, what) a stage still needs on its target's disk: its checkpoints at the peak of a
     save and its outputs (`jobs.plan`), plus the HF cache when no run has succeeded on the
     target yet (0 for stages that are not the profile's own train/eval)."""
-    from jobs.plan import Capacity, gb, plan_stage
-    from jobs.profiles import PROFILES
-
     p = PROFILES.get(profile or ctx.config.experiment.profile)
     if p is None or stage.task.command not in ("train", "eval") or not p.plan.base_config:
         return 0, ""
@@ -421,7 +421,6 @@ def check_disk(ctx: Context, target: Target, stage: StageSpec, profile: str | No
     need, what = disk_need(ctx, stage, profile, target.name)
     if need < DISK_CHECK_FROM_BYTES:
         return
-    from jobs.plan import gb
 
     python = sys.executable if target.kind == "local" else bootstrap.BASE_PYTHON
     res = target.run([python, "-c", _FREE_DISK, target.workdir], timeout=QUICK_TIMEOUT_S)
@@ -664,7 +663,6 @@ def stop_run(ctx: Context, rec: RunRecord, *, wait_s: float = 15.0) -> RunRecord
         return rec
     if rec.job_id:
         return stop_slurm_run(ctx, rec, wait_s=wait_s)
-    from orchestrator.targets.factory import make_target
 
     target = make_target(ctx, rec.target)
     # Said BEFORE the kill, so a watcher polling meanwhile records `cancelled`, not `crashed`.
@@ -701,9 +699,8 @@ def stop_slurm_run(ctx: Context, rec: RunRecord, *, wait_s: float = 15.0) -> Run
     """`scancel` a run's Slurm job and record it `cancelled`: a queued job just leaves the
     queue; a running one gets SIGTERM, which the wrapper turns into `exit_code` (143). A job
     Slurm says has already ended is left for the monitor to judge (LaunchError says so)."""
+    # lazy, for start-up time: every command loads this file; orchestrator.slurm.submit only here
     from orchestrator.slurm.submit import cancel_job, job_state
-    from orchestrator.targets.factory import make_target
-    from state.slurm import SLURM_ACTIVE, SLURM_WAITING
 
     target = make_target(ctx, rec.target)
     live = SLURM_ACTIVE | SLURM_WAITING

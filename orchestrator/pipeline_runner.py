@@ -28,7 +28,9 @@ from jobs.pipeline import Scheduler, dependency_graph, plan
 from jobs.spec import StageSpec
 from jobs.stages import REPORT_STAGE, check_shared, get_stage
 from orchestrator.context import Context
+from orchestrator.launch import check_layout, launch_stage, run_seed
 from orchestrator.progress import StagesProgress, Steps
+from orchestrator.pull import pull_run
 from state.errors import OrchError, StageError
 from state.models import RunRecord
 from state.phases import Phase
@@ -53,8 +55,6 @@ def succeeded_on(
 ) -> dict[str, str]:
     """`{stage: target}` for stages with a succeeded run on one of `targets` (the latest one;
     of study seed `seed` when given)."""
-    from orchestrator.launch import run_seed
-
     found: dict[str, str] = {}
     for name in stages:
         if name == REPORT_STAGE:
@@ -91,9 +91,8 @@ def _run_one(
     live: StagesProgress,
 ) -> None:
     """Thread body: launch, wait, pull. Always puts exactly one outcome on `out`."""
-    from orchestrator.launch import launch_stage
+    # lazy, for start-up time: only this path needs orchestrator.monitor.refresh
     from orchestrator.monitor.refresh import wait_for_run
-    from orchestrator.pull import pull_run
 
     rec: RunRecord | None = None
     steps = Steps(ctx.console, prefix=f"  {spec.name}: ", spinner=False)  # above the live table
@@ -123,6 +122,7 @@ def run_report(
 ) -> None:
     """Write the report (of `seeds`, else every seed pulled) and say where, what it replaced
     outside `reports/`, and which stages it lacks."""
+    # lazy, for start-up time: only this path needs jobs.report
     from jobs.report import write_report
 
     out = report_out or ctx.project_root / DEFAULT_REPORT
@@ -195,7 +195,6 @@ def run_stages(
     if skip_succeeded:
         order = [s for s in order if s not in have]
     specs = resolve_specs(order, prof, overrides, ctx.config.experiment.overrides)
-    from orchestrator.launch import check_layout
 
     for spec in specs.values():  # a stage may land on any of the targets
         for t in target_names:

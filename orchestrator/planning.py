@@ -18,11 +18,14 @@ pure (`jobs.plan`); nothing here rents, starts or writes anything.
 - vast without one: the offer `orch up` would rent now (the same search and ranking,
   `orchestrator.vast.offers`), its GPU memory and $/h, the target's `disk_gb` less the image;
   the image's torch is read from its tag (`state.runtime_contract.image_problem`).
+- vast either way: the account's credit (`/users/current`, as `orch up` reads it), which
+  `jobs.plan.fit_checks` holds against the stages' dollars.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,15 @@ from jobs.spec import StageSpec
 from orchestrator.config import LocalTarget, SlurmTarget, SshTarget, VastTarget
 from orchestrator.context import Context
 from orchestrator.hub import Repo
+from orchestrator.targets.factory import make_target, recorded_python
+from orchestrator.vast.client import account_credit
+from orchestrator.vast.offers import (
+    build_query,
+    describe_offer,
+    no_offer_hint,
+    price_of,
+    rank_offers,
+)
 from state import names
 from state.errors import OrchError
 from state.runtime_contract import MIN_TORCH, image_problem, image_torch
@@ -42,16 +54,14 @@ MIB = 1 << 20
 def _box(
     ctx: Context, name: str, kind: str, *, needs_cuda: bool
 ) -> tuple[Capacity, list[Check], Any]:
+    # lazy, for start-up time: only this path needs orchestrator.boxcheck
     from orchestrator.boxcheck import contract_checks, probe_box
-    from orchestrator.targets.factory import make_target, recorded_python
 
     _, cfg = ctx.config.target(name)
     target = make_target(ctx, name)
     try:
         python = cfg.python or recorded_python(ctx, name)
         if kind == "local" and python is None:
-            import sys
-
             python = sys.executable
         bootstrapped = python is not None
         facts = probe_box(target, python or "python3")
@@ -76,18 +86,17 @@ def _vast_offer(
     ctx: Context, name: str, cfg: VastTarget, need_gpu: int, need_disk: int
 ) -> tuple[Capacity, list[Check]]:
     """The offer `orch up` would rent, and the cheapest matching one that would fit."""
-    from orchestrator.vast.offers import build_query, describe_offer, price_of, rank_offers
+    # lazy, for start-up time: only this path needs orchestrator.vast.provision
     from orchestrator.vast.provision import make_client
 
-    rows: list[Check] = []
     with make_client(cfg) as client:
+        credit, rows = _vast_credit(client)
         ranked = rank_offers(client.search_offers(build_query(cfg)), cfg)
     disk = int(cfg.disk_gb * GB) - VAST_IMAGE_BYTES
     if not ranked:
-        from orchestrator.vast.offers import no_offer_hint
-
         rows.append(Check("offer", "offer", "a matching offer", "none", False, no_offer_hint(cfg)))
-        return Capacity(name, "vast", "cuda", disk_free=disk, where="no matching offer"), rows
+        where = "no matching offer"
+        return Capacity(name, "vast", "cuda", disk_free=disk, where=where, credit=credit), rows
     best = ranked[0]
     mem = int(best.gpu_ram * MIB) if best.gpu_ram else None
     fitting = [
@@ -107,8 +116,20 @@ def _vast_offer(
         disk_free=disk,
         dph=price_of(best, cfg),
         where=where,
+        credit=credit,
     )
     return cap, rows
+
+
+def _vast_credit(client: Any) -> tuple[float | None, list[Check]]:
+    """The account's credit (`GET /api/v0/users/current/`, as `orch up` reads it), and a row
+    marked unknown when Vast does not report it. A refused key is an error, as in `orch up`."""
+    credit = account_credit(client.check_key())
+    if credit is None:
+        return None, [
+            Check("account", "credit", "the stages' dollars", "not reported by Vast", None)
+        ]
+    return credit, []
 
 
 def capacity(
@@ -144,14 +165,19 @@ def capacity(
     ]  # fmt: skip
     live = ctx.store.live_instance_for(tname)
     if live is not None and live.get("ssh_host") and remote:
+        # lazy, for start-up time: only this path needs orchestrator.vast.provision
+        from orchestrator.vast.provision import make_client
+
         cap, box_rows, _ = _box(ctx, tname, "vast", needs_cuda=needs_cuda)
+        with make_client(cfg) as client:
+            credit, credit_rows = _vast_credit(client)
         dph = live.get("dph")
         gpu = live.get("gpu_name") or cap.gpu_name
         cap = Capacity(
             **{**cap.__dict__, "gpu_name": gpu, "dph": float(dph) if dph is not None else None,
-               "where": f"vast instance {live['instance_id']} ({gpu}), probed"}
+               "where": f"vast instance {live['instance_id']} ({gpu}), probed", "credit": credit}
         )  # fmt: skip
-        return cap, rows + box_rows
+        return cap, rows + box_rows + credit_rows
     if not remote:
         disk = int(cfg.disk_gb * GB) - VAST_IMAGE_BYTES
         return Capacity(
@@ -168,11 +194,11 @@ def _slurm(
     `orchestrator.slurm.partition`), then the runtime contract of the env the jobs would use
     and the free disk of the workdir (the probe, on the login node: the compute nodes share
     both). The GPUs are the partition's gres: their memory is unknown (gres says none)."""
+    # lazy, for start-up time: only this path needs jobs.slurm_limits
     from jobs import slurm_limits as sl
     from orchestrator.boxcheck import BoxFacts, contract_checks, probe_box
     from orchestrator.slurm.jobscript import time_limit_minutes
     from orchestrator.slurm.partition import read_partition
-    from orchestrator.targets.factory import make_target, recorded_python
 
     facts: BoxFacts | None = None
     probe_rows: list[Check] = []

@@ -20,6 +20,7 @@ import fcntl
 import os
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,10 +69,16 @@ def excludes_for(checkpoints: bool) -> list[str]:
 
 
 def verify_local(
-    local_dir: Path, *, checkpoints: bool, must: bool, source: str | None = None
+    local_dir: Path,
+    *,
+    checkpoints: bool,
+    must: bool,
+    source: str | None = None,
+    not_copied: Collection[str] = (),
 ) -> int | None:
     """Verify a pulled run dir against its manifest; None when there is none and `must` is off.
-    `source` (where the run dir is on the box) is what the errors name."""
+    `source` (where the run dir is on the box) is what the errors name; `not_copied` are the
+    symlinks and special files the pull skipped there (an entry naming one is refused as such)."""
     if (local_dir / names.MANIFEST).is_symlink():
         raise VerifyError(
             f"{local_dir / names.MANIFEST}: a symlink, not the run's manifest",
@@ -87,7 +94,11 @@ def verify_local(
             )
         return None
     return verify_manifest(
-        local_dir, manifest.value, include_checkpoints=checkpoints, source=source
+        local_dir,
+        manifest.value,
+        include_checkpoints=checkpoints,
+        source=source,
+        not_copied=not_copied,
     )
 
 
@@ -211,7 +222,8 @@ def _pull_locked(
     finally:
         with contextlib.suppress(Exception):
             target.close()
-    skipped = [*stats.extra.get("skipped", []), *drop_symlinks(local_dir)]
+    not_copied = list(stats.extra.get("skipped", []))  # symlinks and special files on the box
+    skipped = [*not_copied, *drop_symlinks(local_dir)]
     drop_rsync_debris(local_dir)
     if skipped and report is not None:
         report.note(f"not copied (symlinks or special files): {', '.join(skipped[:10])}")
@@ -219,7 +231,11 @@ def _pull_locked(
     with contextlib.suppress(OrchError):  # `user@host:dir` the errors name (no port note)
         source = run_location(ctx, rec).split(" (ssh port ", 1)[0]
     verified = verify_local(
-        local_dir, checkpoints=checkpoints, must=rec.phase == Phase.SUCCEEDED, source=source
+        local_dir,
+        checkpoints=checkpoints,
+        must=rec.phase == Phase.SUCCEEDED,
+        source=source,
+        not_copied=not_copied,
     )
     if report is not None:
         report.note(

@@ -6,8 +6,8 @@
 #   bash scripts/setup.sh            # laptop + worker + dev
 #   ORCH_SETUP_EXTRAS=worker bash scripts/setup.sh
 #
-# One line per step; what apt and pip say goes to a log file, shown (its tail) only when a step
-# fails, and deleted when everything worked.
+# One line per step; what apt and pip say goes to a log file, shown (the failing step's own tail)
+# only when a step fails, and deleted when everything worked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,17 +15,19 @@ LOG=$(mktemp "${TMPDIR:-/tmp}/orch-setup.XXXXXX.log")
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 # step "what" COMMAND...: one line saying what and how long; the command's output in $LOG.
+# On failure, the last lines of that step's own output (not the earlier steps').
 step() {
-  local what=$1 t0=$SECONDS rc
+  local what=$1 t0=$SECONDS rc start
   shift
+  start=$(($(wc -c <"$LOG") + 1))
   printf 'setup: %s ... ' "$what"
   if "$@" >>"$LOG" 2>&1; then
     echo "done ($((SECONDS - t0))s)"
   else
     rc=$?
     echo "FAILED"
-    echo "---- last lines of $LOG:" >&2
-    tail -n 40 "$LOG" >&2
+    echo "---- last lines of what it said ($LOG):" >&2
+    tail -c "+$start" "$LOG" | tail -n 40 >&2
     echo "setup: $what failed (exit $rc); full log: $LOG" >&2
     exit 1
   fi

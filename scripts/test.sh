@@ -21,4 +21,6 @@ python scripts/import_cycles.py  # every module of the four packages, function-l
 echo "== mypy (state, orchestrator)"
 mypy
 echo "== pytest"
-exec python -m pytest -q -p no:cacheprovider --durations=25 "$@"
+# Two test processes (ORCH_TEST_WORKERS=1 for one); worksteal balances the few long scenarios.
+exec python -m pytest -q -p no:cacheprovider --durations=25 \
+  -n "${ORCH_TEST_WORKERS:-2}" --dist worksteal "$@"

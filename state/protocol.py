@@ -14,7 +14,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -251,12 +251,25 @@ def _open_inside(root: Path, rel: str) -> int:
     return out
 
 
+def _not_copied_part(path: str, not_copied: Collection[str]) -> str | None:
+    """The first part of `path` (itself or a parent dir) that is in `not_copied`, or None."""
+    if not not_copied:
+        return None
+    parts = path.split("/")
+    for k in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:k])
+        if prefix in not_copied:
+            return prefix
+    return None
+
+
 def verify_manifest(
     run_dir: str | os.PathLike[str],
     manifest: Manifest,
     *,
     include_checkpoints: bool = True,
     source: str | None = None,
+    not_copied: Collection[str] = (),
 ) -> int:
     """Check every manifest entry against the files in `run_dir`; return the count verified.
 
@@ -265,6 +278,8 @@ def verify_manifest(
     stay inside `run_dir` (see `manifest_path_problem`), and no symlink is followed on the way
     to a file: a manifest cannot make this machine read, stat or hash anything outside the run.
     With `include_checkpoints=False`, entries under `checkpoints/` are skipped (not pulled).
+    `not_copied` (paths relative to the run dir) are what the pull left on the box as symlinks
+    or special files: an entry at or under one is refused as such, not as "missing here".
     """
     root = Path(run_dir)
     where = (source or str(root)).rstrip("/")
@@ -281,6 +296,14 @@ def verify_manifest(
         if not include_checkpoints and entry.path.startswith(names.CHECKPOINTS + "/"):
             continue
         local = root / entry.path
+        link = _not_copied_part(entry.path, not_copied)
+        if link is not None:
+            raise VerifyError(
+                f"{where}/{link}: a symlink or special file on the box, not copied (the manifest "
+                f"lists {entry.path!r})",
+                hint="orch never copies or follows links in a run; look at that file on the box: "
+                "orch's worker writes none",
+            )
         try:
             fd = _open_inside(root, entry.path)
         except FileNotFoundError:

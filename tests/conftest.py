@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,23 @@ from tests.sshd import SshServer, find_sshd, make_server
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A tmux server of the suite's own, one per test process (`TMUX_TMPDIR`): runs launched
+    here, on the local target and on the loopback sshd "boxes" alike, never meet the
+    researcher's own tmux sessions, and two pytest-xdist workers never share a server (their
+    run ids are timestamps, so session names of one stage can coincide)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    # short, in /tmp: the socket path (TMUX_TMPDIR/tmux-UID/default) must fit in sun_path
+    os.environ["TMUX_TMPDIR"] = tempfile.mkdtemp(prefix=f"orch-tmux-{worker}-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    tmpdir = os.environ.get("TMUX_TMPDIR", "")
+    if os.path.basename(tmpdir).startswith("orch-tmux-") and shutil.which("tmux"):
+        subprocess.run(["tmux", "kill-server"], capture_output=True, check=False)
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def require_tools(*tools: str) -> None:

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.ports import free_port
+
 SSHD_CANDIDATES = ["/usr/sbin/sshd", "/usr/local/sbin/sshd"]
 
 
@@ -27,12 +29,6 @@ def find_sshd() -> str | None:
         if os.path.exists(c):
             return c
     return shutil.which("sshd")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def keygen(path: Path, kind: str = "ed25519") -> Path:
@@ -51,6 +47,9 @@ class SshServer:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     extra_config: list[str] = field(default_factory=list)
+    #: sshd keeps the first LogLevel it reads, so extra_config cannot raise it: DEBUG1 logs each
+    #: direct-tcpip forward with its originator (tests/integration/test_proxyjump.py)
+    log_level: str = "ERROR"
     #: more variables for every session (sshd uses only its first `SetEnv` line: one line holds all)
     set_env: dict[str, str] = field(default_factory=dict)
 
@@ -62,6 +61,15 @@ class SshServer:
     def home(self) -> Path:
         """The login user's $HOME inside ssh sessions: empty, private to this server."""
         return self.root / "home"
+
+    def session_env(self) -> dict[str, str]:
+        """What every ssh session gets: the private HOME, the test process's tmux dir (so the
+        "box" and the test share one tmux server, the suite's own: tests/conftest.py), then
+        `set_env`."""
+        env = {"HOME": str(self.home)}
+        if os.environ.get("TMUX_TMPDIR"):
+            env["TMUX_TMPDIR"] = os.environ["TMUX_TMPDIR"]
+        return {**env, **self.set_env}
 
     def write_config(self) -> None:
         lines = [
@@ -78,15 +86,13 @@ class SshServer:
             "PermitRootLogin yes",
             "MaxSessions 50",
             "MaxStartups 50:30:100",
-            "LogLevel ERROR",
+            f"LogLevel {self.log_level}",
             "Subsystem sftp internal-sftp",
             # The login shell reads $HOME/.bashrc for ssh commands; this machine's root .bashrc
             # runs `pyenv rehash`, which takes a lock and hangs every later login for up to a
             # minute when a killed session leaves it behind. A home of our own keeps the tests
             # off the machine's dotfiles (the remote side uses absolute interpreter paths).
-            " ".join(
-                ["SetEnv", f"HOME={self.home}", *(f"{k}={v}" for k, v in self.set_env.items())]
-            ),
+            " ".join(["SetEnv", *(f"{k}={v}" for k, v in self.session_env().items())]),
             *self.extra_config,
         ]
         self.config.write_text("\n".join(lines) + "\n")

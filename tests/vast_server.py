@@ -16,7 +16,8 @@ Its "instances" point their ssh endpoint at a real sshd on loopback (a `Box`): d
 the same sshd. A new instance starts with an empty authorized_keys (the instance ssh-key call
 fills it) and runs its `onstart` script with HOME set to the box's home when it turns `running`.
 
-Controls for tests: `add_offer`, `inject` (canned failures, e.g. 429s), `preempt` (outbid),
+Controls for tests: `add_offer`, `inject` (canned failures, e.g. 429s, or an answer after
+`delay_s`: a create that never answers in time), `preempt` (outbid),
 `set_status`, `request_count`, `auth_headers`, `create_bodies`, `instances`, `create_delay_s`,
 `min_interval_s`, `credit`, `read_only_keys`, `expired_session_keys`.
 """
@@ -78,6 +79,7 @@ class _Injection:
     body: Any
     text: str | None
     times: int
+    delay_s: float = 0.0
 
 
 @dataclass
@@ -222,10 +224,14 @@ class VastServer:
         times: int = 1,
         method: str | None = None,
         path: str = ".*",
+        delay_s: float = 0.0,
     ) -> None:
-        """Answer the next `times` matching requests with `status` and a canned body."""
+        """Answer the next `times` matching requests with `status` and a canned body, after
+        `delay_s` (longer than the client waits: a request that never answers)."""
         with self._lock:
-            self._injections.append(_Injection(method, re.compile(path), status, body, text, times))
+            self._injections.append(
+                _Injection(method, re.compile(path), status, body, text, times, delay_s)
+            )
 
     def rate_limit(self, times: int, path: str = ".*") -> None:
         """Answer 429 as Vast does: a text body and no Retry-After."""
@@ -312,16 +318,28 @@ class VastServer:
         self._next_id += 1
         return self._next_id
 
-    def handle(
+    def _injected(
         self, method: str, path: str, query: dict[str, list[str]], body: Any, auth: str | None
-    ) -> tuple[int, Any, str | None]:
+    ) -> _Injection | None:
+        """Log the request; the canned answer it gets, if one matches."""
         with self._lock:
             self.requests.append(_Request(method, path, query, body))
             self.auth_headers.append(auth or "")
             for inj in self._injections:
                 if inj.times > 0 and (inj.method in (None, method)) and inj.pattern.search(path):
                     inj.times -= 1
-                    return inj.status, inj.body, inj.text
+                    return inj
+        return None
+
+    def handle(
+        self, method: str, path: str, query: dict[str, list[str]], body: Any, auth: str | None
+    ) -> tuple[int, Any, str | None]:
+        canned = self._injected(method, path, query, body, auth)
+        if canned is not None:
+            if canned.delay_s > 0:
+                time.sleep(canned.delay_s)  # outside the lock: other calls go on meanwhile
+            return canned.status, canned.body, canned.text
+        with self._lock:
             key = (auth or "").removeprefix("Bearer ")
             if key in self.expired_session_keys:
                 return 404, _err("not_found", "Session expired. Please log in again."), None
@@ -562,7 +580,8 @@ class VastServer:
         if "label" in body:
             inst["label"] = body["label"]
         if body.get("state") == "stopped":
-            # A stop you ask for sets intended_status too ("the user's desired target state").
+            # A stop you ask for sets intended_status too ("the user's desired target state",
+            # docs cli/reference/show-instance.mdx); an outbid leaves it `running` (`preempt`).
             inst.update(
                 actual_status="stopped",
                 intended_status="stopped",

@@ -41,8 +41,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from state import footprint
 from state.errors import WorkerError
 from state.protocol import atomic_write_json
 from worker import masks
@@ -151,8 +153,6 @@ def rng_state() -> dict[str, Any]:
     """The Python, torch (CPU and every CUDA device) and numpy (if installed) RNG states."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     with contextlib.suppress(ImportError):
-        import numpy as np
-
         state["numpy"] = np.random.get_state()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -164,8 +164,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
-        import numpy as np
-
         np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -210,8 +208,6 @@ def estimate_bytes(model: torch.nn.Module, trainer_state: dict[str, Any] | None)
     """Bytes a checkpoint of `model` (+ `trainer_state`) takes, from its tensors: the weights
     in their dtypes (tied ones once), the optimizer state as it is in memory, the file formats'
     per-tensor overheads, tokenizer files and the small JSONs (`state.footprint`'s constants)."""
-    from state import footprint
-
     seen: set[int] = set()
     weights = n = 0
     for t in masks.unwrap(model).state_dict().values():
@@ -307,6 +303,7 @@ def save_checkpoint(
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load save_pretrained safetensors into `model` exactly (tied weights may be absent)."""
+    # lazy, for start-up time: pulls in safetensors
     from safetensors.torch import load_file
 
     files = sorted(ckpt.glob("*.safetensors"))

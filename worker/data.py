@@ -205,6 +205,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _load_parquet(path: Path) -> list[dict[str, Any]]:
+    # lazy, for start-up time: pulls in datasets
     import datasets
 
     try:
@@ -215,6 +216,7 @@ def _load_parquet(path: Path) -> list[dict[str, Any]]:
 
 
 def _load_disk(path: Path, split: str) -> list[dict[str, Any]]:
+    # lazy, for start-up time: pulls in datasets
     import datasets
 
     try:
@@ -232,6 +234,7 @@ def _load_disk(path: Path, split: str) -> list[dict[str, Any]]:
 
 
 def _load_hf(dataset_id: str, src: TaskSource) -> list[dict[str, Any]]:
+    # lazy, for start-up time: pulls in datasets
     import datasets
 
     try:
@@ -659,6 +662,7 @@ def collate_sft(
     """input_ids, attention_mask, labels (-100 on prompt and padding), prompt_lens (real prompt
     tokens per row): the batch the masks and the trainer expect. `labels` are aligned with
     `input_ids` (HF convention): the loss shifts them, logits[:, t] predicts labels[:, t + 1]."""
+    # lazy, for start-up time: pulls in torch
     import torch
 
     if not isinstance(pad_id, int):  # a tokenizer

@@ -32,6 +32,7 @@ against `shared_context=False` (one full forward per choice).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -41,9 +42,9 @@ from typing import Any
 import torch
 
 from state.errors import WorkerError
-from state.phases import MaskMode
+from state.phases import MaskMode, WorkerPhase
 from state.worker_config import EvalArgs
-from worker import masks
+from worker import masks, modeling
 from worker.data import McExample, encode_pair, load_mc_task
 
 #: on_progress(questions done, questions in all, real tokens forwarded so far): called once
@@ -225,13 +226,12 @@ def score_shared(
 
 
 def _keep_last(model: Any) -> dict[str, Any]:
-    import inspect
-
     params = inspect.signature(masks.unwrap(model).forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def _new_cache(model: Any) -> Any:
+    # lazy, for start-up time: pulls in transformers
     from transformers import DynamicCache
 
     try:
@@ -367,8 +367,6 @@ def evaluate(
 
     `loaded`: an already loaded `modeling.Loaded` (tests, benchmarks) instead of `args.model`.
     """
-    from worker import modeling
-
     mode = MaskMode(args.mask)
     if mode is MaskMode.FULL_BIDIR:
         raise WorkerError(
@@ -471,9 +469,6 @@ def run_eval(args: EvalArgs, ctx: Any) -> dict[str, Any]:
 
     status.json's `step`/`total_steps` count questions, so during evaluation `steps_per_s` is
     questions/s and `tokens_per_s` real tokens forwarded/s."""
-    from state.phases import WorkerPhase
-    from worker import modeling
-
     ctx.status.set_phase(WorkerPhase.LOADING, f"loading {args.model}")
     modeling.prebuild(args.model, ctx.status)
     loaded = modeling.load(args)

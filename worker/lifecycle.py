@@ -44,6 +44,7 @@ from state.models import RunComplete, RunFailed, RunSpec
 from state.phases import WorkerExit, WorkerPhase
 from state.protocol import atomic_write_json, build_manifest, read_model, sha256_file
 from state.worker_config import ARGS_BY_COMMAND, ExecArgs
+from worker import runtime
 from worker.context import Interrupted, LeakageError, RunContext, SaveRequest
 from worker.status import NullStatus, StatusWriter
 
@@ -253,10 +254,12 @@ def _signals_raise(
 def _task(command: str) -> Task:
     # Imported here: `exec` and the CLI's --help must not pay for torch.
     if command == "train":
+        # lazy, for start-up time: pulls in torch
         from worker.train import train
 
         return train
     if command == "probe":
+        # lazy, for start-up time: pulls in torch
         from worker.probe import run_probe
 
         return run_probe
@@ -376,13 +379,9 @@ def execute(
                     WorkerPhase.STARTING, f"{command} pid={os.getpid()} rank={rank}/{world}"
                 )
                 if command in RUNTIME_CHECKED:
-                    from worker import runtime  # torch: not for exec or --help
-
                     runtime.start_check(args, status)
                 result = _task(command)(args, ctx)
                 if command in RUNTIME_CHECKED and isinstance(result, dict):
-                    from worker import runtime
-
                     result = {**result, "runtime": runtime.report()}
                 if main:
                     finish_success(ctx, command, result)

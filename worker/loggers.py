@@ -39,6 +39,7 @@ class TensorBoardLogger:
     """TensorBoard event files under `<run_dir>/tb` (pulled with the run, in its manifest)."""
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        # lazy, for start-up time: pulls in torch, tensorboard
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(run_dir) / names.TENSORBOARD
@@ -59,6 +60,7 @@ class WandbLogger:
 
     def __init__(self, project: str | None, run_name: str, config: Mapping[str, Any]) -> None:
         try:
+            # lazy, for start-up time: pulls in wandb
             import wandb
         except ImportError as exc:
             raise WorkerError(

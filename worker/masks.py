@@ -24,6 +24,7 @@ fallback).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +151,7 @@ def to_impl_form(allowed: torch.Tensor, impl: str, dtype: torch.dtype = torch.fl
         zero = torch.zeros((), dtype=dtype, device=allowed.device)
         neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
         return torch.where(allowed[:, None, :, :], zero, neg)
+    # lazy, for start-up time: pulls in torch
     from torch.nn.attention.flex_attention import create_block_mask
 
     dense = allowed.contiguous()
@@ -277,8 +279,6 @@ def model_impl(model: torch.nn.Module) -> str:
 
 def cache_kwarg(model: torch.nn.Module) -> str:
     """transformers 5.x names the cache argument `cache`; 4.x `past_key_values`."""
-    import inspect
-
     params = inspect.signature(unwrap(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 

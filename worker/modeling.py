@@ -152,6 +152,7 @@ def load(
     The tokenizer comes from `args.tokenizer` if given, else from the model's directory, and
     always has a pad token (eos, or unk) so batches can be padded.
     """
+    # lazy, for start-up time: pulls in transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -250,6 +251,7 @@ def _backend_kwargs(backend: str) -> dict[str, Any]:
     forces MistralCommonBackend (ImportError / OSError when it cannot). transformers 4.x has no
     such switch (and never picks mistral-common from AutoTokenizer), so nothing is passed there.
     """
+    # lazy, for start-up time: pulls in transformers, tokenizers
     from transformers.models.auto import tokenization_auto
 
     has_switch = hasattr(tokenization_auto, "_use_mistral_format")
@@ -258,6 +260,7 @@ def _backend_kwargs(backend: str) -> dict[str, Any]:
     if backend == "hf":
         return {"mistral_format": False} if has_switch else {}
     if not has_switch:
+        # lazy, for start-up time: pulls in transformers
         import transformers
 
         raise WorkerError(
@@ -277,6 +280,7 @@ def _check_mistral_common(tok_path: str) -> None:
     wants pillow for it, `is_mistral_common_available`) and, for a local directory, a tekken.json
     in it; else one error naming the fix, before transformers' own ImportError / OSError (whose
     fix, `mistral_format=False`, is not a stage setting)."""
+    # lazy, for start-up time: pulls in transformers
     from transformers.utils.import_utils import is_mistral_common_available
 
     if not is_mistral_common_available(MISTRAL_COMMON_MIN):
@@ -316,6 +320,7 @@ def load_model_and_tokenizer(
 
 
 def _is_causal_lm_config(config: Any) -> bool:
+    # lazy, for start-up time: pulls in transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
@@ -331,6 +336,7 @@ def _load_text_only(
     LM class of the text config (built on the meta device: no second set of weights), and the
     vision tower is dropped.
     """
+    # lazy, for start-up time: pulls in transformers
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 

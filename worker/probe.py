@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from state.errors import WorkerError
 from state.phases import MaskMode, WorkerPhase
-from worker import masks
+from worker import data, masks, modeling
 
 if TYPE_CHECKING:
     from state.worker_config import ProbeArgs
@@ -346,8 +346,6 @@ def probe(
 
 def run_probe(args: ProbeArgs, ctx: RunContext) -> dict[str, Any]:
     """`python -m worker probe`: both measurements on `args.samples` SFT samples -> metrics.json."""
-    from worker import data, modeling
-
     ctx.status.set_phase(WorkerPhase.LOADING, f"loading {args.model}")
     loaded = modeling.load(args)
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -38,6 +38,7 @@ def environment() -> dict[str, Any]:
         "gpus": [],
     }
     try:
+        # lazy, for start-up time: pulls in torch
         import torch
     except ImportError:
         pass
@@ -48,6 +49,7 @@ def environment() -> dict[str, Any]:
         if env["cuda_available"]:
             env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     try:
+        # lazy, for start-up time: pulls in transformers
         import transformers
     except ImportError:
         pass

@@ -204,6 +204,7 @@ class TinySpec:
     def key(self) -> str:
         """Hash of the recipe: this spec, this module's source (task generators, training
         loop) and the library versions, so a cached model never outlives its recipe."""
+        # lazy, for start-up time: pulls in tokenizers; pulls in torch; pulls in transformers
         import tokenizers
         import torch
         import transformers
@@ -299,6 +300,7 @@ def ensure_built(
 def build_tokenizer(texts: Iterator[str] | list[str]) -> Any:
     """A word-level tokenizer trained with `tokenizers` on the tasks' text, wrapped as a
     PreTrainedTokenizerFast (loads with AutoTokenizer)."""
+    # lazy, for start-up time: pulls in tokenizers; pulls in transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -324,6 +326,7 @@ def build_tokenizer(texts: Iterator[str] | list[str]) -> Any:
 
 def build(spec: TinySpec, dest: Path, progress: Callable[[str], None] | None = None) -> None:
     """Build, pre-train and save the tiny model into `dest` (deterministic for a spec)."""
+    # lazy, for start-up time: pulls in torch
     import torch
 
     t0 = time.monotonic()
@@ -338,6 +341,7 @@ def build(spec: TinySpec, dest: Path, progress: Callable[[str], None] | None = N
 
 
 def _train_and_save(spec: TinySpec, dest: Path, t0: float, progress: Callable[[str], None]) -> None:
+    # lazy, for start-up time: pulls in torch; pulls in transformers
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 

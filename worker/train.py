@@ -35,11 +35,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from state import names
 from state.errors import WorkerError
 from state.phases import MaskMode, WorkerPhase
-from worker import checkpoints, masks
+from worker import checkpoints, masks, modeling
+from worker import data as wdata
 from worker.context import LeakageError
 from worker.distributed import Dist
 from worker.loggers import make_logger
@@ -84,9 +86,6 @@ class BatchOrder:
 
 def train(args: TrainArgs, ctx: RunContext) -> dict[str, Any]:
     """The `train` task: returns the summary (the lifecycle writes summary.json)."""
-    from worker import data as wdata
-    from worker import modeling
-
     device_kind = modeling.resolve_device(args.device).type
     d = Dist.setup(ctx, device_kind)
     try:
@@ -178,8 +177,6 @@ class Trainer:
         self.resume()
         self.ddp: torch.nn.Module = self.model
         if self.d.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         self.logger = make_logger(

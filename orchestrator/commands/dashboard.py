@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
+    # lazy, for start-up time: every command loads this file; orchestrator.dashboard.app only here
     from orchestrator.dashboard.app import Dashboard
 
     if not args.fps > 0:

@@ -40,6 +40,7 @@ def _confirm(question: str) -> bool:
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
+    # lazy, for start-up time: pulls in httpx
     from orchestrator.vast.teardown import down, down_orphans
 
     if args.orphans:

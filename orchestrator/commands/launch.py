@@ -12,9 +12,11 @@ from rich.markup import escape
 from orchestrator.context import Context
 from orchestrator.launch import launch_stage
 from orchestrator.progress import RunProgress, Steps
+from orchestrator.pull import local_run_dir, pull_run, run_location
 from state.errors import OrchError
 from state.models import RunRecord
 from state.phases import Phase
+from state.store import RUN_FORMS
 
 
 def register(sub: Any) -> None:
@@ -59,7 +61,7 @@ def register(sub: Any) -> None:
         "--resume",
         metavar="RUN",
         help="relaunch RUN (a training run of STAGE that ended unfinished) with its exact "
-        "settings, resuming from its newest checkpoint",
+        f"settings, resuming from its newest checkpoint; RUN is {RUN_FORMS}",
     )
     p.add_argument(
         "--with-deps",
@@ -70,8 +72,6 @@ def register(sub: Any) -> None:
 
 
 def print_launched(ctx: Context, rec: RunRecord) -> None:
-    from orchestrator.pull import run_location
-
     lines = [
         f"launched [bold]{rec.stage}[/] on [bold]{rec.target}[/]",
         f"  run id   {rec.run_id}",
@@ -84,12 +84,14 @@ def print_launched(ctx: Context, rec: RunRecord) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
+    # lazy, for start-up time: every `orch` command loads this module, only this path needs jobs.overrides
     from jobs import overrides as ov
 
     overrides = ov.parse_assignments(args.overrides)
     profile = args.profile or ctx.config.experiment.profile
     shared = ctx.config.experiment.overrides
     if args.stage == "all":  # `orch launch all` = `orch run-all` on the chosen target
+        # lazy, for start-up time: orchestrator.pipeline_runner only here
         from orchestrator.pipeline_runner import run_stages
 
         recs = run_stages(
@@ -104,6 +106,7 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
                 "--resume relaunches the run with its recorded settings",
                 hint="drop --set, --profile and --with-deps",
             )
+        # lazy, for start-up time: orchestrator.vast.relaunch only here
         from orchestrator.vast.relaunch import resume_run
 
         rec = resume_run(ctx, args.resume, args.stage, sync=args.sync, report=Steps(ctx.console))
@@ -113,6 +116,7 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
             f"  resumes  {escape(str(spec.get('resumed_from') or 'step 0 (no checkpoint found)'))}"
         )
     elif args.with_deps:
+        # lazy, for start-up time: orchestrator.pipeline_runner only here
         from orchestrator.pipeline_runner import run_stages
 
         recs = run_stages(
@@ -125,6 +129,7 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
             return 1
         rec = recs[-1]
     else:
+        # lazy, for start-up time: every command loads this file; jobs.stages only here
         from jobs.stages import get_stage
 
         stage = get_stage(args.stage, profile, overrides, shared=shared)
@@ -141,6 +146,7 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
 
 def watch_with_progress(ctx: Context, rec: RunRecord) -> int:
     """`--watch`: the watcher (alerts, completion actions) with the run's live line."""
+    # lazy, for start-up time: pulls in apscheduler
     from orchestrator.monitor.watch import watch
 
     def tick() -> None:
@@ -154,8 +160,6 @@ def watch_with_progress(ctx: Context, rec: RunRecord) -> int:
         tick()  # the live line ends on the run's final state
     final = ctx.store.get_run(rec.stage_dir, rec.run_id)
     if final is not None and final.pulled_at is not None:
-        from orchestrator.pull import local_run_dir
-
         ctx.console.print(f"  results  {escape(shown_path(ctx, local_run_dir(ctx, final)))}")
     return rc
 
@@ -172,6 +176,7 @@ def wait_and_report(ctx: Context, rec: RunRecord, *, pull: bool = True) -> int:
     """Block until the run ends (the monitor's wait_for_run) with its live line, then (with
     `pull`, after a success) pull its results into `runs/`; 0 only if it succeeded."""
     try:
+        # lazy, for start-up time: orchestrator.monitor.refresh only here
         from orchestrator.monitor.refresh import wait_for_run
     except ImportError as exc:  # pragma: no cover - the monitor ships with orch
         raise OrchError("--wait needs orch's monitor (orchestrator.monitor.refresh)") from exc
@@ -190,7 +195,6 @@ def wait_and_report(ctx: Context, rec: RunRecord, *, pull: bool = True) -> int:
     ctx.console.print(line)
     if final.phase != Phase.SUCCEEDED:
         return 1
-    from orchestrator.pull import local_run_dir, pull_run
 
     if pull and final.pulled_at is None:  # a running `orch watch` may have pulled it already
         pull_run(ctx, final, report=Steps(ctx.console))

@@ -23,6 +23,7 @@ from rich.markup import escape
 from orchestrator.context import Context
 from orchestrator.dashboard.snapshot import run_view
 from orchestrator.targets.base import Target
+from orchestrator.targets.factory import make_target, missing_target_hint
 from state import names
 from state.errors import ConfigError, RemoteCommandError, TargetError
 from state.models import RunRecord
@@ -108,8 +109,6 @@ def recorded(ctx: Context, rec: RunRecord, lines: int) -> int:
     """What orch knows of a run whose target left orch.toml, connecting nowhere: its phase,
     exit code and reason from the store, and the end of its output if a pull left a copy under
     runs/. ConfigError (non-zero) only when there is nothing to show."""
-    from orchestrator.targets.factory import missing_target_hint
-
     local = ctx.runs_dir / rec.stage_dir / rec.run_id / names.STDOUT
     try:
         with open(local, encoding="utf-8", errors="replace") as f:
@@ -251,8 +250,6 @@ def follow_polling(
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
-    from orchestrator.targets.factory import make_target
-
     rec = ctx.store.resolve_run(args.run)
     if rec.target not in ctx.config.targets:
         return recorded(ctx, rec, args.lines)

@@ -22,8 +22,20 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from jobs.plan import Capacity, Check, StagePlan, dollars, gb, hours
+from jobs.plan import (
+    Capacity,
+    Check,
+    StagePlan,
+    dollars,
+    fit_checks,
+    gb,
+    hours,
+    plan_stages,
+    verdict,
+)
+from jobs.profiles import get_profile
 from orchestrator.context import Context
+from state import names
 from state.errors import OrchError, StageError
 
 
@@ -166,6 +178,7 @@ def plan_json(
 
 
 def _specs(args: argparse.Namespace, ctx: Context, profile: Any) -> list[Any]:
+    # lazy, for start-up time: every `orch` command loads this module, only this path needs jobs.overrides
     from jobs import overrides as ov
     from jobs.stages import STUDY_STAGES, check_shared, get_stage
 
@@ -185,6 +198,7 @@ def _specs(args: argparse.Namespace, ctx: Context, profile: Any) -> list[Any]:
 
 
 def _hub_rows(specs: list[Any], profile: Any, offline: bool) -> list[Check]:
+    # lazy, for start-up time: pulls in httpx
     from orchestrator.hub import check_inputs
     from orchestrator.planning import hub_repos
 
@@ -210,10 +224,8 @@ def _hub_rows(specs: list[Any], profile: Any, offline: bool) -> list[Check]:
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
-    from jobs.plan import fit_checks, plan_stages, verdict
-    from jobs.profiles import get_profile
+    # lazy, for start-up time: pulls in httpx
     from orchestrator.planning import capacity, plan_error_row, recorded_rates
-    from state import names
 
     profile = get_profile(args.profile or ctx.config.experiment.profile)
     specs = _specs(args, ctx, profile)

@@ -8,6 +8,7 @@ from typing import Any
 from orchestrator.context import Context
 from orchestrator.progress import Steps
 from orchestrator.pull import PullResult, pull_run
+from orchestrator.targets.factory import require_run_target
 from state.errors import OrchError, StageError
 from state.models import RunRecord
 from state.phases import Phase
@@ -61,7 +62,6 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
     if not runs:
         ctx.console.print("nothing to pull")
         return 0
-    from orchestrator.targets.factory import require_run_target
 
     failures = 0
     for rec in runs:

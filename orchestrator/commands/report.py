@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from orchestrator.commands.run_all import parse_seeds
 from orchestrator.context import Context
 
 
@@ -36,8 +37,8 @@ def register(sub: Any) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
+    # lazy, for start-up time: every command loads this file; jobs.report only here
     from jobs.report import collect_study
-    from orchestrator.commands.run_all import parse_seeds
     from orchestrator.pipeline_runner import DEFAULT_REPORT, run_report
 
     seeds = parse_seeds(args.seeds, count=False)  # here `--seeds 3` is seed 3
@@ -49,6 +50,7 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
     if not out.is_absolute():
         out = ctx.project_root / out
     if args.no_plots:
+        # lazy, for start-up time: every command loads this file; jobs.report only here
         from jobs.report import write_report
 
         res = write_report(ctx.runs_dir, out, with_plots=False, seeds=seeds)

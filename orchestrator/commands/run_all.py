@@ -7,7 +7,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import SlurmTarget
 from orchestrator.context import Context
+from state.errors import ConfigError
 
 
 def register(sub: Any) -> None:
@@ -66,8 +68,6 @@ def register(sub: Any) -> None:
 
 def parse_seeds(text: str | None, *, count: bool = True) -> list[int] | None:
     """`3` -> [0, 1, 2] (with `count`; else [3]); `0,4,7` -> [0, 4, 7]; ConfigError else."""
-    from state.errors import ConfigError
-
     if text is None:
         return None
     parts = [t.strip() for t in text.split(",") if t.strip()]
@@ -90,6 +90,7 @@ def parse_seeds(text: str | None, *, count: bool = True) -> list[int] | None:
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
+    # lazy, for start-up time: every `orch` command loads this module, only this path needs jobs.overrides
     from jobs import overrides as ov
     from jobs.stages import STAGE_NAMES, STUDY_STAGES
     from orchestrator.pipeline_runner import run_report, run_stages
@@ -99,8 +100,6 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
     seeds = parse_seeds(args.seeds)
     slurm = _slurm_target(ctx, targets)
     if args.detach and slurm is None:
-        from state.errors import ConfigError
-
         raise ConfigError(
             "--detach needs one slurm target: elsewhere orch itself starts each stage when "
             "its inputs are ready, so it must keep running",
@@ -108,13 +107,12 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
             "--target with a slurm target",
         )
     if slurm is not None:  # the cluster runs the graph itself (orchestrator/graph_runner.py)
+        # lazy, for start-up time: orchestrator.graph_runner only here
         from orchestrator.graph_runner import run_graph
 
         if seeds and any(
             ov.split_scope(k, STAGE_NAMES)[1] == "seed" for k in ov.normalize(overrides)
         ):
-            from state.errors import ConfigError
-
             raise ConfigError(
                 "--seeds and --set seed=... both set the seed", hint="use one of them"
             )
@@ -140,8 +138,6 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
         ctx.console.print(f"[green]study done[/]: {len(recs)} run(s)")
         return 0
     if any(ov.split_scope(k, STAGE_NAMES)[1] == "seed" for k in ov.normalize(overrides)):
-        from state.errors import ConfigError
-
         raise ConfigError("--seeds and --set seed=... both set the seed", hint="use one of them")
     recs = []
     for i, seed in enumerate(seeds, 1):
@@ -162,8 +158,6 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
 
 def _slurm_target(ctx: Context, targets: list[str] | None) -> str | None:
     """The one target's name when run-all is given exactly one and it is a slurm target."""
-    from orchestrator.config import SlurmTarget
-
     names = targets or [ctx.config.default_target]
     if len(names) != 1:
         return None

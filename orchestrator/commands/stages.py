@@ -78,6 +78,7 @@ def stages_table(stages: list[StageSpec], profile: str, width: int | None = None
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
+    # lazy, for start-up time: every command loads this file; jobs.stages only here
     from jobs.stages import list_stages
 
     profile = args.profile or ctx.config.experiment.profile

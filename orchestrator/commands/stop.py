@@ -7,6 +7,7 @@ from typing import Any
 
 from orchestrator.context import Context
 from orchestrator.launch import stop_run
+from orchestrator.targets.factory import require_run_target
 from state.store import RUN_FORMS
 
 
@@ -17,8 +18,6 @@ def register(sub: Any) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
-    from orchestrator.targets.factory import require_run_target
-
     rec = ctx.store.resolve_run(args.run)
     if rec.phase.is_terminal:
         ctx.console.print(f"{rec.key} already ended: {rec.phase.value}")

@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from orchestrator.context import Context
+from state.errors import ConfigError
 
 
 def register(sub: Any) -> None:
@@ -29,11 +30,10 @@ def register(sub: Any) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
+    # lazy, for start-up time: pulls in httpx
     from orchestrator.vast.provision import up
 
     if args.hours is not None and args.hours <= 0:
-        from state.errors import ConfigError
-
         raise ConfigError(f"--hours must be positive, not {args.hours:g}")
     up(ctx, args.target, keep=args.keep, bootstrap=not args.no_bootstrap, hours=args.hours)
     return 0

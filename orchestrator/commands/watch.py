@@ -41,6 +41,7 @@ def register(sub: Any) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
+    # lazy, for start-up time: pulls in apscheduler
     from orchestrator.monitor.watch import watch
 
     return watch(ctx, once=args.once, targets=args.targets, stop_when_idle=args.until_idle)

@@ -39,6 +39,8 @@ from orchestrator.dashboard.inprocess import (
 from orchestrator.dashboard.keys import cbreak, read_keys
 from orchestrator.dashboard.render import render
 from orchestrator.dashboard.snapshot import KEEP_TERMINAL_S, RunView, Snapshot, gather, utcnow
+from orchestrator.pull import pull_run
+from orchestrator.targets.factory import make_target
 from state import names
 from state.errors import OrchError
 from state.store import Store
@@ -94,8 +96,6 @@ class TargetPool:
 
     def get(self, name: str) -> Target:
         if name not in self._open:
-            from orchestrator.targets.factory import make_target
-
             self._open[name] = make_target(self.ctx, name)
         return self._open[name]
 
@@ -148,8 +148,6 @@ def _tail_file(path: Path, lines: int) -> list[str]:
 
 def pull_selected(ctx: Context, run: RunView) -> str:
     """Pull one run (no checkpoints) and say what happened, in one footer line."""
-    from orchestrator.pull import pull_run
-
     rec = ctx.store.get_run(run.stage_dir, run.run_id)
     if rec is None:
         return f"run {run.key} is no longer in the store"

@@ -44,6 +44,7 @@ class InProcessMonitor:
         if self._watcher is not None or time.monotonic() - self._tried_at < self.RETRY_S:
             return
         self._tried_at = time.monotonic()
+        # lazy, for start-up time: only this path needs orchestrator.monitor.lock
         from orchestrator.monitor.lock import WatcherBusyError, WatcherLock
         from orchestrator.monitor.scheduler import Watcher
 
@@ -115,6 +116,7 @@ class _SinkHandler(logging.Handler):
 def monitor_label(ctx: Context) -> str:
     """Who keeps the store fresh: `orch watch`, this process, or nobody."""
     try:
+        # lazy, for start-up time: only this path needs orchestrator.monitor.refresh
         from orchestrator.monitor.refresh import watcher_running
     except ImportError:
         return "unavailable"
@@ -127,6 +129,7 @@ def monitor_label(ctx: Context) -> str:
 def refresh_now(ctx: Context, err: Console) -> bool:
     """One `refresh_once` of every active run; a failure is one yellow line, not an exit."""
     try:
+        # lazy, for start-up time: only this path needs orchestrator.monitor.refresh
         from orchestrator.monitor.refresh import refresh_once
     except ImportError:
         err.print("[yellow]warning:[/] the monitor is not installed; showing the store as it is")

@@ -34,8 +34,12 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.launch import kill_session, launch_stage
 from orchestrator.monitor import ledger
 from orchestrator.monitor.statemachine import Alert
+from orchestrator.pull import pull_run
+from orchestrator.targets.factory import make_target
+from orchestrator.vast.cost import apply_idle_policy
 from state.errors import ConfigError, HostKeyError, UnreachableError, VerifyError
 from state.models import RunRecord
 from state.phases import Phase
@@ -63,6 +67,7 @@ def wanted_actions(ctx: Context, rec: RunRecord) -> list[str]:
     if rec.phase is Phase.SUCCEEDED and mon.launch_next_stage:
         out.append("next")
     if rec.phase is Phase.LOST:
+        # lazy, for start-up time: only this path needs orchestrator.vast.relaunch
         from orchestrator.vast.relaunch import is_relaunchable
 
         if is_relaunchable(ctx, rec):
@@ -215,6 +220,7 @@ class Actions:
         waited = (now - since).total_seconds()
         if not final and waited < mon.pull_stuck_alert_after_s:
             return
+        # lazy, for start-up time: only this path needs orchestrator.monitor.alerts
         from orchestrator.monitor.alerts import alert_payload, format_alert
 
         where = f"{gone}, and its results with it" if gone else "still only on the box"
@@ -251,12 +257,10 @@ class Actions:
                 self.on_final(rec)
 
     def _do_stop(self, rec: RunRecord) -> None:
-        from orchestrator.launch import kill_session
-        from orchestrator.targets.factory import make_target
-
         target = make_target(self.ctx, rec.target)
         try:
             if rec.job_id:  # a Slurm job (Slurm enforces its own --time too)
+                # lazy, for start-up time: only this path needs orchestrator.slurm.submit
                 from orchestrator.slurm.submit import cancel_job
 
                 cancel_job(target, rec.job_id)
@@ -268,8 +272,6 @@ class Actions:
         self._say(f"{rec.key}: stopped (past its timeout)")
 
     def _do_pull(self, rec: RunRecord) -> None:
-        from orchestrator.pull import pull_run
-
         res = pull_run(self.ctx, rec)
         what = (
             f"{res.verified} files verified"
@@ -281,9 +283,9 @@ class Actions:
     def _do_next(self, rec: RunRecord) -> None:
         """Launch (without waiting) every stage that takes this one's output and whose other
         inputs have a succeeded run on the same target; the watcher then watches it too."""
+        # lazy, for start-up time: only this path needs jobs.pipeline
         from jobs.pipeline import dependency_graph
         from jobs.stages import get_stage
-        from orchestrator.launch import launch_stage
 
         graph = dependency_graph()
         exp = self.ctx.config.experiment
@@ -303,6 +305,7 @@ class Actions:
             self._say(f"{rec.key}: launched next stage {child} as {new.key}")
 
     def _do_relaunch(self, rec: RunRecord) -> None:
+        # lazy, for start-up time: only this path needs orchestrator.vast.relaunch
         from orchestrator.vast.relaunch import relaunch_failed, relaunch_lost
 
         try:
@@ -320,6 +323,7 @@ class Actions:
     def mirror_checkpoints(self, now: float | None = None) -> list[str]:
         """Pull the new checkpoints of every active training run whose target asks for it
         (`pull_checkpoints_every_s` > 0) and is due. Returns the keys of the runs mirrored."""
+        # lazy, for start-up time: only this path needs orchestrator.checkpoints
         from orchestrator.checkpoints import is_training, pull_checkpoints
 
         now = time.monotonic() if now is None else now
@@ -351,8 +355,6 @@ class Actions:
         if cfg is None or cfg.kind != "vast":
             return
         try:
-            from orchestrator.vast.cost import apply_idle_policy
-
             apply_idle_policy(self.ctx, target)
         except Exception as exc:
             log.warning("idle check of %s failed: %s", target, exc)
@@ -364,6 +366,7 @@ class Actions:
         cfg = self.ctx.config.targets.get(target)
         if cfg is None or cfg.kind != "vast":
             return None
+        # lazy, for start-up time: only this path needs orchestrator.vast.provider
         from orchestrator.vast.provider import check_instance
 
         verdict = check_instance(self.ctx, target)

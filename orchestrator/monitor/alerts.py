@@ -12,9 +12,10 @@ never started (sent after restart, first time), done (never sent again), failed 
 in doubt (killed during the send itself: sent again after restart, flagged as a redelivery).
 Every send of one alert carries the same id (`alert_uid`): the `X-Orch-Alert-Id` header and an
 `alert_id` field for JSON webhooks, `alert_id` / `ORCH_ALERT_ID` for the command hook, so a
-receiver drops the one duplicate that an in-doubt resend can make. Attempts, the (redacted)
-last error and the next retry time (exponential backoff with jitter, given up after
-`retry_max` tries) are recorded. Apprise itself is imported only when something is sent or a
+receiver drops the duplicate that an in-doubt resend can make (flagged), or a retry after a
+send that failed once the receiver had it (a timeout waiting for its answer; not flagged).
+Attempts, the (redacted) last error and the next retry time (exponential backoff with jitter,
+given up after `retry_max` tries) are recorded. Apprise itself is imported only when something is sent or a
 URL is checked (`orchestrator.alerturls`: the URL syntax, shared with config).
 """
 
@@ -214,6 +215,7 @@ def send(
             tail = out.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
             raise DeliveryError(redact(f"{sink.label} exited {out.returncode}: {tail[0][:300]}"))
         return
+    # lazy, for start-up time: pulls in apprise
     import apprise
 
     logging.getLogger("apprise").propagate = False  # its debug lines hold full URLs

@@ -38,6 +38,7 @@ from orchestrator.monitor import ledger
 from orchestrator.monitor.lock import watcher_running
 from orchestrator.monitor.push import attach
 from orchestrator.monitor.statemachine import Alert, Limits, RunState, transition
+from orchestrator.targets.factory import make_target
 from state.errors import HostKeyError, OrchError, StageError, UnreachableError
 from state.models import RunRecord, TargetObservation
 from state.protocol import MAX_STATUS_BYTES
@@ -214,8 +215,6 @@ class Poller:
             t = current
             try:
                 if t is None:
-                    from orchestrator.targets.factory import make_target
-
                     t = make_target(self.ctx, name)
                 with guard:
                     result["target"] = t
@@ -495,6 +494,7 @@ def refresh_once(ctx: Context, targets: list[str] | None = None) -> list[RunReco
     """One poll of every target with active runs (or only `targets`): store phase changes and
     alerts, deliver alerts. Returns the runs that were polled (those active before the poll) as
     the store now holds them."""
+    # lazy, for start-up time: only this path needs orchestrator.monitor.actions
     from orchestrator.monitor.actions import Actions
 
     # The provider verdict lets a one-shot refresh (`orch status`) mark a preempted box's runs

@@ -80,6 +80,7 @@ def make_target(ctx: Context, name: str | None = None) -> Target:
     # Each kind's module is imported when a target of that kind is built: paramiko (ssh, vast)
     # costs every `orch` command a noticeable start-up otherwise.
     if isinstance(cfg, LocalConfig):
+        # lazy, for start-up time: only a local target needs it
         from orchestrator.targets.local import LocalTarget
 
         workdir = Path(cfg.workdir).expanduser() if cfg.workdir else ctx.state_dir / "local"
@@ -87,6 +88,7 @@ def make_target(ctx: Context, name: str | None = None) -> Target:
             workdir = ctx.project_root / workdir
         return LocalTarget(name, workdir=workdir, python=python, env=cfg.env)
     if isinstance(cfg, SshConfig):
+        # lazy, for start-up time: pulls in paramiko
         from orchestrator.targets.ssh import SshTarget
 
         mon = ctx.config.monitor_for(name)
@@ -109,6 +111,7 @@ def make_target(ctx: Context, name: str | None = None) -> Target:
 
         hop = resolve_ssh(cfg)
         if isinstance(cfg, SlurmConfig):  # a Slurm login node: an ssh box that also submits
+            # lazy, for start-up time: pulls in paramiko
             from orchestrator.targets.slurm import SlurmTarget
 
             return SlurmTarget(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.config import VastTarget as VastConfig
 from orchestrator.vast.records import info_of, stopped_fields
 from state.models import RunRecord
 from state.store import Store, parse_time
@@ -135,8 +136,6 @@ def apply_idle_policy(ctx: Context, target: str, *, now: datetime | None = None)
 
     Meant for the monitor's scheduler (a few times an hour is plenty).
     """
-    from orchestrator.config import VastTarget as VastConfig
-
     name, cfg = ctx.config.target(target)
     if not isinstance(cfg, VastConfig):
         return IdleVerdict(name, None, False, 0.0, None, "")
@@ -163,6 +162,7 @@ def apply_idle_policy(ctx: Context, target: str, *, now: datetime | None = None)
         ),
     )
     if v.action in ("stop", "destroy"):
+        # lazy, for start-up time: pulls in httpx
         from orchestrator.vast.provision import destroy_recorded, make_client
 
         with make_client(cfg) as client:

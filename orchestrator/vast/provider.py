@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.config import VastTarget as VastConfig
 from orchestrator.vast.models import HEARTBEAT_STATES, Instance
 from orchestrator.vast.records import running_fields, stopped_fields
 from state.errors import OrchError
@@ -96,8 +97,6 @@ def check_instance(
 ) -> ProviderVerdict:
     """Is the live instance of vast target `target_name` lost? At most one API call per instance
     per `provider_check_s`; a failing Vast API is never taken as a lost instance."""
-    from orchestrator.config import VastTarget as VastConfig
-
     now = now or datetime.now(timezone.utc)
     name, cfg = ctx.config.target(target_name)
     if not isinstance(cfg, VastConfig):
@@ -118,6 +117,7 @@ def check_instance(
     own = client is None
     try:
         if client is None:
+            # lazy, for start-up time: pulls in httpx
             from orchestrator.vast.provision import make_client
 
             client = make_client(cfg)

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.bootstrap import ensure_env
 from orchestrator.config import VastTarget as VastConfig
+from orchestrator.targets.factory import make_target
 from orchestrator.vast import ledger
 from orchestrator.vast.boot import (
     BootProblem,
@@ -155,6 +157,7 @@ def up(
 
     `hours` overrides `expected_hours`: how long the box is wanted, for the contract length and
     the credit check."""
+    # lazy, for start-up time: pulls in paramiko
     from orchestrator.targets.vast import identity_file, public_key
 
     name, cfg = vast_config(ctx, name)
@@ -415,8 +418,6 @@ def _prepare(
     detail: str = "",
 ) -> UpResult:
     """From a created instance to a usable, bootstrapped ssh target."""
-    from orchestrator.targets.factory import make_target
-
     deadline = time.monotonic() + cfg.ready_timeout_s
     ctx.console.print(
         f"waiting for instance {iid} to run (deadline {cfg.ready_timeout_s:.0f} s; Ctrl-C "
@@ -471,8 +472,6 @@ def _prepare(
     python: str | None = None
     try:
         if bootstrap:
-            from orchestrator.bootstrap import ensure_env
-
             ctx.console.print(f"bootstrapping the Python env on {name}")
             python = ensure_env(ctx, target)
     finally:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from orchestrator.config import VastTarget as VastConfig
 from orchestrator.vast import ledger
-from orchestrator.vast.client import api_url_for
+from orchestrator.vast.client import DEFAULT_API_URL, VastClient, api_url_for
 from orchestrator.vast.records import (
     PROVIDER,
     destroy_recorded,
@@ -29,9 +30,7 @@ from orchestrator.vast.records import (
 )
 
 if TYPE_CHECKING:
-    from orchestrator.config import VastTarget as VastConfig
     from orchestrator.context import Context
-    from orchestrator.vast.client import VastClient
     from orchestrator.vast.models import Instance, Offer
 
 #: How long a create whose answer was lost is looked for before orch stops waiting.
@@ -150,17 +149,12 @@ def reconcile_pending(
 
 def api_urls(ctx: Context) -> list[str]:
     """The base URL of every vast target (VAST_URL honoured), the default when there is none."""
-    from orchestrator.config import VastTarget as VastConfig
-    from orchestrator.vast.client import DEFAULT_API_URL
-
     urls = {api_url_for(t) for t in ctx.config.targets.values() if isinstance(t, VastConfig)}
     return sorted(urls) or [DEFAULT_API_URL]
 
 
 def list_all(ctx: Context) -> dict[str, list[Instance]]:
     """Every instance the key rents, per base URL (all pages)."""
-    from orchestrator.vast.client import VastClient
-
     out: dict[str, list[Instance]] = {}
     for url in api_urls(ctx):
         with VastClient.from_config(url) as client:
@@ -180,8 +174,6 @@ def orphans(
 ) -> list[Orphan]:
     """Of the instances Vast lists (per api_url), those labelled as orch's that the store does
     not hold as live (pure apart from reading the store)."""
-    from orchestrator.config import VastTarget as VastConfig
-
     cfgs = [(n, c) for n, c in ctx.config.targets.items() if isinstance(c, VastConfig)]
     live = {
         str(r["instance_id"])
@@ -202,8 +194,6 @@ def orphans(
 
 def destroy_orphans(ctx: Context, found: list[Orphan]) -> list[int]:
     """Destroy orphaned instances (record each destroy); the ids that are gone."""
-    from orchestrator.vast.client import VastClient
-
     done = []
     for url in sorted({o.api_url for o in found}):
         with VastClient.from_config(url) as client:

@@ -121,6 +121,7 @@ def destroy_recorded(
     True when it is gone; False (with a loud message) when Vast could not be told, so the user
     knows a paid box may still be running.
     """
+    # lazy, for start-up time: pulls in paramiko
     from orchestrator.targets.vast import drop_host_key
 
     with no_interrupts():

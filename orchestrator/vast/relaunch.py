@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jobs.spec import StageSpec
 from orchestrator.checkpoints import (
     Checkpoint,
     local_checkpoints,
@@ -41,6 +42,10 @@ from orchestrator.checkpoints import (
     remote_checkpoints,
     spec_of,
 )
+from orchestrator.config import VastTarget as VastConfig
+from orchestrator.launch import launch_stage
+from orchestrator.pull import local_run_dir
+from orchestrator.targets.factory import make_target
 from orchestrator.vast.records import info_of
 from state import names
 from state.errors import LaunchError, StageError
@@ -82,8 +87,6 @@ def lineage(rec: RunRecord) -> RunSpec:
 def is_relaunchable(ctx: Context, rec: RunRecord) -> bool:
     """Pure apart from config: a lost training run on a vast target with auto_relaunch on,
     whose chain has relaunches left."""
-    from orchestrator.config import VastTarget as VastConfig
-
     cfg = ctx.config.targets.get(rec.target)
     if rec.phase is not Phase.LOST or not isinstance(cfg, VastConfig) or not cfg.auto_relaunch:
         return False
@@ -105,7 +108,7 @@ class RelaunchResult:
 def relaunch_lost(ctx: Context, rec: RunRecord) -> RelaunchResult:
     """Rent a box for the lost run's target and relaunch the run there, resuming from the
     newest checkpoint (see the module docstring). Raises ProviderError/LaunchError."""
-    from orchestrator.config import VastTarget as VastConfig
+    # lazy, for start-up time: pulls in httpx
     from orchestrator.vast.provision import up
 
     name, cfg = ctx.config.target(rec.target)
@@ -198,11 +201,6 @@ def _relaunch_from_checkpoint(
     checkpoint of `rec` (on the box, or a pulled copy here); the new spec names the old run
     (`relaunch_of`) and the checkpoint (`resumed_from`). Shared by the auto-relaunch and
     `orch launch --resume`."""
-    from jobs.spec import StageSpec
-    from orchestrator.launch import launch_stage
-    from orchestrator.pull import local_run_dir
-    from orchestrator.targets.factory import make_target
-
     found = local_checkpoints(local_run_dir(ctx, rec))
     target = make_target(ctx, target_name)
     try:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from orchestrator.pull import pull_run
 from orchestrator.vast.provision import make_client, vast_config
 from orchestrator.vast.reconcile import destroy_orphans, list_all, orphans
 from orchestrator.vast.records import destroy_recorded
@@ -96,8 +97,6 @@ def down_orphans(
 
 def _pull_all(ctx: Context, name: str, *, force: bool) -> int:
     """Pull every finished run of the target that was not pulled yet, before the box goes."""
-    from orchestrator.pull import pull_run
-
     n = 0
     for rec in ctx.store.list_runs(target=name):
         if rec.pulled_at is not None or rec.phase is not Phase.SUCCEEDED:

@@ -50,7 +50,6 @@ def test_disk_full_on_the_box(
     small_model: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    pytest.importorskip("torch")
     sc = Scenario(
         name="disk full on the box",
         injected=f"the run dir on a {TMPFS} tmpfs; a real tiny training run (stage3b) runs out of "

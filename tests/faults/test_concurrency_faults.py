@@ -106,6 +106,8 @@ def test_thirty_concurrent_commands(
         for what, rc, out in outs:
             assert "locked" not in out.lower(), out
             assert rc == 0, f"orch {what}: exit {rc}: {out}"
+            if what == "pull":  # each pull checked the run against its manifest
+                assert "2 file(s) verified" in " ".join(out.split()), out
         new = ctx.store.list_runs(stage="stage3b")
         assert len(new) == N and len({r.run_id for r in new}) == N, [r.key for r in new]
         for r in new:

@@ -109,7 +109,6 @@ def test_worker_sigkill_then_launch_resume(
     small_model: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    pytest.importorskip("torch")
     sc = Scenario(
         name="real worker SIGKILL, then `orch launch --resume`",
         injected=f"kill -9 of a real tiny training run (stage3b, {STEPS} steps) after its "

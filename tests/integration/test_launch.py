@@ -280,6 +280,7 @@ def test_wait_says_where_the_run_is_and_pulls_unless_no_pull(local_project, caps
         [rec] = ctx.store.list_runs(stage="t-pull")
         workdir = make_target(ctx, "local").workdir
         assert f"run dir  {workdir}/{rec.run_dir}\n" in out  # where it really is
+        assert (Path(workdir) / rec.run_dir / "result.txt").is_file()  # and it is there
         assert "syncing code (" in out and "synced code:" in out and "bootstrap: " in out
         assert "pulling " in out and "verified " in out
         local = local_project / "runs" / rec.stage_dir / rec.run_id

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,10 @@ import pytest
 from jobs.report_text import SECTIONS
 from orchestrator.cli import main
 from orchestrator.context import Context
-from state.models import RunRecord
+from state import names
+from state.models import RunComplete, RunRecord, RunSpec
 from state.phases import Phase
-from state.protocol import read_events
+from state.protocol import read_events, read_model
 from tests.conftest import REPO, require_tools
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -124,7 +126,8 @@ def test_run_all_tiny_study_writes_the_report(
     assert main(["report", "--json"]) == 0
     numbers = json.loads(capsys.readouterr().out)
     stages = numbers["stages"]
-    # the tiny model really learned its tasks: stage 1 clearly above chance (4 choices)
+    # the tiny model really learned its tasks: stage 1 clearly above chance (4 choices);
+    # measured >= 0.968 on all 20 seed x CPU-kernel studies (docs/BENCHMARKS.md, tiny study)
     assert stages["stage1"]["macro_acc"] > 0.25 + 0.15
     # train stages recorded loss curves and leakage probes
     for stage in ("stage3a", "stage3b", "stage3b-leaky"):
@@ -188,6 +191,13 @@ def _numbers(run_dir: Path) -> dict:
     return {k: v for k, v in metrics.items() if k not in TIMING and "per_s" not in k}
 
 
+def _span(run_dir: Path) -> tuple[datetime, datetime]:
+    """When a run was launched (spec.json) and when it finished (.run_complete)."""
+    spec = read_model(run_dir / names.SPEC, RunSpec).value
+    done = read_model(run_dir / names.RUN_COMPLETE, RunComplete).value
+    return spec.launched_at, done.finished_at
+
+
 def test_same_command_same_numbers_alone_or_beside_another_stage(tiny_project: Path) -> None:
     """Stage 1 alone, then stage 1 on one box while stage 3B trains on another: bit-identical
     metrics (every accuracy, every count), and 3B's loss curve identical to a 3B run alone.
@@ -201,8 +211,11 @@ def test_same_command_same_numbers_alone_or_beside_another_stage(tiny_project: P
         alone = run_stages(ctx, ["stage1", "stage3b"], overrides=small)  # one box: in turn
         side = run_stages(ctx, ["stage1", "stage3b"], targets=["local", "second"], overrides=small)
         runs = {(r.stage, r.target): r for r in side}
-        # the scheduler really put them on two boxes at once
+        # the scheduler really put them on two boxes at once: each was launched before the
+        # other finished (launch time from spec.json, end from .run_complete)
         assert {t for _, t in runs} == {"local", "second"}
+        span = {r.stage: _span(tiny_project / r.run_dir) for r in side}
+        assert span["stage3b"][0] < span["stage1"][1] and span["stage1"][0] < span["stage3b"][1]
         first = {r.stage: r for r in alone}
         again = {r.stage: r for r in side}
         a = _numbers(tiny_project / first["stage1"].run_dir)

@@ -3,19 +3,25 @@ the `Host` alias): `orch launch` syncs the code (rsync), starts a short `exec` s
 watches it (the persistent agent channel), and the pull (rsync) brings the run home. Two real
 OpenSSH sshd on loopback: the jump host allows forwarding only to the target (`PermitOpen`).
 
-The proof that every path goes through the jump host: while the run's connections are up the
-jump sshd holds a connection for them, both hosts' keys are pinned in orch's known_hosts, and
-with the jump sshd stopped the target (still up) is unreachable from orch and from rsync's ssh.
+The proof that every path goes through the jump host: the jump sshd logs (LogLevel DEBUG1) each
+direct-tcpip forward to the target with its originator, so the code sync and the pull are seen
+as OpenSSH's `ssh -W` forwards (rsync's ssh, through its ProxyCommand) and the command and agent
+connections as orch's own paramiko forwards (`SshTarget._open_socket` sends originator ("", 0));
+the agent's channel runs on that forwarded connection; both hosts' keys are pinned in orch's
+known_hosts; with the jump sshd stopped the target (still up) is unreachable from orch and from
+rsync's ssh; and a changed jump host key is refused by both, as a direct box's would be.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from jobs.spec import StageSpec
@@ -26,7 +32,7 @@ from orchestrator.pull import pull_run
 from orchestrator.sshcmd import ssh_argv
 from orchestrator.targets.factory import make_target
 from orchestrator.targets.ssh import SshTarget
-from state.errors import UnreachableError
+from state.errors import HostKeyError, UnreachableError
 from state.models import WorkerTask
 from state.phases import Phase
 from tests.conftest import REPO, require_tools
@@ -47,6 +53,7 @@ def jump_and_box(tmp_path: Path):
     box = make_server(tmp_path / "box")
     jump = make_server(tmp_path / "jump")
     jump.extra_config = ["AllowTcpForwarding yes", f"PermitOpen 127.0.0.1:{box.port}"]
+    jump.log_level = "DEBUG1"  # one `server_request_direct_tcpip` line per forward
     box.start()
     jump.start()
     try:
@@ -71,6 +78,28 @@ def ssh_config_for(path: Path, jump: SshServer, box: SshServer) -> Path:
         f"    IdentityFile {jump.client_key}\n"
     )
     return path
+
+
+_FORWARD = re.compile(
+    r"server_request_direct_tcpip: originator (\S*) port (\d+), target \S+ port (\d+)"
+)
+
+
+def forwards(jump: SshServer, box: SshServer) -> tuple[int, int]:
+    """(forwards by OpenSSH's ssh -W: rsync and ssh_argv; forwards by orch's paramiko: commands
+    and the agent) the jump sshd made to the box so far. OpenSSH's sshd logs the originator the
+    client sent (serverloop.c, server_request_direct_tcpip); orch sends ("", 0), OpenSSH's -W
+    sends its own stand-in address."""
+    by_ssh = by_orch = 0
+    for found in _FORWARD.finditer(jump.log.read_text(errors="replace")):
+        originator, originator_port, port = found.groups()
+        if int(port) != box.port:
+            continue
+        if (originator, originator_port) == ("", "0"):
+            by_orch += 1
+        else:
+            by_ssh += 1
+    return by_ssh, by_orch
 
 
 def make_project(root: Path, toml: str) -> Path:
@@ -117,14 +146,22 @@ def test_launch_watch_and_pull_through_proxyjump(jump_and_box, tmp_path, monkeyp
             task=WorkerTask(command="exec", args={"argv": [sys.executable, "-c", WRITE_RESULT]}),
             timeout_s=300,
         )
+        assert forwards(jump, box) == (0, 0)
         rec = launch_mod.launch_stage(ctx, stage)  # code sync (rsync) + tmux over the jump
         assert rec.phase == Phase.RUNNING
+        synced = forwards(jump, box)
+        assert synced[0] >= 1 and synced[1] >= 1, synced  # rsync's ssh and orch's connection
         assert wait_exit(ctx, rec) == 0
+        before_poll = forwards(jump, box)
         refresh_once(ctx, ["box"])  # one poll: the agent channel, through the jump
+        polled = forwards(jump, box)
+        assert polled[1] > before_poll[1], (before_poll, polled)
         final = ctx.store.get_run(rec.stage_dir, rec.run_id)
         assert final is not None and final.phase == Phase.SUCCEEDED, final
         result = pull_run(ctx, final)  # rsync through the jump, verified against the manifest
         assert (result.local_dir / "result.txt").read_text() == "through the jump\n"
+        pulled = forwards(jump, box)
+        assert pulled[0] > polled[0], (polled, pulled)  # the pull's rsync went through the jump
 
         # Both hops pinned in orch's own known_hosts.
         pins = (ctx.state_dir / "known_hosts").read_text()
@@ -134,6 +171,14 @@ def test_launch_watch_and_pull_through_proxyjump(jump_and_box, tmp_path, monkeyp
         try:
             assert live.run(["true"], timeout=20).ok
             assert jump.connection_pids(), "the jump sshd carries the connection"
+            answer = live.agent().request({"op": "ping"}, timeout=20)
+            assert answer.get("pong") is not None, answer
+            # The agent's channel is a session of the box's connection, which itself runs in a
+            # direct-tcpip channel of the jump host's connection.
+            box_conn = live.current_transport
+            assert box_conn is not None and isinstance(box_conn.sock, paramiko.Channel)
+            assert live.jump is not None
+            assert box_conn.sock.get_transport() is live.jump.current_transport
         finally:
             live.close()
 
@@ -153,5 +198,45 @@ def test_launch_watch_and_pull_through_proxyjump(jump_and_box, tmp_path, monkeyp
             check=False,
         )
         assert direct.returncode != 0  # rsync's ssh goes through the jump as well
+    finally:
+        ctx.close()
+
+
+def test_a_changed_jump_host_key_is_refused(jump_and_box, tmp_path, monkeypatch):
+    """Pinning stays strict through the jump: once the jump host's key is pinned, a new key there
+    stops orch's connection (HostKeyError, not unreachable) and rsync's ssh alike."""
+    jump, box = jump_and_box
+    config = ssh_config_for(tmp_path / "ssh_config", jump, box)
+    toml = (
+        'default_target = "box"\n[targets.box]\nkind = "ssh"\nhost = "gpu-box"\n'
+        f'ssh_config = "{config}"\nworkdir = "{tmp_path / "remote"}"\n'
+    )
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "orch.toml").write_text(toml)
+    monkeypatch.chdir(tmp_path / "proj")
+    ctx = Context()
+    try:
+        first = make_target(ctx, "box")
+        try:
+            assert first.run(["true"], timeout=20).ok  # both keys pinned on first use
+        finally:
+            first.close()
+        jump.rotate_host_key()
+        again = make_target(ctx, "box")
+        try:
+            with pytest.raises(HostKeyError, match=str(jump.port)):
+                again.run(["true"], timeout=20)
+        finally:
+            again.close()
+        via_ssh = subprocess.run(
+            ssh_argv(again.endpoint, ["true"]),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+        assert via_ssh.returncode != 0
+        assert "host key" in via_ssh.stderr.lower(), via_ssh.stderr
     finally:
         ctx.close()

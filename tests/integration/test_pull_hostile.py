@@ -84,8 +84,9 @@ def test_manifest_paths_out_of_the_run_are_refused_before_any_read(
 def test_symlinks_on_the_box_are_not_copied_nor_followed(sshd_server, tmp_path, monkeypatch):
     """Injected: `shadow_link -> <laptop file>` and `data -> <laptop dir>` in the run dir on the
     box, both listed in the manifest with the laptop file's true hash (an old pull copied the
-    link and then hashed the laptop's file: "verified"). Must report: the entry is missing
-    here, naming it on the box; no symlink lands under runs/; the real artifacts still arrive."""
+    link and then hashed the laptop's file: "verified"). Must report: the entry is a symlink
+    on the box that was not copied (not "missing here, pull again": pulling again cannot help),
+    naming it on the box; no symlink lands under runs/; the real artifacts still arrive."""
     ssh_project(tmp_path, sshd_server, monkeypatch)
     secret = _outside(tmp_path)
     (tmp_path / "laptop-dir").mkdir()
@@ -100,16 +101,20 @@ def test_symlinks_on_the_box_are_not_copied_nor_followed(sshd_server, tmp_path, 
         with pytest.raises(VerifyError) as err:
             pull_run(ctx, rec)
         msg = str(err.value)
-        assert msg.startswith("shadow_link: listed in the manifest but missing here"), msg
-        assert f"on the box: {sshd_server.user}@127.0.0.1:{rd}/shadow_link" in msg, msg
+        box_link = f"{sshd_server.user}@127.0.0.1:{rd}/shadow_link"
+        assert msg.startswith(f"{box_link}: a symlink or special file on the box, not copied"), msg
+        assert "missing here" not in msg and "pull again" not in msg, msg
         local = ctx.runs_dir / "s1" / RID
         assert json.loads((local / "metrics.json").read_text()) == {"acc": 0.5}
         assert not any(p.is_symlink() for p in ctx.runs_dir.rglob("*"))
         assert not (local / "data").exists()
 
         _manifest(rd, ManifestEntry(path="data/key", size=1, sha256=sha256_file(secret)))
-        with pytest.raises(VerifyError, match="data/key: listed in the manifest but missing"):
+        with pytest.raises(VerifyError) as err:
             pull_run(ctx, rec)
+        msg = str(err.value)  # the link is the box's dir `data`, whatever the entry under it
+        assert msg.startswith(f"{sshd_server.user}@127.0.0.1:{rd}/data: a symlink"), msg
+        assert "'data/key'" in msg, msg
     finally:
         ctx.close()
 

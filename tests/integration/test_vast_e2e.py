@@ -8,6 +8,7 @@ the API key never shows up in output, the store, any process's argv or the box's
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -272,6 +273,14 @@ def test_up_launch_down_end_to_end(env: Env) -> None:
                 and "not orch's" in listed.stdout
             )
 
+            # `orch plan` on the live box: probed over ssh, and the account's credit
+            # (/users/current) held against the stages' dollars at the instance's $/h.
+            planned = env.cli("plan", "all", "--profile", "tiny", "--json")
+            doc = json.loads(planned.stdout)
+            assert "vast instance" in doc["capacity"]["where"], planned.stderr
+            assert doc["capacity"]["credit"] == 25.0
+            assert [c["ok"] for c in doc["checks"] if c["what"] == "credit"] == [True]
+
             # `orch up` again reuses the live instance: nothing new is rented.
             again_up = env.cli("up")
             assert again_up.returncode == 0, again_up.stderr
@@ -435,6 +444,34 @@ def test_sigint_during_a_slow_create_destroys_what_it_made(env: Env) -> None:
         assert len(rows) == 1 and rows[0]["destroyed_at"] is not None  # recorded, then destroyed
     finally:
         ctx.close()
+
+
+def test_orch_killed_during_a_create_leaves_a_record_that_finds_the_box(env: Env) -> None:
+    """SIGKILL (no cleanup at all) while Vast is still answering the create: the label was
+    written to the store before the request went out, so the next `orch instances` finds the
+    instance by it (`select_filters` on /api/v1/instances/) and records it: never a box
+    billing without a record."""
+    env.server.create_delay_s = 5.0  # the instance exists at once; the answer takes 5 s
+    env.server.add_offer()
+    proc = env.popen("up")
+    deadline = time.monotonic() + 30
+    while not env.server.create_bodies and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert env.server.create_bodies, "orch up never sent the create"
+    proc.kill()
+    proc.communicate(timeout=30)
+    [(iid, body)] = env.server.create_bodies.items()
+    listed = env.cli("instances", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [line] = [d for d in json.loads(listed.stdout) if d["id"] == iid]
+    assert line["target"] == "gpu" and not line["orphan"]
+    ctx = Context()
+    try:
+        row = live_row(ctx)
+        assert row["instance_id"] == str(iid) and row["label"] == body["label"]
+    finally:
+        ctx.close()
+    assert list(env.server.instances) == [iid] and env.server.request_count("PUT", "/asks/") == 1
 
 
 # -- preemption ---------------------------------------------------------------------------------
@@ -705,6 +742,44 @@ def test_relaunch_resumes_from_the_surviving_disk_and_respects_the_limit(
             update={"spec_json": rec.spec_json and rec.spec_json.replace('"train"', '"eval"')}
         )
         assert wanted_actions(ctx, ev.model_copy(update={"phase": Phase.LOST})) == []
+    finally:
+        ctx.close()
+
+
+def test_relaunch_keeps_an_outbid_box_by_a_raised_bid_and_says_so(
+    env: Env, small_model: str
+) -> None:
+    """Outbid within the bid ceiling: the relaunch raises the bid (`PUT /api/v0/instances/
+    bid_price/{id}/`, vastai/api/instances.py change_bid) rather than renting elsewhere, resumes
+    from the checkpoint on the same disk, and its alert says it kept the box that way."""
+    import json
+
+    from orchestrator.monitor.actions import Actions
+
+    (env.root / "orch.toml").write_text(
+        toml(env.server, env.sshd, env.remote, interruptible="true", auto_relaunch="true")
+    )
+    env.server.add_offer(min_bid=0.15)
+    env.server.add_offer(min_bid=0.15, dph_total=0.45)  # what a rent elsewhere would take
+    assert env.cli("up").returncode == 0
+    ctx = Context()
+    try:
+        iid = int(live_row(ctx)["instance_id"])
+        spec = StageSpec(name="vt-sft", stage_dir="vt-sft", task=small_train_task(small_model))
+        rec = launch_mod.launch_stage(ctx, spec, "gpu")
+        _wait_file(env.remote / rec.run_dir / "checkpoints" / "step-8" / "meta.json")
+        _freeze(env, rec)
+        lost = _lose_box(env, ctx, rec, iid, outbid=True, min_bid=0.3)  # ceiling: max_dph 1.0
+        assert "outbid" in lost.reason
+        Actions(ctx).on_final(lost)
+        assert int(live_row(ctx)["instance_id"]) == iid and env.server.bids[iid] == [0.33]
+        assert env.server.request_count("DELETE") == 0 and list(env.server.create_bodies) == [iid]
+        [alert] = [a for a in ctx.store.recent_alerts() if a["kind"] == "relaunched"]
+        assert "raising its bid" in alert["body"] and "$0.330/h" in alert["body"], alert
+        new = next(r for r in ctx.store.list_runs() if r.stage == "vt-sft" and r.key != rec.key)
+        spec_json = json.loads((env.remote / new.run_dir / "spec.json").read_text())
+        assert "surviving disk" in spec_json["resumed_from"]
+        assert _wait_done(env, new.run_dir)["steps"] == 40
     finally:
         ctx.close()
 

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.ports import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "sinfo")
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
@@ -40,12 +42,6 @@ def find_tool(name: str) -> str | None:
 
 def missing_tools() -> list[str]:
     return [t for t in (*DAEMONS, *CLIENTS) if find_tool(t) is None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -345,7 +345,7 @@ def test_stages_at_80_columns_never_break_a_name(profile):
 def test_logs_stop_pull_help_lists_every_run_form(capsys):
     from orchestrator.cli import main
 
-    for command in ("logs", "stop", "pull"):
+    for command in ("logs", "stop", "pull", "launch"):  # launch: --resume RUN
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())

@@ -185,7 +185,12 @@ def test_search_survives_null_rows_and_ignores_unknown_filters(server: VastServe
         # `reliability2` is not a filter key (vastai/api/query.py): Vast ignores it.
         got = {o.id for o in c.search_offers({"reliability2": {"gte": 0.9}})}
         assert {nulls, unreliable} <= got
+        # The CLI's default `external: {eq: false}` (vastai/api/offers.py search_offers) hides
+        # external offers; without it they are listed.
+        external = server.add_offer(external=True)
+        assert external not in {o.id for o in c.search_offers({"external": {"eq": False}})}
         rows = c.search_offers({})
+        assert external in {o.id for o in rows}
     row = next(o for o in rows if o.id == nulls)
     assert row.gpu_ram is None and row.dph_total is None and row.reliability is None
 

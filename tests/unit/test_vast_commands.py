@@ -309,25 +309,36 @@ def test_a_create_answering_after_40_s_is_recorded_once(server: VastServer, tmp_
                 ctx, client, name, cfg, rank_offers(client.search_offers({}), cfg)[0], keep=False
             )
         assert list(server.instances) == [iid] and server.request_count("PUT", "/asks/") == 1
+        # The answer itself arrived (120 s, vastai/api/client.py _DEFAULT_TIMEOUT_SECONDS): no
+        # lookup by label was needed, as it would be after the old 30 s.
+        assert server.request_count("GET", "/api/v1/instances/") == 0
         row = ctx.store.live_instance_for("gpu")
         assert row is not None and row["instance_id"] == str(iid)
     finally:
         ctx.close()
 
 
+@pytest.mark.parametrize("failure", ["502", "no answer"])
 def test_create_failing_after_sending_is_reconciled_later(
-    server: VastServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    server: VastServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    failure: str,
 ) -> None:
-    """The create fails after it was sent (a 502 from the gateway) and Vast lists nothing yet:
-    one error line, no second create, the ledger row stays open; when the instance shows up,
-    `orch instances` records it. Nothing is ever rented without a record."""
+    """The create fails after it was sent (a 502 from the gateway, or no answer within the
+    create timeout) and Vast lists nothing yet: one error line, no second create, the ledger
+    row stays open; when the instance shows up, `orch instances` records it. Nothing is ever
+    rented without a record."""
     from orchestrator.vast import client as client_mod
     from orchestrator.vast import ledger, reconcile
 
     monkeypatch.setattr(client_mod, "CREATE_TIMEOUT_S", 0.2)
     monkeypatch.setattr(reconcile, "SETTLE_S", 0.3)
     server.add_offer()
-    server.inject(502, text="upstream timed out", method="PUT", path="/asks/")  # made nothing
+    if failure == "502":  # made nothing (yet)
+        server.inject(502, text="upstream timed out", method="PUT", path="/asks/")
+    else:  # a create that never answers (in 0.2 s) and has made nothing Vast lists yet
+        server.inject(200, body={"success": True}, method="PUT", path="/asks/", delay_s=3.0)
     server.add_offer(dph_total=0.5)
     (Path.cwd() / "identity").write_text("x")
     (Path.cwd() / "identity.pub").write_text("ssh-ed25519 AAAA test")
@@ -541,5 +552,66 @@ def test_a_stop_someone_asked_for_is_not_undone_by_a_relaunch(
         assert "stopped on request" in alerts[0]["body"] and "orch up gpu" in alerts[0]["body"]
         assert server.instances[iid]["intended_status"] == "stopped"  # not started again
         assert server.request_count("PUT") == 0 and server.request_count("DELETE") == 0
+    finally:
+        ctx.close()
+
+
+def test_plan_holds_the_stages_dollars_against_the_account_credit(
+    server: VastServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`orch plan` reads the credit as `orch up` does (`/users/current`) and fails when the
+    planned stages cost more than it; nothing is rented either way."""
+    with open("orch.toml", "w") as fh:
+        fh.write(
+            'default_target = "gpu"\n[experiment]\nprofile = "tiny"\n[targets.gpu]\n'
+            f'kind = "vast"\napi_url = "{server.url}"\n[targets.gpu.offer]\nmax_dph = 500.0\n'
+        )
+    server.add_offer(dph_total=400.0)  # the tiny study's ~40 s cost a few dollars at this rate
+
+    def plan() -> tuple[int, dict]:
+        capsys.readouterr()
+        rc = main(["plan", "all", "--json"])
+        return rc, json.loads(capsys.readouterr().out)
+
+    rc, out = plan()
+    cost = sum(s["dollars"] for s in out["stages"])
+    assert 1.0 < cost < 25.0 and out["capacity"]["credit"] == 25.0
+    [row] = [c for c in out["checks"] if c["what"] == "credit"]
+    assert row["ok"] is True and row["have"] == "credit $25.00" and rc == 0
+    server.credit = round(cost / 2, 2)
+    rc, out = plan()
+    [row] = [c for c in out["checks"] if c["what"] == "credit"]
+    assert rc == 1 and row["ok"] is False and "does not cover" in out["verdict"]
+    assert server.instances == {} and server.request_count("GET", "/users/current/") == 2
+    # Vast reports neither `credit` nor `balance`: unknown, never a pass or a failure.
+    server.inject(200, body={"id": 1, "username": "tester"}, path="/users/current/")
+    rc, out = plan()
+    [row] = [c for c in out["checks"] if c["what"] == "credit"]
+    assert row["ok"] is None and out["capacity"]["credit"] is None and rc == 0
+
+
+def test_a_second_instance_under_one_create_label_is_destroyed(server: VastServer) -> None:
+    """A create whose answer was lost and that Vast carried out twice: the lookup by label
+    (`select_filters`) keeps the first, records it, and destroys the other."""
+    from orchestrator.vast import ledger
+    from orchestrator.vast.models import Offer
+    from orchestrator.vast.provision import make_client, vast_config
+    from orchestrator.vast.reconcile import settle_create
+
+    label = "orch-gpu-0000dddd"
+    first = server.add_instance(label=label)
+    second = server.add_instance(label=label)
+    theirs = server.add_instance(label="console")
+    ctx = Context()
+    try:
+        name, cfg = vast_config(ctx, "gpu")
+        ledger.record_request(ctx.store, label, name, server.url, 1)
+        with make_client(cfg) as client:
+            got = settle_create(ctx, client, name, cfg, label, Offer(id=1), None, adopt=True)
+        assert got == first and sorted(server.instances) == [first, theirs]
+        assert server.request_count("DELETE", rf"/instances/{second}/") == 1
+        live = ctx.store.live_instance_for("gpu")
+        assert live is not None and live["instance_id"] == str(first)
+        assert ledger.pending(ctx.store) == []
     finally:
         ctx.close()

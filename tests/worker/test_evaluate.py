@@ -165,7 +165,9 @@ def test_tiny_model_end_to_end_well_above_chance(tiny_sdpa) -> None:
     )
     assert set(res["tasks"]) == {"arith", "succ", "recall"}
     for name in ("arith", "succ"):
-        assert res["tasks"][name]["acc"] >= 0.6, res["tasks"]  # chance is 0.25
+        # chance is 0.25; measured: stage 1's macro acc (dup, arith, succ) >= 0.968 on all 20
+        # seed x CPU-kernel studies (docs/BENCHMARKS.md, tiny study), so every task >= 0.905
+        assert res["tasks"][name]["acc"] >= 0.6, res["tasks"]
         assert res["tasks"][name]["n"] == 120
     assert res["macro_acc"] == pytest.approx(sum(t["acc"] for t in res["tasks"].values()) / 3)
     assert res["mask"] == "causal" and res["tokens_forwarded"] > 0

@@ -94,6 +94,8 @@ def test_loss_goes_down_and_run_is_complete(tmp_path: Path, small_model: str) ->
     assert sorted(losses) == list(range(1, 31))
     first = sum(losses[i] for i in range(1, 6)) / 5
     last = sum(losses[i] for i in range(26, 31)) / 5
+    # measured: last/first 0.500 (3.41 -> 1.70) under ATEN_CPU_CAPABILITY native (AVX-512),
+    # avx2 and default, 1 and 2 threads; 0.8 leaves a wide margin
     assert last < 0.8 * first, (first, last)
     for key in (
         "train_loss",
