@@ -38,7 +38,10 @@ def test_reader_never_sees_a_partial_status(tmp_path: Path) -> None:
         t.start()
         seqs: list[int] = []
         try:
-            for _ in range(600):
+            # 600 reads, and on until the writer has moved at least once (a loaded machine may
+            # not schedule the writer thread during the first 600; 30 s at most)
+            deadline = time.monotonic() + 30.0
+            while len(seqs) < 600 or (seqs[-1] == seqs[0] and time.monotonic() < deadline):
                 data = (tmp_path / names.STATUS).read_bytes()
                 r = parse_model(data, RunStatus)
                 assert r.ok, f"reader saw a partial/invalid status.json: {r.state} {r.detail}"
