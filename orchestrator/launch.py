@@ -35,6 +35,7 @@ from jobs.plan import Capacity, gb, plan_stage
 from jobs.profiles import PROFILES
 from jobs.spec import InputRef, StageSpec
 from orchestrator import __version__, bootstrap, wrapper
+from orchestrator.codesync import sync_code
 from orchestrator.config import SlurmTarget as SlurmConfig
 from orchestrator.context import Context
 from orchestrator.progress import Steps
@@ -287,9 +288,6 @@ def launch_stage(
             )
         if sync:
             _set_phase(ctx, rec, Phase.SYNCING)
-            # lazy, for start-up time: orchestrator.codesync only here
-            from orchestrator.codesync import sync_code
-
             sync_code(target, ctx.project_root, report=report, exclude=ctx.config.sync.exclude)
         _set_phase(ctx, rec, Phase.LAUNCHING)
         python = bootstrap.ensure_env(ctx, target, report=report)

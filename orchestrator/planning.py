@@ -29,12 +29,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jobs import slurm_limits as sl
 from jobs.plan import GB, VAST_IMAGE_BYTES, Capacity, Check, Recorded, run_rate
 from jobs.profiles import Profile
 from jobs.spec import StageSpec
+from orchestrator.boxcheck import BoxFacts, contract_checks, probe_box
 from orchestrator.config import LocalTarget, SlurmTarget, SshTarget, VastTarget
 from orchestrator.context import Context
 from orchestrator.hub import Repo
+from orchestrator.slurm.partition import read_partition
 from orchestrator.targets.factory import make_target, recorded_python
 from orchestrator.vast.client import account_credit
 from orchestrator.vast.offers import (
@@ -54,9 +57,6 @@ MIB = 1 << 20
 def _box(
     ctx: Context, name: str, kind: str, *, needs_cuda: bool
 ) -> tuple[Capacity, list[Check], Any]:
-    # lazy, for start-up time: only this path needs orchestrator.boxcheck
-    from orchestrator.boxcheck import contract_checks, probe_box
-
     _, cfg = ctx.config.target(name)
     target = make_target(ctx, name)
     try:
@@ -194,11 +194,8 @@ def _slurm(
     `orchestrator.slurm.partition`), then the runtime contract of the env the jobs would use
     and the free disk of the workdir (the probe, on the login node: the compute nodes share
     both). The GPUs are the partition's gres: their memory is unknown (gres says none)."""
-    # lazy, for start-up time: only this path needs jobs.slurm_limits
-    from jobs import slurm_limits as sl
-    from orchestrator.boxcheck import BoxFacts, contract_checks, probe_box
+    # lazy, for start-up time: orchestrator.slurm.jobscript loads the wrapper and state.slurm
     from orchestrator.slurm.jobscript import time_limit_minutes
-    from orchestrator.slurm.partition import read_partition
 
     facts: BoxFacts | None = None
     probe_rows: list[Check] = []

@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.markup import escape
 
+import jobs.stages
+from jobs import overrides as ov
 from orchestrator.context import Context
 from orchestrator.launch import launch_stage
 from orchestrator.progress import RunProgress, Steps
@@ -84,9 +86,6 @@ def print_launched(ctx: Context, rec: RunRecord) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
-    # lazy, for start-up time: every `orch` command loads this module, only this path needs jobs.overrides
-    from jobs import overrides as ov
-
     overrides = ov.parse_assignments(args.overrides)
     profile = args.profile or ctx.config.experiment.profile
     shared = ctx.config.experiment.overrides
@@ -129,10 +128,7 @@ def handle(args: argparse.Namespace, ctx: Context) -> int:
             return 1
         rec = recs[-1]
     else:
-        # lazy, for start-up time: every command loads this file; jobs.stages only here
-        from jobs.stages import get_stage
-
-        stage = get_stage(args.stage, profile, overrides, shared=shared)
+        stage = jobs.stages.get_stage(args.stage, profile, overrides, shared=shared)
         rec = launch_stage(
             ctx, stage, args.target, sync=args.sync, profile=profile, report=Steps(ctx.console)
         )

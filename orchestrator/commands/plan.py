@@ -22,6 +22,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from jobs import overrides as ov
 from jobs.plan import (
     Capacity,
     Check,
@@ -34,6 +35,7 @@ from jobs.plan import (
     verdict,
 )
 from jobs.profiles import get_profile
+from jobs.stages import STUDY_STAGES, check_shared, get_stage
 from orchestrator.context import Context
 from state import names
 from state.errors import OrchError, StageError
@@ -178,10 +180,6 @@ def plan_json(
 
 
 def _specs(args: argparse.Namespace, ctx: Context, profile: Any) -> list[Any]:
-    # lazy, for start-up time: every `orch` command loads this module, only this path needs jobs.overrides
-    from jobs import overrides as ov
-    from jobs.stages import STUDY_STAGES, check_shared, get_stage
-
     overrides = ov.parse_assignments(args.overrides)
     shared = ctx.config.experiment.overrides
     if args.stage == "all":

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from jobs import overrides as ov
 from orchestrator.config import SlurmTarget
 from orchestrator.context import Context
 from state.errors import ConfigError
@@ -90,8 +91,7 @@ def parse_seeds(text: str | None, *, count: bool = True) -> list[int] | None:
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
-    # lazy, for start-up time: every `orch` command loads this module, only this path needs jobs.overrides
-    from jobs import overrides as ov
+    # lazy, for start-up time: the pipeline runner loads launch, pull, codesync and the dashboard
     from jobs.stages import STAGE_NAMES, STUDY_STAGES
     from orchestrator.pipeline_runner import run_report, run_stages
 

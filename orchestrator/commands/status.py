@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from orchestrator.context import Context
+from orchestrator.dashboard.inprocess import monitor_label, refresh_now
 from orchestrator.dashboard.render import runs_table, targets_table
 from orchestrator.dashboard.snapshot import gather, run_json, utcnow
 
@@ -52,16 +53,10 @@ def should_refresh(ctx: Context, flag: bool | None) -> bool:
     """`--refresh`/`--no-refresh` decide; by default refresh unless a watcher keeps it fresh."""
     if flag is not None:
         return flag
-    # lazy, for start-up time: orchestrator.dashboard.inprocess only here
-    from orchestrator.dashboard.inprocess import monitor_label
-
     return monitor_label(ctx) != "orch watch"
 
 
 def handle(args: argparse.Namespace, ctx: Context) -> int:
-    # lazy, for start-up time: orchestrator.dashboard.inprocess only here
-    from orchestrator.dashboard.inprocess import monitor_label, refresh_now
-
     ctx.config  # noqa: B018 - a bad orch.toml fails here, before anything is polled
     if should_refresh(ctx, args.refresh):
         refresh_now(ctx, ctx.err)

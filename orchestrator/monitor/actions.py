@@ -34,12 +34,15 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.checkpoints import is_training, pull_checkpoints
 from orchestrator.launch import kill_session, launch_stage
 from orchestrator.monitor import ledger
+from orchestrator.monitor.alerts import alert_payload, format_alert
 from orchestrator.monitor.statemachine import Alert
 from orchestrator.pull import pull_run
 from orchestrator.targets.factory import make_target
 from orchestrator.vast.cost import apply_idle_policy
+from orchestrator.vast.provider import check_instance
 from state.errors import ConfigError, HostKeyError, UnreachableError, VerifyError
 from state.models import RunRecord
 from state.phases import Phase
@@ -220,9 +223,6 @@ class Actions:
         waited = (now - since).total_seconds()
         if not final and waited < mon.pull_stuck_alert_after_s:
             return
-        # lazy, for start-up time: only this path needs orchestrator.monitor.alerts
-        from orchestrator.monitor.alerts import alert_payload, format_alert
-
         where = f"{gone}, and its results with it" if gone else "still only on the box"
         why = (
             f"results not pulled after {failures} tries over {waited:.0f} s, {where}; "
@@ -323,9 +323,6 @@ class Actions:
     def mirror_checkpoints(self, now: float | None = None) -> list[str]:
         """Pull the new checkpoints of every active training run whose target asks for it
         (`pull_checkpoints_every_s` > 0) and is due. Returns the keys of the runs mirrored."""
-        # lazy, for start-up time: only this path needs orchestrator.checkpoints
-        from orchestrator.checkpoints import is_training, pull_checkpoints
-
         now = time.monotonic() if now is None else now
         done: list[str] = []
         for rec in self.ctx.store.list_runs(active_only=True):
@@ -366,8 +363,5 @@ class Actions:
         cfg = self.ctx.config.targets.get(target)
         if cfg is None or cfg.kind != "vast":
             return None
-        # lazy, for start-up time: only this path needs orchestrator.vast.provider
-        from orchestrator.vast.provider import check_instance
-
         verdict = check_instance(self.ctx, target)
         return verdict.reason if verdict.lost else None

@@ -102,6 +102,26 @@ def forwards(jump: SshServer, box: SshServer) -> tuple[int, int]:
     return by_ssh, by_orch
 
 
+def box_toml(config: Path, workdir: Path) -> str:
+    """orch.toml of a target known only by its ssh_config alias (`gpu-box`, behind the jump)."""
+    return (
+        'default_target = "box"\n[targets.box]\nkind = "ssh"\nhost = "gpu-box"\n'
+        f'ssh_config = "{config}"\nworkdir = "{workdir}"\npython = "{sys.executable}"\n'
+    )
+
+
+def ssh_true(endpoint) -> subprocess.CompletedProcess[str]:
+    """`true` through OpenSSH's ssh with the argv rsync uses (orch's `ssh_argv`)."""
+    return subprocess.run(
+        ssh_argv(endpoint, ["true"]),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+
+
 def make_project(root: Path, toml: str) -> Path:
     root.mkdir(parents=True)
     for pkg in PACKAGES:
@@ -128,11 +148,7 @@ def wait_exit(ctx: Context, rec, timeout: float = 90.0) -> int:
 def test_launch_watch_and_pull_through_proxyjump(jump_and_box, tmp_path, monkeypatch):
     jump, box = jump_and_box
     config = ssh_config_for(tmp_path / "ssh_config", jump, box)
-    toml = (
-        'default_target = "box"\n[targets.box]\nkind = "ssh"\nhost = "gpu-box"\n'
-        f'ssh_config = "{config}"\nworkdir = "{tmp_path / "remote"}"\npython = "{sys.executable}"\n'
-    )
-    monkeypatch.chdir(make_project(tmp_path / "proj", toml))
+    monkeypatch.chdir(make_project(tmp_path / "proj", box_toml(config, tmp_path / "remote")))
     ctx = Context()
     try:
         target = make_target(ctx, "box")
@@ -189,14 +205,7 @@ def test_launch_watch_and_pull_through_proxyjump(jump_and_box, tmp_path, monkeyp
                 cut.run(["true"], timeout=10)
         finally:
             cut.close()
-        direct = subprocess.run(
-            ssh_argv(cut.endpoint, ["true"]),
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=60,
-            check=False,
-        )
+        direct = ssh_true(cut.endpoint)
         assert direct.returncode != 0  # rsync's ssh goes through the jump as well
     finally:
         ctx.close()
@@ -207,12 +216,8 @@ def test_a_changed_jump_host_key_is_refused(jump_and_box, tmp_path, monkeypatch)
     stops orch's connection (HostKeyError, not unreachable) and rsync's ssh alike."""
     jump, box = jump_and_box
     config = ssh_config_for(tmp_path / "ssh_config", jump, box)
-    toml = (
-        'default_target = "box"\n[targets.box]\nkind = "ssh"\nhost = "gpu-box"\n'
-        f'ssh_config = "{config}"\nworkdir = "{tmp_path / "remote"}"\n'
-    )
     (tmp_path / "proj").mkdir()
-    (tmp_path / "proj" / "orch.toml").write_text(toml)
+    (tmp_path / "proj" / "orch.toml").write_text(box_toml(config, tmp_path / "remote"))
     monkeypatch.chdir(tmp_path / "proj")
     ctx = Context()
     try:
@@ -228,14 +233,7 @@ def test_a_changed_jump_host_key_is_refused(jump_and_box, tmp_path, monkeypatch)
                 again.run(["true"], timeout=20)
         finally:
             again.close()
-        via_ssh = subprocess.run(
-            ssh_argv(again.endpoint, ["true"]),
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=60,
-            check=False,
-        )
+        via_ssh = ssh_true(again.endpoint)
         assert via_ssh.returncode != 0
         assert "host key" in via_ssh.stderr.lower(), via_ssh.stderr
     finally:

@@ -29,7 +29,7 @@ from orchestrator.context import Context
 from orchestrator.targets.factory import make_target
 from orchestrator.vast.provider import check_instance
 from state.errors import TargetError
-from state.models import WorkerTask
+from state.models import RunRecord, RunSpec, WorkerTask
 from state.phases import Phase
 from tests.conftest import REPO
 from tests.sshd import SshServer
@@ -627,17 +627,30 @@ def _wait_file(path: Path, timeout: float = 240) -> None:
 
 
 def _wait_done(env: Env, run_dir: str, timeout: float = 240) -> dict:
-    import json
-
     _wait_file(env.remote / run_dir / "exit_code", timeout)
     return json.loads((env.remote / run_dir / "summary.json").read_text())
+
+
+def _frozen_training(env: Env, ctx: Context, small_model: str) -> tuple[int, RunRecord]:
+    """A training run on the rented box, frozen once its step-8 checkpoint is on the box's
+    disk: the instance id and the run."""
+    iid = int(live_row(ctx)["instance_id"])
+    spec = StageSpec(name="vt-sft", stage_dir="vt-sft", task=small_train_task(small_model))
+    rec = launch_mod.launch_stage(ctx, spec, "gpu")
+    _wait_file(env.remote / rec.run_dir / "checkpoints" / "step-8" / "meta.json")
+    _freeze(env, rec)
+    return iid, rec
+
+
+def _relaunch_of(env: Env, ctx: Context, rec: RunRecord) -> tuple[RunRecord, dict]:
+    """The run the relaunch of `rec` started, and its spec.json on the box."""
+    new = next(r for r in ctx.store.list_runs() if r.stage == "vt-sft" and r.key != rec.key)
+    return new, json.loads((env.remote / new.run_dir / "spec.json").read_text())
 
 
 def test_lost_training_run_relaunches_on_a_new_box_from_the_pulled_checkpoint(
     env: Env, small_model: str
 ) -> None:
-    import json
-
     from orchestrator.monitor.actions import Actions, wanted_actions
 
     conf = toml(env.server, env.sshd, env.remote, interruptible="true", auto_relaunch="true")
@@ -701,8 +714,6 @@ def test_lost_training_run_relaunches_on_a_new_box_from_the_pulled_checkpoint(
 def test_relaunch_resumes_from_the_surviving_disk_and_respects_the_limit(
     env: Env, small_model: str
 ) -> None:
-    import json
-
     from orchestrator.monitor.actions import Actions, wanted_actions
 
     (env.root / "orch.toml").write_text(
@@ -712,19 +723,14 @@ def test_relaunch_resumes_from_the_surviving_disk_and_respects_the_limit(
     assert env.cli("up").returncode == 0
     ctx = Context()
     try:
-        iid = int(live_row(ctx)["instance_id"])
-        spec = StageSpec(name="vt-sft", stage_dir="vt-sft", task=small_train_task(small_model))
-        rec = launch_mod.launch_stage(ctx, spec, "gpu")
-        _wait_file(env.remote / rec.run_dir / "checkpoints" / "step-8" / "meta.json")
-        _freeze(env, rec)
+        iid, rec = _frozen_training(env, ctx, small_model)
         lost = _lose_box(env, ctx, rec, iid, outbid=False)
         # Nothing pulled: the checkpoint comes from the old run dir on the restarted instance.
         Actions(ctx).on_final(lost)
         assert int(live_row(ctx)["instance_id"]) == iid  # started again, not re-rented
         relaunched = [a for a in ctx.store.recent_alerts() if a["kind"] == "relaunched"]
         assert "started the stopped instance again" in relaunched[0]["body"]
-        new = next(r for r in ctx.store.list_runs() if r.stage == "vt-sft" and r.key != rec.key)
-        spec_json = json.loads((env.remote / new.run_dir / "spec.json").read_text())
+        new, spec_json = _relaunch_of(env, ctx, rec)
         assert "surviving disk" in spec_json["resumed_from"]
         on_disk = sorted((env.remote / rec.run_dir / "checkpoints").glob("step-*"))
         newest_box = max((p.name for p in on_disk), key=lambda s: int(s.split("-")[1]))
@@ -752,8 +758,6 @@ def test_relaunch_keeps_an_outbid_box_by_a_raised_bid_and_says_so(
     """Outbid within the bid ceiling: the relaunch raises the bid (`PUT /api/v0/instances/
     bid_price/{id}/`, vastai/api/instances.py change_bid) rather than renting elsewhere, resumes
     from the checkpoint on the same disk, and its alert says it kept the box that way."""
-    import json
-
     from orchestrator.monitor.actions import Actions
 
     (env.root / "orch.toml").write_text(
@@ -764,11 +768,7 @@ def test_relaunch_keeps_an_outbid_box_by_a_raised_bid_and_says_so(
     assert env.cli("up").returncode == 0
     ctx = Context()
     try:
-        iid = int(live_row(ctx)["instance_id"])
-        spec = StageSpec(name="vt-sft", stage_dir="vt-sft", task=small_train_task(small_model))
-        rec = launch_mod.launch_stage(ctx, spec, "gpu")
-        _wait_file(env.remote / rec.run_dir / "checkpoints" / "step-8" / "meta.json")
-        _freeze(env, rec)
+        iid, rec = _frozen_training(env, ctx, small_model)
         lost = _lose_box(env, ctx, rec, iid, outbid=True, min_bid=0.3)  # ceiling: max_dph 1.0
         assert "outbid" in lost.reason
         Actions(ctx).on_final(lost)
@@ -776,8 +776,7 @@ def test_relaunch_keeps_an_outbid_box_by_a_raised_bid_and_says_so(
         assert env.server.request_count("DELETE") == 0 and list(env.server.create_bodies) == [iid]
         [alert] = [a for a in ctx.store.recent_alerts() if a["kind"] == "relaunched"]
         assert "raising its bid" in alert["body"] and "$0.330/h" in alert["body"], alert
-        new = next(r for r in ctx.store.list_runs() if r.stage == "vt-sft" and r.key != rec.key)
-        spec_json = json.loads((env.remote / new.run_dir / "spec.json").read_text())
+        new, spec_json = _relaunch_of(env, ctx, rec)
         assert "surviving disk" in spec_json["resumed_from"]
         assert _wait_done(env, new.run_dir)["steps"] == 40
     finally:
@@ -789,7 +788,6 @@ def test_a_relaunch_that_cannot_rent_is_one_alert_and_leaves_nothing_running(env
 
     from orchestrator.monitor import ledger
     from orchestrator.monitor.actions import Actions
-    from state.models import RunRecord, RunSpec
 
     (env.root / "orch.toml").write_text(
         toml(env.server, env.sshd, env.remote, auto_relaunch="true")
